@@ -1,0 +1,36 @@
+# Every target sets up .venv itself, so each works on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: run test lint bench loadtest venv clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/sluicegate demo
+
+test: $(STAMP)
+	@scripts/ensure-tools.sh test
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	@scripts/ensure-tools.sh bench
+	$(PY) loadtests/bench.py
+
+loadtest: $(STAMP)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[load]'
+	$(PY) loadtests/run_loadtest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench-results
