@@ -1,0 +1,328 @@
+"""Prometheus metrics for Sluicegate: the names and label sets of SPEC "Metrics".
+
+Theory of operation
+-------------------
+Every metric object lives at module level in the default registry. The request path
+never calls ``.labels()``: the runtime builds one ``RouteMetrics`` per route and one
+``ServerMetrics`` per server when a config generation is loaded, and those objects hold
+the resolved label children. Label values are config names and bounded sets (HTTP
+methods folded to a known list, status codes, failure kinds), so no client-controlled
+string ever becomes a label value and the number of series stays bounded.
+
+Multiple workers
+----------------
+With ``workers > 1`` each process counts on its own and ``/metrics`` must show the sum.
+prometheus-client's multiprocess mode does that through per-process files in the
+directory named by ``PROMETHEUS_MULTIPROC_DIR``. prometheus-client picks its storage
+when it is first imported, so the daemon sets that variable *before* importing this
+module; ``render()`` then merges every process's files. The supervisor calls
+``mark_process_dead(pid)`` when a worker exits so the ``live*`` gauges forget it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Proxy latencies span a cache hit behind a fast upstream (~1 ms) to a slow report
+# endpoint near the default read timeout (30 s).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# Methods that get their own label value; anything else (WebDAV verbs, garbage that
+# still parsed) is folded into "OTHER" so clients cannot mint new series.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+OTHER_METHOD = "OTHER"
+
+# Gauge values of sluicegate_circuit_breaker_state, as SPEC fixes them.
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+# `_created` series double the series count and nobody alerts on them.
+disable_created_metrics()
+
+
+def multiprocess_enabled() -> bool:
+    """True when prometheus-client writes per-process files (set before import)."""
+    return bool(os.environ.get(MULTIPROC_DIR_ENV))
+
+
+REQUESTS = Counter(
+    "sluicegate_requests",
+    "Requests answered by the proxy, by route, method and status.",
+    ["route", "method", "status"],
+)
+REQUEST_DURATION = Histogram(
+    "sluicegate_request_duration_seconds",
+    "Time from request head received to response complete, by route.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM_REQUESTS = Counter(
+    "sluicegate_upstream_requests",
+    "Attempts sent to upstream servers, by response status or failure kind.",
+    ["upstream", "server", "status"],
+)
+UPSTREAM_RESPONSE = Histogram(
+    "sluicegate_upstream_response_seconds",
+    "Time from attempt start to the upstream response head.",
+    ["upstream", "server"],
+    buckets=LATENCY_BUCKETS,
+)
+# In-flight requests and open connections add up across workers, and a dead worker's
+# requests are gone: "livesum".
+UPSTREAM_IN_FLIGHT = Gauge(
+    "sluicegate_upstream_in_flight",
+    "Requests in flight to an upstream server.",
+    ["upstream", "server"],
+    multiprocess_mode="livesum",
+)
+# Each worker judges health on its own. "livemin" reports a server down as soon as any
+# live worker stopped sending it traffic, which is what an operator alerts on; the
+# workers agree again within one check interval.
+UPSTREAM_HEALTHY = Gauge(
+    "sluicegate_upstream_healthy",
+    "1 when the server's active health check says up (or has not reported), else 0.",
+    ["upstream", "server"],
+    multiprocess_mode="livemin",
+)
+# Breakers are per worker too; "livemax" shows the worst state any live worker holds
+# (open beats half_open beats closed), so an open breaker is never averaged away.
+BREAKER_STATE = Gauge(
+    "sluicegate_circuit_breaker_state",
+    "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
+    ["upstream", "server"],
+    multiprocess_mode="livemax",
+)
+BREAKER_TRANSITIONS = Counter(
+    "sluicegate_circuit_breaker_transitions",
+    "Circuit breaker state changes, by the state entered.",
+    ["upstream", "server", "to"],
+)
+RETRIES = Counter(
+    "sluicegate_retries",
+    "Attempts retried on another server, by the failure that caused the retry.",
+    ["upstream", "reason"],
+)
+RATE_LIMITED = Counter(
+    "sluicegate_rate_limited",
+    "Requests over their route's rate limit (rejected, or counted in shadow mode).",
+    ["route"],
+)
+RATE_LIMIT_BACKEND_ERRORS = Counter(
+    "sluicegate_rate_limit_backend_errors",
+    "Rate limit checks where Redis failed or was slower than redis.timeout.",
+)
+HEALTH_CHECKS = Counter(
+    "sluicegate_health_checks",
+    "Active health check probes, by result.",
+    ["upstream", "server", "result"],
+)
+CONFIG_RELOADS = Counter(
+    "sluicegate_config_reloads",
+    "Configuration reloads, by result (success or failure).",
+    ["result"],
+)
+OPEN_CONNECTIONS = Gauge(
+    "sluicegate_open_connections",
+    "Client connections currently open.",
+    multiprocess_mode="livesum",
+)
+
+
+class RouteMetrics:
+    """The per-route series, resolved once per route when a config is loaded."""
+
+    __slots__ = ("_duration", "_rate_limited", "_requests", "route")
+
+    def __init__(self, route: str) -> None:
+        self.route = route
+        self._duration = REQUEST_DURATION.labels(route)
+        self._rate_limited = RATE_LIMITED.labels(route)
+        # (method, status) -> counter child. Bounded: ~10 methods x status codes.
+        self._requests: dict[tuple[str, int], object] = {}
+
+    def observe(self, method: str, status: int, duration: float) -> None:
+        """Count one answered request and its total duration in seconds."""
+        if method not in KNOWN_METHODS:
+            method = OTHER_METHOD
+        key = (method, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = REQUESTS.labels(self.route, method, str(status))
+        child.inc()
+        self._duration.observe(duration)
+
+    def rate_limited(self) -> None:
+        """Count one request over the route's limit."""
+        self._rate_limited.inc()
+
+
+class ServerMetrics:
+    """The per-server series (``server`` is the "host:port" label).
+
+    Built for every server of a config generation. A server that stays across a reload
+    may get a new ``ServerMetrics``: it resolves to the same series, so nothing resets.
+    Starts as healthy (an unchecked server is eligible) with a closed breaker.
+    """
+
+    __slots__ = (
+        "_breaker_state",
+        "_health_checks",
+        "_healthy",
+        "_in_flight",
+        "_response_seconds",
+        "_responses",
+        "_transitions",
+        "server",
+        "upstream",
+    )
+
+    def __init__(self, upstream: str, server: str) -> None:
+        self.upstream = upstream
+        self.server = server
+        self._in_flight = UPSTREAM_IN_FLIGHT.labels(upstream, server)
+        self._healthy = UPSTREAM_HEALTHY.labels(upstream, server)
+        self._breaker_state = BREAKER_STATE.labels(upstream, server)
+        self._response_seconds = UPSTREAM_RESPONSE.labels(upstream, server)
+        # Caches keyed by status code / failure kind / state / result: all bounded sets.
+        self._responses: dict[str | int, object] = {}
+        self._transitions: dict[str, object] = {}
+        self._health_checks: dict[str, object] = {}
+        self._healthy.set(1)
+
+    def in_flight_inc(self) -> None:
+        self._in_flight.inc()
+
+    def in_flight_dec(self) -> None:
+        self._in_flight.dec()
+
+    def response(self, status_or_kind: str | int, seconds_to_head: float | None) -> None:
+        """Count one attempt by its status code or failure kind ("error", "timeout", ...).
+
+        ``seconds_to_head`` is the time to the response head; None when no head came.
+        """
+        child = self._responses.get(status_or_kind)
+        if child is None:
+            child = UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind))
+            self._responses[status_or_kind] = child
+        child.inc()
+        if seconds_to_head is not None:
+            self._response_seconds.observe(seconds_to_head)
+
+    def set_healthy(self, healthy: bool) -> None:
+        self._healthy.set(1 if healthy else 0)
+
+    def set_breaker(self, state: int | str) -> None:
+        """Set the breaker gauge: 0/1/2, or a state name ("closed", "half_open", "open")."""
+        value = getattr(state, "value", state)  # accept an Enum of either kind
+        if isinstance(value, str):
+            value = BREAKER_STATE_VALUES[value]
+        self._breaker_state.set(value)
+
+    def breaker_transition(self, to: str) -> None:
+        """Count a breaker state change into ``to`` ("closed", "half_open", "open")."""
+        to = getattr(to, "value", to)
+        child = self._transitions.get(to)
+        if child is None:
+            child = self._transitions[to] = BREAKER_TRANSITIONS.labels(
+                self.upstream, self.server, to
+            )
+        child.inc()
+
+    def health_check(self, result: str) -> None:
+        """Count one health probe by result (e.g. "success", "failure", "timeout")."""
+        child = self._health_checks.get(result)
+        if child is None:
+            child = self._health_checks[result] = HEALTH_CHECKS.labels(
+                self.upstream, self.server, result
+            )
+        child.inc()
+
+    def retire(self) -> None:
+        """Drop this server's gauge series; call only for servers that left the config.
+
+        Counters stay (Prometheus handles counters that stop moving). Gauges of a removed
+        server would otherwise report its last state forever and keep alerts firing.
+        Per-process files cannot be edited in multiprocess mode, so this is a no-op there.
+        """
+        if multiprocess_enabled():
+            return
+        labels = (self.upstream, self.server)
+        for gauge in (UPSTREAM_IN_FLIGHT, UPSTREAM_HEALTHY, BREAKER_STATE):
+            gauge.remove(*labels)
+
+
+class _LabelCache:
+    """Children of one metric keyed by label tuple, for helpers called with names."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def get(self, *labels: str):
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+_retries = _LabelCache(RETRIES)
+_rate_limit_backend_errors = RATE_LIMIT_BACKEND_ERRORS
+# Both results exist from the start so "rate of failures" alerts have a series to read.
+_reload_results = {True: CONFIG_RELOADS.labels("success"), False: CONFIG_RELOADS.labels("failure")}
+
+
+def retry(upstream: str, reason: str) -> None:
+    """Count one retry on ``upstream`` caused by ``reason`` (a failure kind)."""
+    _retries.get(upstream, reason).inc()
+
+
+def rate_limit_backend_error() -> None:
+    _rate_limit_backend_errors.inc()
+
+
+def config_reload(success: bool) -> None:
+    _reload_results[bool(success)].inc()
+
+
+def open_connections_inc() -> None:
+    OPEN_CONNECTIONS.inc()
+
+
+def open_connections_dec() -> None:
+    OPEN_CONNECTIONS.dec()
+
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text exposition for ``/metrics``: (body, content type).
+
+    In multiprocess mode a fresh registry merges every worker's files; the default
+    registry would only show this process (and process_* collectors that lie there).
+    """
+    if multiprocess_enabled():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Tell the multiprocess store that worker ``pid`` exited (no-op in one process)."""
+    if multiprocess_enabled():
+        multiprocess.mark_process_dead(pid)
