@@ -1,3 +1,3 @@
 """Fixtures shared by every layer of the suite (plugins live in tests/support/)."""
 
-pytest_plugins = []
+pytest_plugins = ["tests.support.redis_server"]
