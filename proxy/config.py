@@ -1,0 +1,786 @@
+"""The configuration: YAML file -> frozen pydantic models.
+
+The models below are the one place that states every key, its type and its default.
+Attribute names are the YAML keys; durations are float seconds, sizes int bytes, rates
+float tokens per second. Parsing never stops at the first problem: every error of a file
+is collected and reported at once, each as `{file}: {location}: {message}`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import ipaddress
+import math
+import re
+import ssl
+import types
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from proxy.errors import ConfigError
+from proxy.units import parse_duration, parse_rate, parse_size
+
+__all__ = [
+    "AdminConfig",
+    "BreakerConfig",
+    "Config",
+    "ConfigError",
+    "FlapDampingConfig",
+    "HealthCheckConfig",
+    "Limits",
+    "Listener",
+    "LoggingConfig",
+    "MatchConfig",
+    "RateLimitConfig",
+    "RedisConfig",
+    "RetryConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "TLSConfig",
+    "Timeouts",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+]
+
+POLICIES = ("round_robin", "least_conn", "ip_hash", "random", "p2c")
+FAILURE_KINDS = (
+    "error",
+    "timeout",
+    "invalid_header",
+    "http_500",
+    "http_502",
+    "http_503",
+    "http_504",
+    "http_403",
+    "http_404",
+    "http_429",
+)
+RETRY_CONDITIONS = (*FAILURE_KINDS, "non_idempotent", "idempotency_key")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+RATE_LIMIT_KEYS = ("client_ip", "route", "header:NAME", "cookie:NAME")
+HASH_KEYS = ("client_ip", "header:NAME", "cookie:NAME")
+ON_REDIS_ERROR = ("local", "allow", "deny")
+RATE_LIMIT_MODES = ("enforce", "shadow")
+
+# An HTTP token (RFC 9110): what method and header names may be made of.
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
+
+
+# --------------------------------------------------------------------------- validators
+# Range checks are written by hand (not Field(gt=...)) where the value was converted from
+# a unit string, so the message can quote what the user wrote ("got '0s'", not "got 0.0").
+
+
+def _show(value: object) -> str:
+    """A value as the user wrote it in YAML, for `(got ...)`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def _converted(parse: Callable[[Any], Any], *, positive: bool = False) -> BeforeValidator:
+    def convert(value: Any) -> Any:
+        result = parse(value)
+        if positive and result <= 0:
+            raise ValueError(f"must be > 0 (got {_show(value)})")
+        return result
+
+    return BeforeValidator(convert)
+
+
+Duration = Annotated[float, _converted(parse_duration)]
+PositiveDuration = Annotated[float, _converted(parse_duration, positive=True)]
+Size = Annotated[int, _converted(parse_size)]
+Rate = Annotated[float, _converted(parse_rate)]
+
+
+def _one_of(*choices: str, normalize: Callable[[str], str] = str) -> AfterValidator:
+    def check(value: str) -> str:
+        if normalize(value) not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)} (got {_show(value)})")
+        return normalize(value)
+
+    return AfterValidator(check)
+
+
+def _keyed(*plain: str) -> AfterValidator:
+    """A selector word such as client_ip, or `header:NAME` / `cookie:NAME`."""
+    expected = ", ".join([*plain, "header:NAME", "cookie:NAME"])
+
+    def check(value: str) -> str:
+        kind, sep, name = value.partition(":")
+        if value in plain or (sep and kind in ("header", "cookie") and _TOKEN_RE.match(name)):
+            return value
+        raise ValueError(f"must be one of {expected} (got {_show(value)})")
+
+    return AfterValidator(check)
+
+
+def _non_empty(what: str) -> BeforeValidator:
+    # Checked on the raw list: pydantic's min_length counts only the items that validated,
+    # so one bad item in a short list would also be reported as "empty".
+    def check(value: Any) -> Any:
+        if isinstance(value, list | dict) and not value:
+            raise ValueError(f"needs at least one {what}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _parse_host_port(value: Any) -> tuple[str, int]:
+    """'0.0.0.0:8080', '[::1]:8080', ':8080' (any address) or a bare port number."""
+    usage = "use host:port, e.g. 0.0.0.0:8080 or [::1]:8080"
+    if isinstance(value, int) and not isinstance(value, bool):
+        host, port_text = "", str(value)
+    elif isinstance(value, str):
+        host, sep, port_text = value.strip().rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid address {_show(value)} ({usage})")
+    else:
+        raise ValueError(f"invalid address {_show(value)} ({usage})")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid address {_show(value)} ({usage})") from None
+    elif ":" in host or (host and not _HOSTNAME_RE.match(host)):
+        raise ValueError(f"invalid address {_show(value)} ({usage})")
+    if not port_text.isdigit():
+        raise ValueError(f"invalid address {_show(value)} ({usage})")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be 1-65535 (got {port})")
+    return host or "0.0.0.0", port
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _normalized_address(value: Any) -> str:
+    return _format_address(*_parse_host_port(value))
+
+
+Address = Annotated[str, BeforeValidator(_normalized_address)]
+
+
+def _stringify_scalar(value: Any) -> Any:
+    """Header/cookie values may be written unquoted (`X-Canary: 1`); match them as text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+MatchValue = Annotated[str, BeforeValidator(_stringify_scalar)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ------------------------------------------------------------------------------- models
+
+
+class TLSConfig(_Model):
+    cert: str
+    key: str
+
+    @field_validator("cert", "key")
+    @classmethod
+    def _readable(cls, path: str) -> str:
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+        return path
+
+    @model_validator(mode="after")
+    def _loads_as_pair(self) -> TLSConfig:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+            raise ValueError(
+                f"cannot load certificate {self.cert!r} with key {self.key!r}: {reason}"
+            ) from None
+        return self
+
+
+class Listener(_Model):
+    address: Address
+    tls: TLSConfig | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _unique(cls, address: str, info: ValidationInfo) -> str:
+        if info.context is not None:
+            seen = info.context.setdefault("seen:listen", set())
+            if address in seen:
+                raise ValueError(f"duplicate listen address {address!r}")
+            seen.add(address)
+        return address
+
+    @functools.cached_property
+    def host(self) -> str:
+        return _parse_host_port(self.address)[0]
+
+    @functools.cached_property
+    def port(self) -> int:
+        return _parse_host_port(self.address)[1]
+
+
+class AdminConfig(_Model):
+    address: Address = "127.0.0.1:9901"
+    token_env: str | None = None
+
+    @functools.cached_property
+    def host(self) -> str:
+        return _parse_host_port(self.address)[0]
+
+    @functools.cached_property
+    def port(self) -> int:
+        return _parse_host_port(self.address)[1]
+
+
+class RedisConfig(_Model):
+    url: str
+    timeout: PositiveDuration = 0.05
+    instances: Annotated[int, Field(ge=1)] = 1
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"invalid redis URL {url!r} (use redis://host:port/db, rediss:// or unix://)"
+            )
+        return url
+
+
+class Limits(_Model):
+    max_header_bytes: Annotated[Size, Field(ge=1)] = 16 * 1024
+    max_body_bytes: Size = 10 * 1024 * 1024
+    client_header_timeout: PositiveDuration = 10.0
+    client_body_timeout: PositiveDuration = 30.0
+    keepalive_timeout: Duration = 75.0
+    max_connections: Annotated[int, Field(ge=1)] = 10000
+
+
+class LoggingConfig(_Model):
+    level: Annotated[str, _one_of(*LOG_LEVELS, normalize=str.lower)] = "info"
+    access_log: bool = True
+    format: Annotated[str, _one_of(*LOG_FORMATS)] = "json"
+
+
+class ServerConfig(_Model):
+    url: str
+    weight: Annotated[int, Field(ge=1)] = 1
+    backup: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        _parse_server_url(url)
+        return url
+
+    @functools.cached_property
+    def _parts(self) -> tuple[str, str, int]:
+        return _parse_server_url(self.url)
+
+    @property
+    def scheme(self) -> str:
+        return self._parts[0]
+
+    @property
+    def host(self) -> str:
+        return self._parts[1]
+
+    @property
+    def port(self) -> int:
+        return self._parts[2]
+
+
+def _parse_server_url(url: str) -> tuple[str, str, int]:
+    """'http://10.0.0.1:8080' -> ('http', '10.0.0.1', 8080); https defaults to 443."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"invalid URL {url!r}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"invalid URL {url!r} (scheme must be http or https)")
+    if not parts.hostname:
+        raise ValueError(f"invalid URL {url!r} (no host)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"invalid URL {url!r} (no path, query or fragment allowed)")
+    if parts.username is not None:
+        raise ValueError(f"invalid URL {url!r} (no user info allowed)")
+    if port == 0:
+        raise ValueError(f"invalid URL {url!r} (port must be 1-65535)")
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80)
+
+
+class Timeouts(_Model):
+    connect: PositiveDuration = 1.0
+    read: PositiveDuration = 30.0
+
+
+class FlapDampingConfig(_Model):
+    max_flips: Annotated[int, Field(ge=1)] = 4
+    window: PositiveDuration = 60.0
+    hold_down: PositiveDuration = 30.0
+
+
+def _parse_status_range(value: Any) -> Any:
+    """'200-399', '200' or 200 -> (low, high)."""
+    if isinstance(value, bool):
+        return value  # pydantic reports the wrong type
+    if isinstance(value, int):
+        low = high = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d{3}\s*(-\s*\d{3}\s*)?", value):
+        low_text, _, high_text = value.partition("-")
+        low, high = int(low_text), int(high_text or low_text)
+    else:
+        raise ValueError(f"invalid status range {_show(value)} (use e.g. 200-399 or 200)")
+    if not (100 <= low <= 599 and 100 <= high <= 599):
+        raise ValueError(f"status must be 100-599 (got {_show(value)})")
+    if low > high:
+        raise ValueError(f"range must be low-high (got {_show(value)})")
+    return (low, high)
+
+
+class HealthCheckConfig(_Model):
+    path: str = "/health"
+    interval: PositiveDuration = 2.0
+    timeout: PositiveDuration = 1.0
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    expect_status: Annotated[tuple[int, int], BeforeValidator(_parse_status_range)] = (200, 399)
+    flap_damping: FlapDampingConfig | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"must start with '/' (got {path!r})")
+        return path
+
+
+class BreakerConfig(_Model):
+    failure_threshold: Annotated[int, Field(ge=1)] = 5
+    open_duration: PositiveDuration = 30.0
+    half_open_requests: Annotated[int, Field(ge=1)] = 1
+    failure_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_requests: Annotated[int, Field(ge=1)] = 20
+    window: PositiveDuration = 10.0
+
+
+class RetryConfig(_Model):
+    tries: Annotated[int, Field(ge=1)] = 3
+    timeout: PositiveDuration = 10.0
+    on: frozenset[Annotated[str, _one_of(*RETRY_CONDITIONS)]] = frozenset({"error", "timeout"})
+    max_body_bytes: Size = 1024 * 1024
+    budget: Annotated[float, Field(gt=0, le=1)] = 0.2
+
+
+class UpstreamConfig(_Model):
+    name: str  # filled from the key under `upstreams:`
+    policy: Annotated[str, _one_of(*POLICIES)] = "round_robin"
+    hash_key: Annotated[str, _keyed("client_ip")] | None = None
+    servers: Annotated[tuple[ServerConfig, ...], _non_empty("server")]
+    keepalive: Annotated[int, Field(ge=0)] = 64
+    timeouts: Timeouts = Timeouts()
+    failure_on: frozenset[Annotated[str, _one_of(*FAILURE_KINDS)]] = frozenset(
+        {"error", "timeout", "invalid_header", "http_502", "http_503", "http_504"}
+    )
+    health_check: HealthCheckConfig | None = None
+    min_healthy_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
+    circuit_breaker: BreakerConfig = BreakerConfig()
+    retry: RetryConfig = RetryConfig()
+
+    @field_validator("hash_key")
+    @classmethod
+    def _only_with_ip_hash(cls, hash_key: str | None, info: ValidationInfo) -> str | None:
+        policy = info.data.get("policy")
+        if hash_key is not None and policy is not None and policy != "ip_hash":
+            raise ValueError(f"only used with policy ip_hash (policy is {policy})")
+        return hash_key
+
+    @field_validator("servers")
+    @classmethod
+    def _has_primary(cls, servers: tuple[ServerConfig, ...]) -> tuple[ServerConfig, ...]:
+        if servers and all(server.backup for server in servers):
+            raise ValueError("at least one server must not be a backup")
+        return servers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_hash_key(cls, data: Any) -> Any:
+        """ip_hash without a hash_key hashes the client address."""
+        if isinstance(data, dict) and data.get("policy") == "ip_hash" and "hash_key" not in data:
+            data = {**data, "hash_key": "client_ip"}
+        return data
+
+
+class MatchConfig(_Model):
+    host: str | None = None
+    path_prefix: str = "/"
+    methods: frozenset[str] | None = None
+    headers: dict[str, MatchValue] = Field(default_factory=dict)
+    cookie: dict[str, MatchValue] = Field(default_factory=dict)
+
+    @field_validator("host")
+    @classmethod
+    def _host_pattern(cls, host: str | None) -> str | None:
+        if host is None:
+            return None
+        name = host[2:] if host.startswith("*.") else host
+        if not _HOSTNAME_RE.match(name) or "*" in name:
+            raise ValueError(f"must be a host name or *.suffix (got {host!r})")
+        return host.lower()
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute_path(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"must start with '/' (got {path!r})")
+        return path
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _upper_methods(cls, methods: Any) -> Any:
+        if not isinstance(methods, list | tuple):
+            return methods
+        for method in methods:
+            if not isinstance(method, str) or not _TOKEN_RE.match(method):
+                raise ValueError(f"invalid method {_show(method)}")
+        return frozenset(method.upper() for method in methods)
+
+    @field_validator("headers")
+    @classmethod
+    def _lower_header_names(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Header names are case-insensitive: keep them lower-case so matching is a lookup.
+        for name in headers:
+            if not _TOKEN_RE.match(name):
+                raise ValueError(f"invalid header name {name!r}")
+        return {name.lower(): value for name, value in headers.items()}
+
+
+class RateLimitConfig(_Model):
+    rate: Rate
+    burst: Annotated[int, Field(ge=1)] | None = None  # None -> max(1, ceil(rate per second))
+    key: Annotated[str, _keyed("client_ip", "route")] = "client_ip"
+    on_redis_error: Annotated[str, _one_of(*ON_REDIS_ERROR)] = "local"
+    mode: Annotated[str, _one_of(*RATE_LIMIT_MODES)] = "enforce"
+
+    @model_validator(mode="after")
+    def _default_burst(self) -> RateLimitConfig:
+        if self.burst is None:
+            # The model is frozen; this is its own construction, the one moment to fill it.
+            object.__setattr__(self, "burst", max(1, math.ceil(self.rate)))
+        return self
+
+
+class RouteConfig(_Model):
+    name: Annotated[str, Field(min_length=1)]
+    match: MatchConfig = MatchConfig()
+    upstream: str
+    strip_prefix: bool = False
+    rate_limit: RateLimitConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _unique_name(cls, name: str, info: ValidationInfo) -> str:
+        if info.context is not None:
+            seen = info.context.setdefault("seen:route", set())
+            if name in seen:
+                raise ValueError(f"duplicate route name {name!r}")
+            seen.add(name)
+        return name
+
+    @field_validator("upstream")
+    @classmethod
+    def _defined_upstream(cls, upstream: str, info: ValidationInfo) -> str:
+        known = (info.context or {}).get("upstream_names")
+        if known is not None and upstream not in known:
+            raise ValueError(f"unknown upstream {upstream!r}{_did_you_mean(upstream, known)}")
+        return upstream
+
+
+def _parse_network(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return ipaddress.ip_network(value.strip())
+    except ValueError as exc:
+        raise ValueError(f"invalid network {value!r} ({exc})") from None
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)]
+
+
+class Config(_Model):
+    source: str = ""  # the file it came from; set by parse_config, not a YAML key
+    listen: Annotated[tuple[Listener, ...], _non_empty("listener")] = (
+        Listener(address="0.0.0.0:8080"),
+    )
+    admin: AdminConfig = AdminConfig()
+    workers: Annotated[int, Field(ge=0)] = 1  # 0 = one per CPU, resolved by the daemon
+    trusted_proxies: tuple[Network, ...] = ()
+    shutdown_timeout: Duration = 30.0
+    redis: RedisConfig | None = None
+    limits: Limits = Limits()
+    logging: LoggingConfig = LoggingConfig()
+    upstreams: Annotated[dict[str, UpstreamConfig], _non_empty("upstream")]
+    routes: Annotated[tuple[RouteConfig, ...], _non_empty("route")]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_upstreams(cls, data: Any) -> Any:
+        """Each upstream's `name` is its key under `upstreams:`."""
+        if isinstance(data, dict) and isinstance(data.get("upstreams"), dict):
+            upstreams = {
+                key: {**value, "name": key} if isinstance(value, dict) else value
+                for key, value in data["upstreams"].items()
+            }
+            data = {**data, "upstreams": upstreams}
+        return data
+
+    def summary(self) -> str:
+        """'3 routes, 2 upstreams, 3 servers' (servers counted over all upstreams)."""
+        servers = sum(len(upstream.servers) for upstream in self.upstreams.values())
+        return ", ".join(
+            [
+                _count(len(self.routes), "route"),
+                _count(len(self.upstreams), "upstream"),
+                _count(servers, "server"),
+            ]
+        )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------- loading
+
+# Keys a user may not write although the model has them: filled in by the loader.
+_RESERVED_KEYS = {Config: {"source"}, UpstreamConfig: {"name"}}
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a YAML config file; raises ConfigError listing every problem."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: cannot read config file: not UTF-8 ({exc.reason})"]) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: {_describe_yaml_error(exc)}"]) from None
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, source: str) -> Config:
+    """Validate already-parsed YAML data; `source` names it in errors and `Config.source`."""
+    if data is None:
+        raise ConfigError([f"{source}: the file is empty (expected a mapping of settings)"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: top level must be a mapping (got {_show(data)})"])
+    errors = [f"{source}: {where}: unknown key" for where in _reserved_keys_used(data)]
+    upstreams = data.get("upstreams")
+    context = {"upstream_names": set(upstreams) if isinstance(upstreams, dict) else set()}
+    try:
+        config = Config.model_validate({**data, "source": source}, context=context)
+    except ValidationError as exc:
+        errors += [f"{source}: {line}" for line in _translate(exc)]
+        raise ConfigError(errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _reserved_keys_used(data: dict) -> list[str]:
+    found = ["source"] if "source" in data else []
+    upstreams = data.get("upstreams")
+    if isinstance(upstreams, dict):
+        for name, upstream in upstreams.items():
+            if isinstance(upstream, dict) and "name" in upstream:
+                found.append(f"upstreams.{name}.name")
+    return found
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML 1.2-style booleans (only true/false: `on:` is a key, not True) and no
+    duplicate keys (a later value silently winning hides mistakes)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    _BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _describe_yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {problem}"
+
+
+# ------------------------------------------------------------------ error translation
+
+
+def _translate(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = error["loc"]
+        lines.append(f"{_format_location(loc)}: {_message(error)}")
+    return lines
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "set_type": "a list",
+    "frozen_set_type": "a list",
+}
+
+
+def _message(error: Any) -> str:
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return "unknown key" + _did_you_mean(str(error["loc"][-1]), _keys_at(error["loc"][:-1]))
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    if kind in _TYPE_NAMES:
+        return f"must be {_TYPE_NAMES[kind]} (got {_show(value)})"
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    bounds = {
+        "greater_than_equal": (">=", "ge"),
+        "greater_than": (">", "gt"),
+        "less_than_equal": ("<=", "le"),
+        "less_than": ("<", "lt"),
+    }
+    if kind in bounds:
+        symbol, name = bounds[kind]
+        return f"must be {symbol} {_show(ctx[name])} (got {_show(value)})"
+    return error["msg"][:1].lower() + error["msg"][1:]
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys a user may write at `loc`, for did-you-mean hints."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif typing.get_origin(annotation) in (tuple, list, frozenset):
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return []
+    model = _unwrap(annotation)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return []
+    return [key for key in model.model_fields if key not in _RESERVED_KEYS.get(model, ())]
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and `X | None` down to X."""
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            options = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+            if len(options) != 1:
+                return annotation
+            annotation = options[0]
+        else:
+            return annotation
