@@ -1,0 +1,98 @@
+"""`sluicegate` command line: the only place that turns errors into messages and exit codes.
+
+Exit codes: 0 clean stop, 1 bad config or startup failure, 2 bad command line (argparse).
+User errors print one line each and never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from proxy.errors import ConfigError, StartupError
+
+DEFAULT_CONFIG = "config/sluicegate.yaml"
+CONFIG_ENV = "SLUICEGATE_CONFIG"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"sluicegate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluicegate", description="An asyncio Layer-7 reverse-proxy load balancer."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"config file (default: ${CONFIG_ENV}, then {DEFAULT_CONFIG})",
+    )
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", metavar="FILE", required=True, help="config file")
+    check.set_defaults(handler=_check)
+
+    demo = commands.add_parser("demo", help="3 demo backends + the proxy on 127.0.0.1:8080")
+    demo.set_defaults(handler=_demo)
+
+    backend = commands.add_parser("backend", help="a small demo upstream server")
+    backend.add_argument("--port", type=int, required=True, help="port to listen on")
+    backend.add_argument("--name", help="name it reports (default: backend-PORT)")
+    backend.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    backend.set_defaults(handler=_backend)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from proxy.daemon import run_daemon  # imported late: the data plane is heavy to load
+
+    return run_daemon(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from proxy.config import load_config
+
+    config = load_config(args.config)
+    print(f"OK: {config.summary()}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    return run_demo()
+
+
+def _backend(args: argparse.Namespace) -> int:
+    from proxy.backend import run_backend
+
+    return run_backend(args.host, args.port, args.name or f"backend-{args.port}")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sluicegate")
+    except PackageNotFoundError:
+        return "unknown"
