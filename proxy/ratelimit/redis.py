@@ -9,7 +9,9 @@ Invariants:
 - A bucket key expires once the bucket would be full again (PEXPIRE, ms, rounded up).
 - Every call is bounded by ``timeout`` (``asyncio.timeout`` around the whole call, plus
   socket timeouts on the connection) and redis-py's own retries are off: a dead or slow
-  Redis costs at most ``timeout``. Any failure raises ``RateLimitBackendError``.
+  Redis costs at most ``timeout``. Any failure raises ``RateLimitBackendError``. A call
+  that timed out may still have reached Redis and run later: its token may be taken even
+  though the caller fell back (at most once per abandoned call, never more).
 - Later, checks of one event-loop tick can be coalesced into one pipeline: the script can
   run on a pipeline (``self._script(keys, args, client=pipe)``) and each reply is turned
   into a ``Decision`` by ``decision_from_reply`` alone.

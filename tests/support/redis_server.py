@@ -55,17 +55,11 @@ class RedisServer:
         """Start the server (again) on ``self.port`` and wait until it answers PING."""
         if self.running:
             return
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        # A throwaway server: no snapshots, no append-only file left behind.
+        command += ["--save", "", "--appendonly", "no", *self._extra_args]
         self._process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                *self._extra_args,
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + START_TIMEOUT
         client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
