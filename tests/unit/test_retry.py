@@ -102,9 +102,8 @@ def test_non_idempotent_methods_are_not_retried_by_default(method):
     assert not rules.may_retry_method(method, has_idempotency_key=False)
     assert rules.should_retry("error", **attempt(method=method)) == "non_idempotent"
     # A key alone is not enough: retry.on must list idempotency_key.
-    assert rules.should_retry("error", **attempt(method=method, has_idempotency_key=True)) == (
-        "non_idempotent"
-    )
+    keyed = attempt(method=method, has_idempotency_key=True)
+    assert rules.should_retry("error", **keyed) == "non_idempotent"
 
 
 def test_non_idempotent_listed_allows_every_method():
