@@ -29,7 +29,7 @@ _SIZE_UNITS = {
 _SIZE_RE = re.compile(rf"^{_NUMBER}\s*([a-z]+)?$", re.IGNORECASE)
 
 _RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_RATE_RE = re.compile(rf"^{_NUMBER}\s*/\s*(s|m|h)$")
+_RATE_RE = re.compile(rf"^{_NUMBER}\s*(?:/\s*(s|m|h))?$")
 
 
 def _plain_number(value: object) -> float | None:
@@ -68,12 +68,12 @@ def parse_size(value: object) -> int:
 
 
 def parse_rate(value: object) -> float:
-    """'100/s', '6000/m', '10/h' -> tokens per second. A plain number is per second."""
+    """'100/s', '6000/m', '10/h' -> tokens per second. A bare number is per second."""
     number = _plain_number(value)
     if number is None and isinstance(value, str):
         match = _RATE_RE.match(value.strip())
         if match:
-            number = float(match.group(1)) / _RATE_PERIODS[match.group(2)]
+            number = float(match.group(1)) / _RATE_PERIODS[match.group(2) or "s"]
     if number is None or number <= 0:
         raise ValueError(f"invalid rate {value!r} (use e.g. 100/s, 6000/m)")
     return number
