@@ -149,6 +149,25 @@ class CircuitBreaker:
             **kwargs,
         )
 
+    def reconfigure(self, cfg: Any) -> None:
+        """Apply reloaded `BreakerConfig`-like settings, keeping the current state.
+
+        A server that stays across a reload keeps its breaker: an open breaker stays open
+        (its open_duration now counts with the new length). Ratio-mode counters are kept
+        only if the window is unchanged; otherwise they would be judged on the wrong span.
+        """
+        fresh = CircuitBreaker.from_config(cfg)  # validates like the constructor
+        self.failure_threshold = fresh.failure_threshold
+        self.open_duration = fresh.open_duration
+        self.half_open_requests = fresh.half_open_requests
+        self.min_requests = fresh.min_requests
+        if fresh.failure_rate is None:
+            self._outcomes = None
+        elif self._outcomes is None or fresh.window != self.window:
+            self._outcomes = _OutcomeWindow(fresh.window)
+        self.failure_rate = fresh.failure_rate
+        self.window = fresh.window
+
     # -- queries ----------------------------------------------------------------------
 
     @property

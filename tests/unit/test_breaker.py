@@ -263,6 +263,46 @@ def test_from_config_reads_attribute_names(clock):
     assert breaker.state is OPEN
 
 
+def breaker_cfg(**overrides) -> SimpleNamespace:
+    values = {
+        "failure_threshold": 3,
+        "open_duration": 30.0,
+        "half_open_requests": 1,
+        "failure_rate": None,
+        "min_requests": 20,
+        "window": 10.0,
+    }
+    return SimpleNamespace(**{**values, **overrides})
+
+
+def test_reconfigure_keeps_state_and_applies_new_settings(clock, transitions):
+    breaker = make(clock, transitions)
+    fail(breaker, 3)
+    breaker.reconfigure(breaker_cfg(open_duration=5.0, failure_threshold=1))
+    assert breaker.state is OPEN  # still open after a reload
+    clock.advance(5)  # the new open_duration applies to the current open period
+    assert breaker.state is HALF_OPEN
+    breaker.record_success()
+    fail(breaker, 1)  # the new threshold
+    assert breaker.state is OPEN
+
+
+def test_reconfigure_switches_to_ratio_mode(clock, transitions):
+    breaker = make(clock, transitions)
+    breaker.reconfigure(breaker_cfg(failure_rate=0.5, min_requests=4))
+    fail(breaker, 3)  # 3 consecutive would have tripped the old mode
+    assert breaker.state is CLOSED
+    fail(breaker, 1)
+    assert breaker.state is OPEN
+
+
+def test_reconfigure_rejects_invalid_settings(clock, transitions):
+    breaker = make(clock, transitions)
+    with pytest.raises(ValueError):
+        breaker.reconfigure(breaker_cfg(failure_threshold=0))
+    assert breaker.failure_threshold == 3
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
