@@ -1,0 +1,687 @@
+"""`make bench`: Sluicegate against nginx doing the same job, on loopback.
+
+Starts one fast origin (a raw-asyncio HTTP/1.1 server in this file, so the origin is not
+the bottleneck), then Sluicegate (`python -m proxy run -c <generated yaml>`) and nginx
+(generated nginx.conf, upstream keepalive), each pinned to CPU 0, and drives each in turn
+with `wrk -t1 -c50` pinned to CPU 1. Scenarios:
+
+- ``small``: GET of a 6-byte body, keep-alive
+- ``64k``: GET of a 64 KiB body
+- ``post16k``: POST of a 16 KiB body (wrk lua script)
+- ``ratelimit``: a route limited through Redis with a huge rate (nothing is rejected),
+  compared against Sluicegate's same request without the limit (nginx has no equivalent)
+- ``workers2``: the small GET with 2 workers each (no pinning; nginx worker_processes 2)
+
+Each run records requests/s, p50 and p99 latency (wrk --latency) and the proxy's CPU
+seconds per request (utime+stime of the proxy and all its descendants, /proc, before and
+after). Prints one table with the ratio sluicegate / nginx and writes bench-results/bench.json.
+Everything started here is stopped at the end, whatever happens.
+
+    python loadtests/bench.py [--duration 10] [--connections 50]
+    python loadtests/bench.py --origin PORT     # only the origin server (used internally)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench-results"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SMALL_BODY = b"hello\n"
+BIG_BODY = b"x" * (64 * 1024)
+
+
+# --- the origin: a minimal keep-alive HTTP/1.1 server ----------------------------------
+
+
+def _response(body: bytes) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+SMALL_RESPONSE = _response(SMALL_BODY)
+BIG_RESPONSE = _response(BIG_BODY)
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked", re.IGNORECASE)
+_CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
+
+
+class OriginProtocol(asyncio.Protocol):
+    """Answers ``/64k`` with 64 KiB and anything else with 6 bytes; discards request bodies.
+
+    Request bodies may come with Content-Length or chunked (a proxy may re-frame).
+    """
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.buf = bytearray()
+        self.body_left = 0  # Content-Length bytes still to discard
+        self.chunked = False  # inside a chunked body
+        self.pending = b""
+        self.close_after = False
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        while True:
+            if self.body_left:
+                take = min(self.body_left, len(buf))
+                del buf[:take]
+                self.body_left -= take
+                if self.body_left:
+                    return
+                if not self.chunked:
+                    self._respond()
+                continue
+            if self.chunked:
+                if not self._chunked_step():
+                    return
+                continue
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[: end + 2])
+            del buf[: end + 4]
+            target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
+            self.pending = BIG_RESPONSE if target.endswith(b"/64k") else SMALL_RESPONSE
+            self.close_after = bool(_CLOSE.search(head))
+            if _CHUNKED.search(head):
+                self.chunked = True
+                continue
+            match = _CONTENT_LENGTH.search(head)
+            if match and int(match.group(1)) > 0:
+                self.body_left = int(match.group(1))
+                continue
+            self._respond()
+
+    def _chunked_step(self) -> bool:
+        """Consume one chunk-size line (+ data) or the final trailers; False = need more."""
+        buf = self.buf
+        line_end = buf.find(b"\r\n")
+        if line_end < 0:
+            return False
+        size = int(bytes(buf[:line_end]).split(b";", 1)[0] or b"0", 16)
+        if size == 0:
+            # The last chunk: an empty line, or trailer lines and then an empty line.
+            if len(buf) < line_end + 4:
+                return False
+            if buf[line_end + 2 : line_end + 4] == b"\r\n":
+                end = line_end + 4
+            else:
+                found = buf.find(b"\r\n\r\n", line_end + 2)
+                if found < 0:
+                    return False
+                end = found + 4
+            del buf[:end]
+            self.chunked = False
+            self._respond()
+            return True
+        del buf[: line_end + 2]
+        self.body_left = size + 2  # the data and its CRLF
+        return True
+
+    def _respond(self) -> None:
+        self.transport.write(self.pending)
+        if self.close_after:
+            self.transport.close()
+
+
+def run_origin(port: int) -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(OriginProtocol, "127.0.0.1", port, backlog=1024)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        async with server:
+            await stop.wait()
+
+    asyncio.run(serve())
+
+
+# --- process helpers ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+def wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{what}: {url} not 200 within {timeout:.0f}s ({last})")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, SIGKILL it if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def spawn(cmd: list[str], log: Path, cpu: int | None = None) -> subprocess.Popen:
+    if cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of ``pid`` and every live descendant (+ reaped children), in seconds."""
+    stats: dict[int, tuple[int, int]] = {}  # pid -> (ppid, ticks)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        # fields[0] is state (field 3); ppid is field 4, utime..cstime are fields 14..17.
+        ppid = int(fields[1])
+        ticks = sum(int(x) for x in fields[11:15])
+        stats[int(entry)] = (ppid, ticks)
+    total = 0
+    todo = [pid]
+    seen = set()
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in stats:
+            continue
+        seen.add(current)
+        total += stats[current][1]
+        todo.extend(p for p, (ppid, _) in stats.items() if ppid == current)
+    return total / CLK_TCK
+
+
+# --- wrk -----------------------------------------------------------------------------
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = string.rep("p", 16384)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(value: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value)
+    if not match:
+        raise ValueError(value)
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass
+class Run:
+    target: str
+    url: str
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    requests: int = 0
+    non_2xx: int = 0
+    socket_errors: int = 0
+    cpu_s_per_req: float = 0.0
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def run_wrk(
+    url: str, duration: float, connections: int, script: Path | None, wrk_cpu: int | None
+) -> dict:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    cmd.append(url)
+    if wrk_cpu is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", str(wrk_cpu), *cmd]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=duration + 30, check=False
+    ).stdout
+    result = {"requests": 0, "rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "non_2xx": 0, "errors": 0}
+    if match := re.search(r"Requests/sec:\s+([\d.]+)", out):
+        result["rps"] = float(match.group(1))
+    if match := re.search(r"(\d+) requests in", out):
+        result["requests"] = int(match.group(1))
+    if match := re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE):
+        result["p50_ms"] = _ms(match.group(1))
+    if match := re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE):
+        result["p99_ms"] = _ms(match.group(1))
+    if match := re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out):
+        result["non_2xx"] = int(match.group(1))
+    if match := re.search(r"Socket errors: (.*)", out):
+        result["errors"] = sum(int(n) for n in re.findall(r"\d+", match.group(1)))
+    if result["requests"] == 0:
+        result["raw"] = out[-2000:]
+    return result
+
+
+def measure(
+    target: str,
+    url: str,
+    pid: int,
+    *,
+    duration: float,
+    connections: int,
+    script: Path | None = None,
+    wrk_cpu: int | None = 1,
+) -> Run:
+    before = cpu_seconds(pid)
+    result = run_wrk(url, duration, connections, script, wrk_cpu)
+    used = cpu_seconds(pid) - before
+    run = Run(target=target, url=url)
+    run.rps, run.p50_ms, run.p99_ms = result["rps"], result["p50_ms"], result["p99_ms"]
+    run.requests, run.non_2xx, run.socket_errors = (
+        result["requests"],
+        result["non_2xx"],
+        result["errors"],
+    )
+    if run.requests:
+        run.cpu_s_per_req = used / run.requests
+    else:
+        run.error = "no requests completed: " + result.get("raw", "")[-300:]
+    return run
+
+
+# --- the two proxies ------------------------------------------------------------------
+
+
+def sluicegate_config(
+    port: int, admin_port: int, origin_port: int, redis_port: int | None, workers: int
+) -> str:
+    redis = (
+        f"redis: {{url: 'redis://127.0.0.1:{redis_port}/0', timeout: 50ms}}\n" if redis_port else ""
+    )
+    limited = (
+        "  - name: limited\n"
+        "    match: {path_prefix: /limited/}\n"
+        "    upstream: origin\n"
+        "    strip_prefix: true\n"
+        "    rate_limit: {rate: 100000000/s, burst: 100000000, key: client_ip}\n"
+        if redis_port
+        else ""
+    )
+    return (
+        f"listen:\n  - address: 127.0.0.1:{port}\n"
+        f"admin: {{address: 127.0.0.1:{admin_port}}}\n"
+        f"workers: {workers}\n"
+        "logging: {level: warning, access_log: false}\n"
+        f"{redis}"
+        "upstreams:\n"
+        "  origin:\n"
+        "    policy: round_robin\n"
+        f"    servers: [{{url: 'http://127.0.0.1:{origin_port}'}}]\n"
+        "    keepalive: 128\n"
+        "routes:\n"
+        f"{limited}"
+        "  - name: default\n"
+        "    match: {path_prefix: /}\n"
+        "    upstream: origin\n"
+    )
+
+
+def nginx_config(workdir: Path, port: int, origin_port: int, workers: int) -> str:
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    return f"""{user}worker_processes {workers};
+daemon off;
+master_process on;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/client_body;
+    proxy_temp_path {workdir}/proxy_temp;
+    fastcgi_temp_path {workdir}/fastcgi_temp;
+    uwsgi_temp_path {workdir}/uwsgi_temp;
+    scgi_temp_path {workdir}/scgi_temp;
+    client_max_body_size 10m;
+    client_body_buffer_size 64k;
+    proxy_buffers 16 16k;
+    keepalive_requests 100000;
+    upstream origin {{
+        server 127.0.0.1:{origin_port};
+        keepalive 128;
+        keepalive_requests 100000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+}}
+"""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.cpus = os.cpu_count() or 1
+        self.pin = self.cpus >= 2 and shutil.which("taskset") is not None
+        self.origin_port = free_port()
+        self.redis_port: int | None = None
+        self.post_lua = workdir / "post16k.lua"
+        self.post_lua.write_text(POST_LUA)
+        self.runs: dict[str, dict[str, Run]] = {}
+
+    def _start(self, cmd: list[str], name: str, cpu: int | None, port: int) -> subprocess.Popen:
+        log = self.workdir / f"{name}.log"
+        proc = spawn(cmd, log, cpu if self.pin else None)
+        self.procs.append(proc)
+        try:
+            wait_port(port, proc, name)
+        except RuntimeError as exc:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{exc}: {' | '.join(tail)}") from None
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            stop_process(proc)
+        self.procs.clear()
+
+    def start_origin(self) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--origin", str(self.origin_port)]
+        self._start(cmd, "origin", 1, self.origin_port)
+
+    def start_redis(self) -> None:
+        if not shutil.which("redis-server"):
+            print("redis-server not found: skipping the ratelimit scenario", file=sys.stderr)
+            return
+        self.redis_port = free_port()
+        cmd = [
+            "redis-server",
+            "--port",
+            str(self.redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+        ]
+        self._start(cmd, "redis", 1, self.redis_port)
+
+    def start_sluicegate(self, workers: int) -> tuple[subprocess.Popen, int]:
+        port, admin = free_port(), free_port()
+        config = self.workdir / f"sluicegate-w{workers}.yaml"
+        config.write_text(
+            sluicegate_config(port, admin, self.origin_port, self.redis_port, workers)
+        )
+        cmd = [sys.executable, "-m", "proxy", "run", "-c", str(config)]
+        proc = self._start(cmd, f"sluicegate-w{workers}", 0 if workers == 1 else None, port)
+        wait_http(f"http://127.0.0.1:{admin}/healthz", proc, "sluicegate admin")
+        return proc, port
+
+    def start_nginx(self, workers: int) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        conf_dir = self.workdir / f"nginx-w{workers}"
+        conf_dir.mkdir()
+        conf = conf_dir / "nginx.conf"
+        conf.write_text(nginx_config(conf_dir, port, self.origin_port, workers))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        cmd = [nginx, "-p", str(conf_dir), "-c", str(conf), "-e", str(conf_dir / "error.log")]
+        proc = self._start(cmd, f"nginx-w{workers}", 0 if workers == 1 else None, port)
+        return proc, port
+
+    def _measure(self, scenario: str, target: str, pid: int, url: str, **kw) -> None:
+        duration = self.args.duration
+        wrk_cpu = 1 if self.pin and kw.pop("pinned", True) else None
+        run = measure(
+            target,
+            url,
+            pid,
+            duration=duration,
+            connections=self.args.connections,
+            wrk_cpu=wrk_cpu,
+            **kw,
+        )
+        self.runs.setdefault(scenario, {})[target] = run
+        print(
+            f"  {scenario:<10} {target:<22} {run.rps:>10.0f} req/s  p50 {run.p50_ms:7.2f} ms"
+            f"  p99 {run.p99_ms:7.2f} ms  non-2xx {run.non_2xx}"
+            + (f"  ERROR {run.error}" if run.error else ""),
+            flush=True,
+        )
+
+    def warm(self, url: str) -> None:
+        run_wrk(url, 1, self.args.connections, None, 1 if self.pin else None)
+
+    def proxy_round(self, target: str, workers: int) -> None:
+        """Every scenario against one proxy configuration, then stop it."""
+        start = self.start_sluicegate if target == "sluicegate" else self.start_nginx
+        try:
+            proc, port = start(workers)
+        except RuntimeError as exc:
+            print(f"  {target} (workers {workers}) did not start: {exc}", file=sys.stderr)
+            scenarios = ["workers2"] if workers == 2 else ["small", "64k", "post16k"]
+            for scenario in scenarios:
+                run = Run(target=target, url="", error=f"did not start: {exc}")
+                self.runs.setdefault(scenario, {})[target] = run
+            return
+        base = f"http://127.0.0.1:{port}"
+        try:
+            self.warm(base + "/small")
+            if workers == 2:
+                self._measure("workers2", target, proc.pid, base + "/small", pinned=False)
+                return
+            self._measure("small", target, proc.pid, base + "/small")
+            self._measure("64k", target, proc.pid, base + "/64k")
+            self._measure("post16k", target, proc.pid, base + "/post", script=self.post_lua)
+            if target == "sluicegate" and self.redis_port:
+                self._measure("ratelimit", "sluicegate+redis", proc.pid, base + "/limited/small")
+        finally:
+            self.procs.remove(proc)
+            stop_process(proc)
+
+
+def ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def report(bench: Bench, args: argparse.Namespace) -> dict:
+    rows = []
+    for scenario in ("small", "64k", "post16k", "ratelimit", "workers2"):
+        runs = bench.runs.get(scenario, {})
+        if scenario == "ratelimit":
+            subject = runs.get("sluicegate+redis")
+            reference = bench.runs.get("small", {}).get("sluicegate")
+            reference_name = "sluicegate (no limit)"
+        else:
+            subject = runs.get("sluicegate")
+            reference = runs.get("nginx")
+            reference_name = "nginx"
+        if subject is None and reference is None:
+            continue
+        rows.append(
+            {
+                "scenario": scenario,
+                "reference": reference_name,
+                "sluicegate": asdict(subject) if subject else None,
+                reference_name: asdict(reference) if reference else None,
+                "ratio": {
+                    "rps": ratio(subject.rps, reference.rps) if subject and reference else None,
+                    "p50": ratio(subject.p50_ms, reference.p50_ms)
+                    if subject and reference
+                    else None,
+                    "p99": ratio(subject.p99_ms, reference.p99_ms)
+                    if subject and reference
+                    else None,
+                    "cpu_per_req": ratio(subject.cpu_s_per_req, reference.cpu_s_per_req)
+                    if subject and reference
+                    else None,
+                },
+            }
+        )
+
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value else "-"
+
+    header = (
+        f"{'scenario':<10} {'vs':<22} {'sg req/s':>9} {'ref req/s':>9} {'rps x':>6}"
+        f" {'sg p50':>8} {'ref p50':>8} {'sg p99':>8} {'ref p99':>8} {'p99 x':>6}"
+        f" {'sg us/req':>9} {'ref us/req':>10} {'cpu x':>6}"
+    )
+    print()
+    print("sluicegate vs reference (x = sluicegate / reference; latency in ms, CPU in us/request)")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        s = row["sluicegate"] or {}
+        r = row[row["reference"]] or {}
+        print(
+            f"{row['scenario']:<10} {row['reference']:<22}"
+            f" {fmt(s.get('rps'), '.0f'):>9} {fmt(r.get('rps'), '.0f'):>9}"
+            f" {fmt(row['ratio']['rps'], '.2f'):>6}"
+            f" {fmt(s.get('p50_ms'), '.2f'):>8} {fmt(r.get('p50_ms'), '.2f'):>8}"
+            f" {fmt(s.get('p99_ms'), '.2f'):>8} {fmt(r.get('p99_ms'), '.2f'):>8}"
+            f" {fmt(row['ratio']['p99'], '.2f'):>6}"
+            f" {fmt((s.get('cpu_s_per_req') or 0) * 1e6, '.1f'):>9}"
+            f" {fmt((r.get('cpu_s_per_req') or 0) * 1e6, '.1f'):>10}"
+            f" {fmt(row['ratio']['cpu_per_req'], '.2f'):>6}"
+        )
+    nginx_version = subprocess.run(
+        [shutil.which("nginx") or "/usr/sbin/nginx", "-v"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stderr.strip()
+    return {
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {
+            "duration_s": args.duration,
+            "connections": args.connections,
+            "wrk_threads": 1,
+            "pinned": bench.pin,
+            "proxy_cpu": 0 if bench.pin else None,
+            "wrk_cpu": 1 if bench.pin else None,
+            "sluicegate_access_log": False,
+        },
+        "environment": {
+            "cpus": bench.cpus,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "nginx": nginx_version,
+        },
+        "results": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["sluicegate", "nginx"], help="benchmark one proxy only")
+    args = parser.parse_args(argv)
+    if args.origin:
+        run_origin(args.origin)
+        return 0
+    for tool in ("wrk",):
+        if not shutil.which(tool):
+            print(f"bench: {tool} not found (scripts/ensure-tools.sh bench)", file=sys.stderr)
+            return 1
+    targets = [args.only] if args.only else ["sluicegate", "nginx"]
+    if "nginx" in targets and not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
+        print("bench: nginx not found (scripts/ensure-tools.sh bench)", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="sluicegate-bench-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx workers may run as another user
+        bench = Bench(args, workdir)
+        try:
+            bench.start_origin()
+            if "sluicegate" in targets:
+                bench.start_redis()
+            print(
+                f"origin 127.0.0.1:{bench.origin_port}; wrk -t1 -c{args.connections}"
+                f" -d{args.duration:g}s; pinned: {bench.pin}",
+                flush=True,
+            )
+            for workers in (1, 2):
+                for target in targets:
+                    bench.proxy_round(target, workers)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except RuntimeError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            bench.stop_all()
+        results = report(bench, args)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    out = RESULTS_DIR / "bench.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
