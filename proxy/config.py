@@ -366,15 +366,13 @@ class FlapDampingConfig(_Model):
 
 def _parse_status_range(value: Any) -> Any:
     """'200-399', '200' or 200 -> (low, high)."""
-    if isinstance(value, bool):
-        return value  # pydantic reports the wrong type
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         low = high = value
     elif isinstance(value, str) and re.fullmatch(r"\s*\d{3}\s*(-\s*\d{3}\s*)?", value):
         low_text, _, high_text = value.partition("-")
         low, high = int(low_text), int(high_text or low_text)
     else:
-        raise ValueError(f"invalid status range {_show(value)} (use e.g. 200-399 or 200)")
+        raise ValueError(f"must be a status range like 200-399, or one status (got {_show(value)})")
     if not (100 <= low <= 599 and 100 <= high <= 599):
         raise ValueError(f"status must be 100-599 (got {_show(value)})")
     if low > high:
@@ -542,7 +540,7 @@ class RouteConfig(_Model):
 
 def _parse_network(value: Any) -> Any:
     if not isinstance(value, str):
-        return value
+        raise ValueError(f"invalid network {_show(value)} (use e.g. 10.0.0.0/8 or 127.0.0.1)")
     try:
         return ipaddress.ip_network(value.strip())
     except ValueError as exc:
@@ -572,8 +570,9 @@ class Config(_Model):
     def _name_upstreams(cls, data: Any) -> Any:
         """Each upstream's `name` is its key under `upstreams:`."""
         if isinstance(data, dict) and isinstance(data.get("upstreams"), dict):
+            # YAML reads `123:` as a number; an upstream name is text all the same.
             upstreams = {
-                key: {**value, "name": key} if isinstance(value, dict) else value
+                str(key): {**value, "name": str(key)} if isinstance(value, dict) else value
                 for key, value in data["upstreams"].items()
             }
             data = {**data, "upstreams": upstreams}
@@ -596,7 +595,7 @@ def _count(number: int, noun: str) -> str:
 
 
 def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
+    close = difflib.get_close_matches(word, [str(c) for c in candidates], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -630,7 +629,10 @@ def parse_config(data: Any, source: str) -> Config:
         raise ConfigError([f"{source}: top level must be a mapping (got {_show(data)})"])
     errors = [f"{source}: {where}: unknown key" for where in _reserved_keys_used(data)]
     upstreams = data.get("upstreams")
-    context = {"upstream_names": set(upstreams) if isinstance(upstreams, dict) else set()}
+    # Routes check their upstream against these names; when `upstreams` itself is broken
+    # that is the error to report, not every route.
+    names = {str(name) for name in upstreams} if isinstance(upstreams, dict) else None
+    context = {"upstream_names": names}
     try:
         config = Config.model_validate({**data, "source": source}, context=context)
     except ValidationError as exc:
@@ -692,6 +694,8 @@ def _translate(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors():
         loc = error["loc"]
+        if error["type"] == "invalid_key":  # the key itself is the location: `5:` not `[5]`
+            loc = (*loc[:-1], str(loc[-1]))
         lines.append(f"{_format_location(loc)}: {_message(error)}")
     return lines
 
@@ -729,6 +733,8 @@ def _message(error: Any) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
     if kind == "missing":
         return "required"
+    if kind == "invalid_key":  # a mapping key that is not text, e.g. `5: x`
+        return "unknown key"
     if kind == "extra_forbidden":
         return "unknown key" + _did_you_mean(str(error["loc"][-1]), _keys_at(error["loc"][:-1]))
     if kind == "value_error":
