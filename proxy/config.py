@@ -75,8 +75,6 @@ FAILURE_KINDS = (
 RETRY_CONDITIONS = (*FAILURE_KINDS, "non_idempotent", "idempotency_key")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
-RATE_LIMIT_KEYS = ("client_ip", "route", "header:NAME", "cookie:NAME")
-HASH_KEYS = ("client_ip", "header:NAME", "cookie:NAME")
 ON_REDIS_ERROR = ("local", "allow", "deny")
 RATE_LIMIT_MODES = ("enforce", "shadow")
 
@@ -89,8 +87,6 @@ _HOSTNAME_RE = re.compile(
 
 
 # --------------------------------------------------------------------------- validators
-# Range checks are written by hand (not Field(gt=...)) where the value was converted from
-# a unit string, so the message can quote what the user wrote ("got '0s'", not "got 0.0").
 
 
 def _show(value: object) -> str:
@@ -109,6 +105,8 @@ def _show(value: object) -> str:
 
 
 def _converted(parse: Callable[[Any], Any], *, positive: bool = False) -> BeforeValidator:
+    # The > 0 check lives here rather than in Field(gt=0) so the message quotes what the
+    # user wrote ("got '0s'") instead of the converted number ("got 0.0").
     def convert(value: Any) -> Any:
         result = parse(value)
         if positive and result <= 0:
@@ -133,13 +131,13 @@ def _one_of(*choices: str, normalize: Callable[[str], str] = str) -> AfterValida
     return AfterValidator(check)
 
 
-def _keyed(*plain: str) -> AfterValidator:
-    """A selector word such as client_ip, or `header:NAME` / `cookie:NAME`."""
-    expected = ", ".join([*plain, "header:NAME", "cookie:NAME"])
+def _keyed(*words: str) -> AfterValidator:
+    """One of `words` (e.g. client_ip), or `header:NAME` / `cookie:NAME`."""
+    expected = ", ".join([*words, "header:NAME", "cookie:NAME"])
 
     def check(value: str) -> str:
         kind, sep, name = value.partition(":")
-        if value in plain or (sep and kind in ("header", "cookie") and _TOKEN_RE.match(name)):
+        if value in words or (sep and kind in ("header", "cookie") and _TOKEN_RE.match(name)):
             return value
         raise ValueError(f"must be one of {expected} (got {_show(value)})")
 
@@ -555,7 +553,8 @@ class Config(_Model):
     listen: Annotated[tuple[Listener, ...], _non_empty("listener")] = (
         Listener(address="0.0.0.0:8080"),
     )
-    admin: AdminConfig = AdminConfig()
+    # validate_default: the default admin address may clash with a listener too.
+    admin: AdminConfig = Field(default=AdminConfig(), validate_default=True)
     workers: Annotated[int, Field(ge=0)] = 1  # 0 = one per CPU, resolved by the daemon
     trusted_proxies: tuple[Network, ...] = ()
     shutdown_timeout: Duration = 30.0
@@ -564,6 +563,14 @@ class Config(_Model):
     logging: LoggingConfig = LoggingConfig()
     upstreams: Annotated[dict[str, UpstreamConfig], _non_empty("upstream")]
     routes: Annotated[tuple[RouteConfig, ...], _non_empty("route")]
+
+    @field_validator("admin")
+    @classmethod
+    def _admin_apart_from_traffic(cls, admin: AdminConfig, info: ValidationInfo) -> AdminConfig:
+        for index, listener in enumerate(info.data.get("listen", ())):
+            if listener.address == admin.address:
+                raise ValueError(f"same address as listen[{index}] ({admin.address})")
+        return admin
 
     @model_validator(mode="before")
     @classmethod
