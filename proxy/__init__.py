@@ -1,0 +1,3 @@
+"""Sluicegate: an asyncio Layer-7 reverse-proxy load balancer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,458 @@
+"""The process: listeners, admin, signals, reload and graceful shutdown, and workers.
+
+Lifetimes live here and only here, opened in one order and closed in the reverse:
+logging -> runtime (routes, servers) -> rate limiter -> traffic listeners -> admin ->
+health checks. Shutdown (uvicorn's order): readiness off, stop accepting, close idle
+connections, let in-flight requests finish up to ``shutdown_timeout``, cut the rest, then
+health checks, limiter, access log, admin. A second SIGTERM/SIGINT cuts at once.
+
+With ``workers > 1`` a supervisor forks N workers sharing the listen ports
+(SO_REUSEPORT); each worker serves its own admin API on a private unix socket, and the
+supervisor serves the public admin address by asking the workers (see ``supervisor.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import json
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from typing import Any
+
+from proxy import __version__, metrics
+from proxy.accesslog import AccessLog
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError, StartupError
+from proxy.forwarding import handle
+from proxy.http1 import ClientConnection
+from proxy.ratelimit import RateLimiter, RedisBackend
+from proxy.runtime import Runtime
+from proxy.timers import sweeper_for
+
+log = logging.getLogger("sluicegate")
+
+
+# -- logging ---------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        for field in ("event", "upstream", "server", "address"):
+            value = getattr(record, field, None)
+            if value is not None:
+                entry[field] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if config.logging.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.logging.level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+# -- listeners -------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool, what: str) -> socket.socket:
+    """A listening TCP socket, or a StartupError that says what and where."""
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise StartupError(
+            f"{what} {host}:{port}: cannot resolve address ({error.strerror})"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(4096)
+    except OSError as error:
+        sock.close()
+        reason = "address already in use" if error.errno == errno.EADDRINUSE else error.strerror
+        raise StartupError(f"{what} {host}:{port}: {reason}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def server_ssl_context(tls: Any) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as error:
+        raise StartupError(f"tls {tls.cert}: cannot load certificate and key ({error})") from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Listener:
+    """One traffic address; what every ``ClientConnection`` on it consults."""
+
+    def __init__(self, proxy: ProxyProcess, cfg: Any, sock: socket.socket) -> None:
+        self.proxy = proxy
+        self.cfg = cfg
+        self.address = cfg.address
+        self.sock = sock
+        self.scheme = b"https" if cfg.tls else b"http"
+        self.ssl = server_ssl_context(cfg.tls) if cfg.tls else None
+        self.handler = handle
+        self.server: asyncio.AbstractServer | None = None
+
+    # Everything below is read per connection or per request.
+    @property
+    def runtime(self) -> Runtime:
+        return self.proxy.runtime
+
+    @property
+    def limits(self) -> Any:
+        return self.proxy.runtime.config.limits
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.proxy.shutting_down
+
+    def new_request_id(self) -> bytes:
+        return self.proxy.runtime.new_request_id()
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        proxy = self.proxy
+        proxy.connections.add(conn)
+        metrics.open_connections_inc()
+        if len(proxy.connections) > proxy.runtime.config.limits.max_connections:
+            # Refuse at once rather than slow everyone being served.
+            conn.abort()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.proxy.connections.discard(conn)
+        metrics.open_connections_dec()
+        self.proxy.maybe_all_closed()
+
+    def record_rejection(
+        self, conn: ClientConnection, request: Any, status: int, reason: str
+    ) -> None:
+        log.info(
+            "rejected request from %s: %d %s", conn.peer, status, reason, extra={"event": "reject"}
+        )
+
+    def log_exception(self, message: str) -> None:
+        log.exception(message)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self), sock=self.sock, ssl=self.ssl, backlog=4096
+        )
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.sock.close()
+
+
+# -- the process -----------------------------------------------------------------------------
+
+
+class ProxyProcess:
+    """Runs one config file in this process (a worker, or the whole daemon)."""
+
+    def __init__(
+        self, path: str, config: Config, *, reuse_port: bool = False, admin_sock: str | None = None
+    ) -> None:
+        self.path = os.path.abspath(path)
+        self.started_at = time.time()
+        self.started_monotonic = time.monotonic()
+        self.reuse_port = reuse_port
+        self.admin_sock = admin_sock
+        self.shutting_down = False
+        self.connections: set[ClientConnection] = set()
+        self.listeners: dict[str, Listener] = {}
+        self._all_closed: asyncio.Event | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._admin_runner: Any = None
+        self._signals = 0
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self.access_log = AccessLog(fmt=config.logging.format, enabled=config.logging.access_log)
+        self.limiter = self._new_limiter(config)
+        self.runtime = Runtime(
+            config,
+            limiter=self.limiter,
+            access_log=self.access_log if config.logging.access_log else None,
+        )
+
+    @staticmethod
+    def _new_limiter(config: Config) -> RateLimiter:
+        redis = None
+        if config.redis is not None:
+            redis = RedisBackend(config.redis.url, config.redis.timeout)
+        return RateLimiter(
+            redis,
+            instances=config.redis.instances if config.redis else 1,
+            on_backend_error=lambda error: metrics.rate_limit_backend_error(),
+        )
+
+    # -- start and run -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        self._all_closed = asyncio.Event()
+        sweeper_for(loop)
+        config = self.runtime.config
+        for listen in config.listen:
+            self._open_listener(listen)
+        for listener in self.listeners.values():
+            await listener.start()
+        await self._start_admin(config)
+        self.runtime.start_health_checks()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_shutdown)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        log.info(
+            "sluicegate %s serving %s (admin %s)",
+            __version__,
+            ", ".join(self.listeners),
+            self.admin_sock or config.admin.address,
+            extra={"event": "start"},
+        )
+        # Long-lived objects built so far never need the cycle collector again.
+        gc.collect()
+        gc.freeze()
+        await self._stopped
+
+    def _open_listener(self, listen: Any) -> None:
+        sock = bind_socket(listen.host, listen.port, reuse_port=self.reuse_port, what="listen")
+        try:
+            self.listeners[listen.address] = Listener(self, listen, sock)
+        except StartupError:
+            sock.close()
+            raise
+
+    async def _start_admin(self, config: Config) -> None:
+        from aiohttp import web
+
+        from proxy.admin import build_admin_app
+
+        token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
+        app = build_admin_app(self, token=token or None)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        if self.admin_sock is not None:
+            site: Any = web.UnixSite(runner, self.admin_sock)
+        else:
+            sock = bind_socket(config.admin.host, config.admin.port, reuse_port=False, what="admin")
+            site = web.SockSite(runner, sock)
+        await site.start()
+        self._admin_runner = runner
+
+    def _reload_on_signal(self) -> None:
+        self._reload_task = asyncio.get_running_loop().create_task(self.reload())
+
+    # -- reload ----------------------------------------------------------------------------
+
+    async def reload(self) -> tuple[bool, str]:
+        try:
+            config = load_config(self.path)
+            old = self.runtime
+            if config.redis != old.config.redis:
+                limiter = self._new_limiter(config)
+            else:
+                limiter = self.limiter
+            new_listeners = self._rebind(config)
+        except (ConfigError, StartupError) as error:
+            message = "; ".join(error.errors) if isinstance(error, ConfigError) else str(error)
+            log.error(
+                "reload failed, keeping the running config: %s", message, extra={"event": "reload"}
+            )
+            metrics.config_reload(False)
+            return False, message
+        runtime = Runtime(
+            config,
+            previous=old,
+            limiter=limiter,
+            access_log=self.access_log if config.logging.access_log else None,
+        )
+        for listener in new_listeners:
+            await listener.start()
+        await old.stop_health_checks()
+        runtime.start_health_checks()
+        self.runtime = runtime
+        for server in old.retired_servers(runtime):
+            server.pool.close_idle()
+            server.metrics.retire()
+        if limiter is not self.limiter:
+            old_limiter, self.limiter = self.limiter, limiter
+            await old_limiter.close()
+        metrics.config_reload(True)
+        log.info(
+            "config reloaded from %s: %s", self.path, config.summary(), extra={"event": "reload"}
+        )
+        return True, f"reloaded: {config.summary()}"
+
+    def _rebind(self, config: Config) -> list[Listener]:
+        """Open listeners for new addresses, close those that went away. All or nothing."""
+        wanted = {listen.address: listen for listen in config.listen}
+        opened: list[Listener] = []
+        try:
+            for address, listen in wanted.items():
+                current = self.listeners.get(address)
+                if current is None or current.cfg != listen:
+                    if current is not None:
+                        raise StartupError(
+                            f"listen {address}: changing TLS settings needs a restart"
+                        )
+                    sock = bind_socket(
+                        listen.host, listen.port, reuse_port=self.reuse_port, what="listen"
+                    )
+                    opened.append(Listener(self, listen, sock))
+        except StartupError:
+            for listener in opened:
+                listener.close()
+            raise
+        for address in list(self.listeners):
+            if address not in wanted:
+                self.listeners.pop(address).close()
+        for listener in opened:
+            self.listeners[listener.address] = listener
+        return opened
+
+    # -- admin control (see admin.py) ------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        runtime = self.runtime
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
+            "config_file": self.path,
+            "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(runtime.loaded_at)),
+            "upstreams": runtime.status(),
+        }
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        if self.shutting_down:
+            return False, ["shutting down"]
+        reasons = self.runtime.unready_reasons()
+        return not reasons, reasons
+
+    def set_draining(self, upstream: str, index: int, draining: bool) -> dict[str, Any] | None:
+        group = self.runtime.groups.get(upstream)
+        if group is None or not 0 <= index < len(group.servers):
+            return None
+        server = group.servers[index]
+        server.draining = draining
+        log.info(
+            "%s %s/%s",
+            "draining" if draining else "undraining",
+            upstream,
+            server.label,
+            extra={"event": "drain", "upstream": upstream, "server": server.label},
+        )
+        return server.status()
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        return metrics.render()
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        self._signals += 1
+        loop = asyncio.get_running_loop()
+        if self._signals == 1:
+            self._shutdown_task = loop.create_task(self.shutdown())
+        else:
+            log.warning("second signal: stopping now", extra={"event": "shutdown"})
+            for conn in list(self.connections):
+                conn.abort()
+            self.maybe_all_closed()
+
+    def maybe_all_closed(self) -> None:
+        if self.shutting_down and not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        timeout = self.runtime.config.shutdown_timeout
+        log.info(
+            "shutting down: finishing %d connections (up to %ss)",
+            len(self.connections),
+            timeout,
+            extra={"event": "shutdown"},
+        )
+        for listener in self.listeners.values():
+            listener.close()
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+        self.maybe_all_closed()
+        assert self._all_closed is not None
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), timeout)
+        except TimeoutError:
+            log.warning(
+                "shutdown timeout: cutting %d connections",
+                len(self.connections),
+                extra={"event": "shutdown"},
+            )
+            for conn in list(self.connections):
+                conn.abort()
+        await self.runtime.stop_health_checks()
+        await self.limiter.close()
+        self.access_log.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("stopped", extra={"event": "shutdown"})
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+
+def install_event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - non-Linux platforms without uvloop
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def serve(path: str, config: Config, **kwargs: Any) -> int:
+    install_event_loop_policy()
+    setup_logging(config)
+    gc.set_threshold(50_000, 50, 100)
+    process = ProxyProcess(path, config, **kwargs)
+    asyncio.run(process.run())
+    return 0
+
+
+def run_daemon(path: str) -> int:
+    """``sluicegate run``: raises ConfigError/StartupError for the CLI to report."""
+    config = load_config(path)
+    workers = config.workers or os.cpu_count() or 1
+    if workers > 1:
+        from proxy.supervisor import supervise
+
+        return supervise(path, config, workers)
+    return serve(path, config)

@@ -1,0 +1,726 @@
+"""The request pipeline: route -> rate limit -> select -> breaker -> attempt -> retry -> relay.
+
+``handle(conn, request)`` is the one coroutine per request. It reads the config generation
+(``Runtime``) once, so a reload never changes a request half-way. Every decision that can be
+made from the config was made when the ``Runtime`` was built (routes, header sets, metric
+children); here we only look things up.
+
+Retry safety (nginx ``proxy_next_upstream`` semantics): an attempt that failed is tried again
+on a server not yet tried while the failure word is listed in ``retry.on``, tries and the
+time budget remain, nothing of the response has reached the client, the method may be
+repeated, the request body (if any) is held in full so it can be replayed, and the retry
+budget allows. A pooled connection the upstream closed while idle is a known race: such a
+failure before any response byte is retried once on a fresh connection to the same server,
+without spending a try, when the request can be replayed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from proxy.http1 import REASONS, ClientConnection, Request, error_response
+from proxy.pool import UpstreamConnection, UpstreamError
+from proxy.routing import cookie_value
+
+HOP_BY_HOP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    )
+)
+# Request headers we rewrite ourselves (framing, forwarding facts, 100-continue).
+REQUEST_REWRITTEN = HOP_BY_HOP | {
+    b"content-length",
+    b"expect",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+RESPONSE_REWRITTEN = HOP_BY_HOP | {b"content-length"}
+LAST_RESPONSE_LIMIT = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+CHUNK_END = b"0\r\n\r\n"
+
+
+class Outcome:
+    """What one request did; feeds the access log, metrics and the decision trace."""
+
+    __slots__ = (
+        "attempts",
+        "bytes_out",
+        "error",
+        "rate_limited",
+        "route",
+        "server",
+        "status",
+        "tries",
+        "upstream",
+        "upstream_seconds",
+        "upstream_started",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.route = ""
+        self.upstream = ""
+        self.server = ""
+        self.tries = 0
+        self.error = ""
+        self.rate_limited = False
+        self.bytes_out = 0
+        self.upstream_started = 0.0
+        self.upstream_seconds = 0.0
+        self.attempts: list[dict[str, Any]] = []
+
+
+async def handle(conn: ClientConnection, request: Request) -> None:
+    runtime = conn.listener.runtime
+    started = time.monotonic()
+    outcome = Outcome()
+    request_id = request.request_id or runtime.new_request_id()
+    request.request_id = request_id
+    route = runtime.router.match(request.method, request.host, request.path, request)
+    try:
+        if route is None:
+            _send_error(conn, request, 404, "no route matched", outcome)
+        else:
+            outcome.route = route.name
+            await _serve_route(conn, request, route, runtime, outcome)
+    finally:
+        duration = time.monotonic() - started
+        if route is not None:
+            route.metrics.observe(request.method, outcome.status, duration)
+        if runtime.access_log is not None:
+            runtime.log_access(conn, request, outcome, duration)
+
+
+async def _serve_route(
+    conn: ClientConnection, request: Request, route: Any, runtime: Any, outcome: Outcome
+) -> None:
+    extra_headers = b""
+    if route.rate_limit is not None:
+        decision = await runtime.limiter.check(
+            route.name, _limit_key(route, request, runtime), route.rate_limit
+        )
+        extra_headers = _rate_limit_headers(decision)
+        if not decision.allowed:
+            outcome.rate_limited = True
+            route.metrics.rate_limited()
+            if route.rate_limit.mode == "enforce":
+                if decision.backend_failed:
+                    _send_error(
+                        conn, request, 503, "rate limiter unavailable", outcome, extra_headers
+                    )
+                else:
+                    retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
+                    _send_error(
+                        conn, request, 429, "rate limited", outcome, extra_headers + retry_after
+                    )
+                return
+    group = route.group
+    outcome.upstream = group.name
+    budget = group.retry_budget
+    budget.request_started()
+    try:
+        await _forward(conn, request, route, group, runtime, outcome, extra_headers)
+    finally:
+        budget.request_finished()
+
+
+def _limit_key(route: Any, request: Request, runtime: Any) -> str:
+    kind = route.limit_key_kind
+    if kind == "route":
+        return ""
+    if kind == "header":
+        value = request.header(route.limit_key_name)
+        if value:
+            return "h:" + value.decode("latin-1")
+    elif kind == "cookie":
+        value = cookie_value(request.header(b"cookie"), route.limit_key_name)
+        if value:
+            return "c:" + value.decode("latin-1")
+    return runtime.client_ip(request)
+
+
+def _rate_limit_headers(decision: Any) -> bytes:
+    return b"RateLimit-Limit: %d\r\nRateLimit-Remaining: %d\r\nRateLimit-Reset: %d\r\n" % (
+        decision.limit,
+        max(0, decision.remaining),
+        math.ceil(decision.reset_after),
+    )
+
+
+async def _forward(
+    conn: ClientConnection,
+    request: Request,
+    route: Any,
+    group: Any,
+    runtime: Any,
+    outcome: Outcome,
+    extra_headers: bytes,
+) -> None:
+    retry = group.retry_policy
+    body = request.body
+    method = request.method.decode("latin-1")
+    has_idempotency_key = request.header(b"idempotency-key") is not None
+    may_repeat = retry.tries > 1 and retry.may_retry_method(method, has_idempotency_key)
+    replayable = body is None
+    if body is not None and may_repeat:
+        if request.expect_continue:
+            conn.write(CONTINUE)
+        if request.content_length is None or request.content_length <= retry.max_body_bytes:
+            try:
+                replayable = await body.buffer_up_to(retry.max_body_bytes)
+            except (ConnectionError, OSError):
+                outcome.status = 499
+                outcome.error = "client went away"
+                return
+    elif body is not None and request.expect_continue:
+        conn.write(CONTINUE)
+
+    key = _hash_key(group, request, runtime)
+    started = time.monotonic()
+    tried: set[Any] = set()
+    last_error: UpstreamError | None = None
+    last_response: tuple[Any, bytes] | None = None
+    holding_retry = False
+    try:
+        while True:
+            server = group.select(key, tried)
+            if server is None:
+                break
+            tried.add(server)
+            if not server.breaker.acquire():
+                continue
+            outcome.tries += 1
+            result = await _attempt(
+                conn, request, route, group, server, outcome, extra_headers, replayable, started
+            )
+            if holding_retry:
+                group.retry_budget.release_retry()
+                holding_retry = False
+            if result is None:
+                return  # answered (or the client went away)
+            failure_word, error, response = result
+            if error is not None:
+                last_error, last_response = error, None
+            else:
+                last_response, last_error = response, None
+            refusal = retry.should_retry(
+                failure_word,
+                attempts_done=outcome.tries,
+                started_at=started,
+                method=method,
+                has_idempotency_key=has_idempotency_key,
+                body_replayable=replayable,
+                response_started=conn.response_started,
+            )
+            if refusal is not None:
+                break
+            if not group.retry_budget.try_acquire_retry():
+                break
+            holding_retry = True
+            runtime.metrics.retry(group.name, failure_word)
+    finally:
+        if holding_retry:
+            group.retry_budget.release_retry()
+
+    if conn.response_started or conn.closed:
+        return
+    if last_response is not None:
+        head, payload = last_response
+        _send_buffered(conn, request, head, payload, outcome, extra_headers)
+    elif last_error is not None:
+        status = 504 if last_error.kind == "timeout" else 502
+        outcome.error = last_error.detail
+        _send_error(conn, request, status, last_error.detail, outcome, extra_headers)
+    else:
+        _send_error(conn, request, 503, "no eligible server", outcome, extra_headers)
+
+
+def _hash_key(group: Any, request: Request, runtime: Any) -> str | None:
+    kind = group.hash_key
+    if kind is None:
+        return None
+    if kind == "client_ip":
+        return runtime.client_ip(request)
+    source, _, name = kind.partition(":")
+    if source == "header":
+        value = request.header(name.lower().encode())
+    else:
+        value = cookie_value(request.header(b"cookie"), name.encode())
+    return value.decode("latin-1") if value else runtime.client_ip(request)
+
+
+async def _attempt(
+    conn: ClientConnection,
+    request: Request,
+    route: Any,
+    group: Any,
+    server: Any,
+    outcome: Outcome,
+    extra_headers: bytes,
+    replayable: bool,
+    started: float,
+) -> tuple[str, UpstreamError | None, Any] | None:
+    """One try on one server. None when the client has been answered (or is gone);
+    otherwise (failure word, error or None, (head, body) of a failed response or None)."""
+    server.in_flight += 1
+    server.requests += 1
+    metrics = server.metrics
+    metrics.in_flight_inc()
+    attempt_started = time.monotonic()
+    if not outcome.upstream_started:
+        outcome.upstream_started = attempt_started
+    outcome.server = server.label
+    verdict: bool | None = None  # breaker: True success, False failure, None no verdict
+    upstream: UpstreamConnection | None = None
+    try:
+        head_bytes = _request_head(conn, request, route, group)
+        fresh_retry_left = replayable
+        while True:
+            upstream = server.pool.take_idle()
+            reused = upstream is not None
+            if upstream is None:
+                upstream = await server.pool.connect()
+            if conn.closed:
+                upstream.close()
+                outcome.status = 499
+                return None
+            upstream.begin(request.method == b"HEAD")
+            conn.on_lost = upstream.abort
+            _send_request(upstream, request, head_bytes, conn)
+            try:
+                response = await upstream.head
+                break
+            except UpstreamError as error:
+                if reused and fresh_retry_left and error.kind == "error" and not conn.closed:
+                    fresh_retry_left = False  # the idle-close race: once, on a new connection
+                    continue
+                raise
+        head_seconds = time.monotonic() - attempt_started
+        server.observe_latency(head_seconds)
+        status = response.status
+        word = f"http_{status}"
+        failed = word in group.failure_on
+        verdict = not failed
+        metrics.response(status, head_seconds)
+        if failed:
+            server.failures += 1
+        outcome.attempts.append(
+            {"server": server.label, "outcome": status, "ms": round(head_seconds * 1000, 2)}
+        )
+        if (
+            word in group.retry_policy.on
+            and not response.upgrade
+            and _retry_possible(group, request, word, outcome, started, replayable)
+        ):
+            # Hold a small failed response: if no other server does better, it is the answer.
+            payload = await _collect_small_body(upstream)
+            if payload is not None:
+                server.pool.release(upstream)
+                upstream = None
+                return word, None, (response, payload)
+            upstream.close()
+            upstream = None
+            return word, None, None
+        if response.upgrade:
+            await _tunnel(conn, request, response, upstream, outcome, extra_headers)
+            upstream = None
+            return None
+        await _relay(conn, request, response, upstream, outcome, extra_headers)
+        server.pool.release(upstream)
+        upstream = None
+        return None
+    except UpstreamError as error:
+        seconds = time.monotonic() - attempt_started
+        outcome.attempts.append(
+            {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
+        )
+        if conn.closed:
+            outcome.status = 499
+            outcome.error = "client went away"
+            return None
+        metrics.response(error.kind, None)
+        if error.kind in group.failure_on:
+            verdict = False
+            server.failures += 1
+        if conn.response_started:
+            # Bytes already reached the client: all we can do is cut the connection.
+            outcome.error = error.detail
+            conn.abort()
+            return None
+        return error.kind, error, None
+    finally:
+        conn.on_lost = None
+        if upstream is not None:
+            upstream.abort()
+        server.in_flight -= 1
+        metrics.in_flight_dec()
+        elapsed = time.monotonic() - attempt_started
+        outcome.upstream_seconds += elapsed
+        server.stats.record(elapsed, verdict is False)
+        if verdict is True:
+            server.breaker.record_success()
+        elif verdict is False:
+            server.breaker.record_failure()
+        else:
+            server.breaker.release()
+
+
+def _retry_possible(
+    group: Any, request: Request, word: str, outcome: Outcome, started: float, replayable: bool
+) -> bool:
+    return (
+        group.retry_policy.should_retry(
+            word,
+            attempts_done=outcome.tries,
+            started_at=started,
+            method=request.method.decode("latin-1"),
+            has_idempotency_key=request.header(b"idempotency-key") is not None,
+            body_replayable=replayable,
+            response_started=False,
+        )
+        is None
+    )
+
+
+async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
+    """Read a failed response's body if it is small, so it can still be the final answer."""
+    collector = _Collector()
+    upstream.attach(collector)
+    if not collector.too_big and not upstream.complete:
+        try:
+            await upstream.done
+        except UpstreamError:
+            return None
+    if collector.too_big or not upstream.complete:
+        return None
+    return b"".join(collector.chunks)
+
+
+class _Collector:
+    __slots__ = ("chunks", "size", "too_big")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.too_big = False
+
+    def on_body(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > LAST_RESPONSE_LIMIT:
+            self.too_big = True
+        else:
+            self.chunks.append(chunk)
+
+    def on_end(self) -> None:
+        pass
+
+    def on_abort(self, error: Exception) -> None:
+        pass
+
+
+def _request_head(conn: ClientConnection, request: Request, route: Any, group: Any) -> bytes:
+    target = request.target
+    prefix = route.strip_prefix
+    if prefix and target.startswith(prefix):
+        target = target[len(prefix) :]
+        if not target.startswith(b"/"):
+            target = b"/" + target
+    parts = [request.method, b" ", target, b" HTTP/1.1\r\n"]
+    dropped = request.connection_tokens
+    for name, value in request.headers:
+        lowered = name.lower()
+        if lowered in REQUEST_REWRITTEN or lowered in dropped:
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    forwarded_for = request.forwarded_for
+    peer = conn.peer.encode()
+    parts += (
+        b"X-Forwarded-For: ",
+        forwarded_for + b", " + peer if forwarded_for else peer,
+        b"\r\nX-Forwarded-Proto: ",
+        conn.scheme,
+        b"\r\n",
+    )
+    if request.host is not None:
+        parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
+    if request.header(b"x-request-id") is None:
+        parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
+    if request.upgrade:
+        upgrade = request.header(b"upgrade") or b"websocket"
+        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    body = request.body
+    if body is not None:
+        if body.complete:
+            parts.append(b"Content-Length: %d\r\n" % body.received)
+        elif request.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % request.content_length)
+        else:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _send_request(
+    upstream: UpstreamConnection, request: Request, head_bytes: bytes, conn: ClientConnection
+) -> None:
+    body = request.body
+    if body is None:
+        upstream.write(head_bytes)
+        return
+    if body.complete:
+        upstream.write(head_bytes + b"".join(body.chunks))
+        return
+    upstream.write(head_bytes)
+    writer = _BodyWriter(upstream, chunked=request.content_length is None)
+    upstream.body_writer_paused = writer.upstream_paused
+    writer.client = conn
+    body.stream_to(writer)
+
+
+class _BodyWriter:
+    """Client body chunks to the upstream as they arrive, re-framed, with backpressure."""
+
+    __slots__ = ("chunked", "client", "upstream")
+
+    def __init__(self, upstream: UpstreamConnection, *, chunked: bool) -> None:
+        self.upstream = upstream
+        self.chunked = chunked
+        self.client: ClientConnection | None = None
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.upstream.closed:
+            return
+        if self.chunked:
+            self.upstream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.upstream.write(chunk)
+
+    def on_end(self) -> None:
+        if self.chunked and not self.upstream.closed:
+            self.upstream.write(CHUNK_END)
+
+    def upstream_paused(self, paused: bool) -> None:
+        if self.client is not None:
+            if paused:
+                self.client.pause_reading("upstream")
+            else:
+                self.client.resume_reading("upstream")
+
+
+class _ResponseRelay:
+    """Upstream body chunks to the client, re-framed, with backpressure the other way."""
+
+    __slots__ = ("bytes_out", "chunked", "conn", "failed", "upstream")
+
+    def __init__(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
+        self.conn = conn
+        self.upstream = upstream
+        self.chunked = chunked
+        self.bytes_out = 0
+        self.failed: Exception | None = None
+
+    def on_body(self, chunk: bytes) -> None:
+        self.bytes_out += len(chunk)
+        if self.chunked:
+            self.conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.conn.write(chunk)
+
+    def on_end(self) -> None:
+        if self.chunked:
+            self.conn.write(CHUNK_END)
+
+    def on_abort(self, error: Exception) -> None:
+        self.failed = error
+
+    def client_paused(self, paused: bool) -> None:
+        if paused:
+            self.upstream.pause_reading("client")
+        else:
+            self.upstream.resume_reading("client")
+
+
+async def _relay(
+    conn: ClientConnection,
+    request: Request,
+    response: Any,
+    upstream: UpstreamConnection,
+    outcome: Outcome,
+    extra_headers: bytes,
+) -> None:
+    close = not request.keep_alive or conn.listener.shutting_down
+    chunked_out = False
+    if response.has_body and response.content_length is None:
+        if request.version == "1.1":
+            chunked_out = True
+        else:
+            close = True  # an HTTP/1.0 client reads to the end of the connection
+    head = _response_head(response, request, extra_headers, close=close, chunked=chunked_out)
+    relay = _ResponseRelay(conn, upstream, chunked_out)
+    conn.response_started = True
+    conn.write(head)
+    outcome.status = response.status
+    conn.on_write_paused = relay.client_paused
+    try:
+        upstream.attach(relay)
+        if not upstream.complete:
+            await upstream.done
+    finally:
+        conn.on_write_paused = None
+        outcome.bytes_out += relay.bytes_out
+    if close:
+        request.keep_alive = False
+
+
+def _response_head(
+    response: Any, request: Request, extra_headers: bytes, *, close: bool, chunked: bool
+) -> bytes:
+    status = response.status
+    reason = response.reason or REASONS.get(status, b"")
+    parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+    dropped: tuple[bytes, ...] = ()
+    has_request_id = False
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered == b"connection":
+            dropped += tuple(t.strip().lower() for t in value.split(b","))
+    for name, value in response.headers:
+        lowered = name.lower()
+        if lowered in RESPONSE_REWRITTEN or lowered in dropped:
+            if lowered == b"content-length" and not response.has_body:
+                parts += (name, b": ", value, b"\r\n")  # HEAD/304 announce the entity's size
+            continue
+        if lowered == b"x-request-id":
+            has_request_id = True
+        parts += (name, b": ", value, b"\r\n")
+    if response.upgrade:
+        upgrade = _header(response.headers, b"upgrade") or b"websocket"
+        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+    elif response.has_body:
+        if response.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % response.content_length)
+        elif chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+    if not has_request_id:
+        parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
+    if extra_headers:
+        parts.append(extra_headers)
+    if close:
+        parts.append(b"Connection: close\r\n")
+    elif request.version == "1.0":
+        parts.append(b"Connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _header(headers: list[tuple[bytes, bytes]], lowered_name: bytes) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == lowered_name:
+            return value
+    return None
+
+
+def _send_buffered(
+    conn: ClientConnection,
+    request: Request,
+    response: Any,
+    payload: bytes,
+    outcome: Outcome,
+    extra_headers: bytes,
+) -> None:
+    close = not request.keep_alive
+    response.content_length = len(payload) if response.has_body else response.content_length
+    head = _response_head(response, request, extra_headers, close=close, chunked=False)
+    conn.response_started = True
+    conn.write(head + payload if response.has_body else head)
+    outcome.status = response.status
+    outcome.bytes_out += len(payload)
+
+
+def _send_error(
+    conn: ClientConnection,
+    request: Request,
+    status: int,
+    reason: str,
+    outcome: Outcome,
+    extra_headers: bytes = b"",
+) -> None:
+    outcome.status = status
+    if not outcome.error and status >= 500:
+        outcome.error = reason
+    close = not request.keep_alive or (request.body is not None and not request.body.complete)
+    conn.response_started = True
+    data = error_response(
+        status, reason, request.request_id or b"-", close=close, extra_headers=extra_headers
+    )
+    conn.write(data)
+    outcome.bytes_out += len(data)
+
+
+class _Tunnel:
+    """A switched (101) connection: raw bytes both ways until either side closes."""
+
+    def __init__(self, conn: ClientConnection, upstream: UpstreamConnection) -> None:
+        self.conn = conn
+        self.upstream = upstream
+        self.closed = conn.loop.create_future()
+
+    def from_client(self, data: bytes) -> None:
+        if not self.upstream.closed:
+            self.upstream.transport.write(data)  # type: ignore[union-attr]
+
+    def on_body(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    def on_end(self) -> None:
+        self._done()
+
+    def on_abort(self, error: Exception) -> None:
+        self._done()
+
+    def client_closed(self) -> None:
+        self.upstream.close()
+        self._done()
+
+    def _done(self) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def _tunnel(
+    conn: ClientConnection,
+    request: Request,
+    response: Any,
+    upstream: UpstreamConnection,
+    outcome: Outcome,
+    extra_headers: bytes,
+) -> None:
+    head = _response_head(response, request, extra_headers, close=False, chunked=False)
+    conn.response_started = True
+    outcome.status = 101
+    conn.write(head)
+    tunnel = _Tunnel(conn, upstream)
+    conn.tunnel = tunnel
+    early = conn.take_early_tunnel_bytes()
+    if early:
+        tunnel.from_client(early)
+    upstream.start_tunnel(tunnel)
+    conn.resume_reading("upgrade")
+    try:
+        await tunnel.closed
+    finally:
+        upstream.close()
+        conn.close()
+        request.keep_alive = False

@@ -1,0 +1,622 @@
+"""The client-facing HTTP/1.1 engine: parse strictly, frame responses ourselves, stream.
+
+Theory of operation. One ``ClientConnection`` per accepted socket, one httptools (llhttp)
+request parser per connection. llhttp rejects most ambiguous framing by itself (both
+Content-Length and Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding that
+does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); the
+callbacks here add what it allows but a proxy must not (obs-fold, repeated framing headers,
+CONNECT, foreign absolute-form targets, a missing Host). A request that fails any check is
+answered by us and the connection is closed: nothing unparsed is ever forwarded.
+
+Requests are handled one at a time in arrival order (pipelining): a request whose head is
+complete while another is in flight waits in ``_queue`` and reading pauses, so memory per
+connection stays bounded. Bodies stream through ``RequestBody``, which either buffers (so a
+retry can replay it) or hands chunks to the upstream as they come, with backpressure both
+ways through ``pause_reading``/``pause_writing``.
+
+Deadlines (one coarse sweep, see timers.py): a new or kept-alive idle connection closes after
+``keepalive_timeout`` (new ones after ``client_header_timeout``); a started head must be
+complete within ``client_header_timeout`` of its first byte (of the previous response's end
+on a kept-alive connection), else 408; a body stalls at most ``client_body_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from proxy.timers import sweeper_for
+
+MAX_HEADER_COUNT = 100
+WRITE_HIGH_WATER = 256 * 1024
+BODY_HIGH_WATER = 256 * 1024
+
+REASONS = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+class RequestRejected(Exception):
+    """A request we refuse before forwarding; ``status`` is what the client is told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class RequestBody:
+    """The request body as it arrives: buffered for replay, or streamed to one consumer."""
+
+    __slots__ = (
+        "_conn",
+        "_waiter",
+        "buffered",
+        "chunks",
+        "complete",
+        "consumer",
+        "error",
+        "received",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.received = 0
+        self.complete = False
+        self.consumer: Any = None  # has on_body(chunk) / on_end()
+        self._waiter: asyncio.Future[None] | None = None
+        self.error: Exception | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        consumer = self.consumer
+        if consumer is not None:
+            consumer.on_body(chunk)
+            return
+        self.chunks.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered >= BODY_HIGH_WATER:
+            self._conn.pause_reading("body")
+        self._wake()
+
+    def finish(self) -> None:
+        self.complete = True
+        if self.consumer is not None:
+            self.consumer.on_end()
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def buffer_up_to(self, limit: int) -> bool:
+        """Read until the body is complete (True) or more than ``limit`` bytes are held."""
+        conn = self._conn
+        while not self.complete and self.error is None:
+            if self.buffered > limit:
+                return False
+            conn.resume_reading("body")
+            self._waiter = conn.loop.create_future()
+            await self._waiter
+            self._waiter = None
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def stream_to(self, consumer: Any) -> None:
+        """From now on chunks go straight to ``consumer``; held ones first."""
+        held, self.chunks = self.chunks, []
+        self.buffered = 0
+        for chunk in held:
+            consumer.on_body(chunk)
+        self.consumer = consumer
+        self._conn.resume_reading("body")
+        if self.complete:
+            consumer.on_end()
+
+    def replay_to(self, consumer: Any) -> None:
+        """Send a fully buffered body again (a retry), keeping it for further tries."""
+        for chunk in self.chunks:
+            consumer.on_body(chunk)
+        consumer.on_end()
+
+    def release_consumer(self) -> None:
+        self.consumer = None
+
+
+class Request:
+    __slots__ = (
+        "body",
+        "chunked",
+        "conn",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "forwarded_for",
+        "head_size",
+        "headers",
+        "host",
+        "host_count",
+        "keep_alive",
+        "method",
+        "path",
+        "request_id",
+        "started_at",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.method = b""
+        self.target = b""
+        self.path = b""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.connection_tokens: tuple[bytes, ...] = ()
+        self.upgrade = False
+        self.body: RequestBody | None = None
+        self.started_at = 0.0
+        self.request_id: bytes | None = None
+        self.forwarded_for: bytes | None = None
+        self.head_size = 0
+
+    def header(self, lowered_name: bytes) -> bytes | None:
+        for name, value in self.headers:
+            if len(name) == len(lowered_name) and name.lower() == lowered_name:
+                return value
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+def error_body(status: int, reason: str, request_id: bytes | str) -> bytes:
+    if isinstance(request_id, bytes):
+        request_id = request_id.decode("latin-1")
+    return json.dumps({"error": reason, "request_id": request_id}).encode()
+
+
+def error_response(
+    status: int,
+    reason: str,
+    request_id: bytes | str,
+    *,
+    close: bool,
+    extra_headers: bytes = b"",
+) -> bytes:
+    body = error_body(status, reason, request_id)
+    rid = request_id if isinstance(request_id, bytes) else request_id.encode()
+    return b"".join(
+        (
+            b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body),
+            b"X-Request-ID: " + rid + b"\r\n",
+            extra_headers,
+            b"Connection: close\r\n" if close else b"",
+            b"\r\n",
+            body,
+        )
+    )
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket. ``handler(conn, request)`` is a coroutine function that answers."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+        self.limits = listener.limits
+        self.handler: Callable[..., Any] = listener.handler
+        self.loop = asyncio.get_running_loop()
+        self._sweeper = sweeper_for(self.loop)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.scheme = listener.scheme
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: Request | None = None
+        self._current: Request | None = None
+        self._queue: collections.deque[Request] = collections.deque()
+        self._reading_paused_for: set[str] = set()
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.deadline = 0.0
+        self._deadline_kind = "idle"
+        self._head_started_at = 0.0
+        self._head_bytes = 0
+        self.response_started = False
+        self.on_write_paused: Callable[[bool], None] | None = None
+        self.tunnel: Any = None
+        self.requests_served = 0
+        self._early_tunnel_bytes = b""
+        self.on_lost: Callable[[], None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else "unix"
+        self._sweeper.watch(self)
+        now = self._sweeper.now
+        self._head_started_at = now
+        self.deadline = now + self.limits.client_header_timeout
+        self._deadline_kind = "idle"
+        self.listener.connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._sweeper.unwatch(self)
+        self.listener.connection_closed(self)
+        if self.on_lost is not None:
+            self.on_lost()
+        for request in (self._parsing, self._current, *self._queue):
+            if request is not None and request.body is not None and not request.body.complete:
+                request.body.fail(ConnectionResetError("client went away"))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionResetError("client went away"))
+        if self.tunnel is not None:
+            self.tunnel.client_closed()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self._deadline_kind == "idle":
+            self._deadline_kind = "head"
+            if self.requests_served == 0:
+                self._head_started_at = self._sweeper.now
+            self.deadline = self._head_started_at + self.limits.client_header_timeout
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade_requested(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, RequestRejected):
+                self.reject(cause.status, cause.reason)
+            else:
+                self.reject(400, "malformed request")
+            return
+        except httptools.HttpParserError as error:
+            self.reject(400, _parser_reason(error))
+            return
+        parsing = self._parsing
+        if parsing is not None and not parsing.method:
+            # Everything since the head began is still head: bound what llhttp accumulates.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self.reject(431, "request head too large")
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self.on_write_paused is not None:
+            self.on_write_paused(True)
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.on_write_paused is not None:
+            self.on_write_paused(False)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still read its response (curl does this with uploads).
+        return True
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        request = Request(self)
+        request.started_at = self._sweeper.now
+        self._parsing = request
+
+    def on_url(self, url: bytes) -> None:
+        request = self._parsing
+        request.target += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        headers = request.headers
+        headers.append((name, value))
+        request.head_size += len(name) + len(value) + 4
+        if len(headers) > MAX_HEADER_COUNT:
+            raise RequestRejected(431, "too many request headers")
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise RequestRejected(400, "invalid header value")
+        lowered = name.lower()
+        first = lowered[:1]
+        if first == b"h" and lowered == b"host":
+            request.host = value
+            request.host_count += 1
+        elif first == b"c":
+            if lowered == b"content-length":
+                if not value.isdigit():
+                    raise RequestRejected(400, "invalid Content-Length")
+                length = int(value)
+                if request.content_length is not None and request.content_length != length:
+                    raise RequestRejected(400, "conflicting Content-Length")
+                request.content_length = length
+            elif lowered == b"connection":
+                request.connection_tokens += tuple(
+                    token.strip().lower() for token in value.split(b",") if token.strip()
+                )
+        elif first == b"t" and lowered == b"transfer-encoding":
+            if request.chunked or value.strip().lower() != b"chunked" or value != value.strip():
+                raise RequestRejected(400, "unsupported Transfer-Encoding")
+            request.chunked = True
+        elif first == b"e" and lowered == b"expect":
+            if value.lower() == b"100-continue":
+                request.expect_continue = True
+        elif first == b"x":
+            if lowered == b"x-request-id":
+                request.request_id = value
+            elif lowered == b"x-forwarded-for":
+                request.forwarded_for = (
+                    value
+                    if request.forwarded_for is None
+                    else request.forwarded_for + b", " + value
+                )
+        elif first == b"u" and lowered == b"upgrade":
+            request.upgrade = True
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        parser = self._parser
+        request.method = parser.get_method()
+        request.version = parser.get_http_version()
+        request.keep_alive = parser.should_keep_alive()
+        request.head_size += len(request.target) + len(request.method) + 12
+        if request.head_size > self.limits.max_header_bytes:
+            raise RequestRejected(431, "request head too large")
+        self._check_request(request)
+        if request.content_length is not None and request.chunked:
+            raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
+        if request.has_body:
+            if (request.content_length or 0) > self.limits.max_body_bytes:
+                raise RequestRejected(413, "request body too large")
+            request.body = RequestBody(self)
+        self._head_bytes = 0
+        self._deadline_kind = "body" if request.has_body else "busy"
+        self.deadline = (
+            self._sweeper.now + self.limits.client_body_timeout if request.has_body else 0.0
+        )
+        if self._current is None:
+            self._start(request)
+        else:
+            self._queue.append(request)
+            self.pause_reading("pipeline")
+
+    def _check_request(self, request: Request) -> None:
+        method = request.method
+        if method == b"CONNECT":
+            raise RequestRejected(400, "CONNECT is not supported: this is not a forward proxy")
+        target = request.target
+        if target.startswith(b"/"):
+            path_end = target.find(b"?")
+            request.path = target if path_end < 0 else target[:path_end]
+        elif target == b"*" and method == b"OPTIONS":
+            request.path = b"*"
+        elif b"://" in target[:16]:
+            self._absolute_form(request)
+        else:
+            raise RequestRejected(400, "invalid request target")
+        if request.version == "1.1":
+            if request.host_count != 1:
+                raise RequestRejected(400, "HTTP/1.1 request needs exactly one Host header")
+        elif request.host_count > 1:
+            raise RequestRejected(400, "repeated Host header")
+
+    def _absolute_form(self, request: Request) -> None:
+        # RFC 9112 3.2.2: a server must accept absolute-form; an open proxy would follow it
+        # to any host. We accept it only when it names the host the request is for.
+        scheme, _, rest = request.target.partition(b"://")
+        authority, slash, remainder = rest.partition(b"/")
+        if scheme.lower() not in (b"http", b"https") or not authority:
+            raise RequestRejected(400, "invalid request target")
+        if request.host is not None and authority.lower() != request.host.lower():
+            raise RequestRejected(400, "absolute-form target for another host")
+        request.host = authority
+        request.host_count = max(request.host_count, 1)
+        request.target = slash + remainder if slash else b"/"
+        path_end = request.target.find(b"?")
+        request.path = request.target if path_end < 0 else request.target[:path_end]
+
+    def on_body(self, chunk: bytes) -> None:
+        request = self._parsing
+        assert request is not None and request.body is not None
+        body = request.body
+        if body.received + len(chunk) > self.limits.max_body_bytes:
+            raise RequestRejected(413, "request body too large")
+        self.deadline = self._sweeper.now + self.limits.client_body_timeout
+        body.feed(chunk)
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        self._parsing = None
+        if request.body is not None:
+            request.body.finish()
+        if self._current is request:
+            self._deadline_kind = "busy"
+            self.deadline = 0.0
+        if not request.keep_alive:
+            # Whatever follows a request that ends the connection is not ours to parse.
+            self.pause_reading("closing")
+
+    # -- request lifecycle ---------------------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        self._current = request
+        self.response_started = False
+        self.loop.create_task(self._run(request))
+
+    async def _run(self, request: Request) -> None:
+        try:
+            await self.handler(self, request)
+        except Exception:
+            self.listener.log_exception("unhandled error while serving a request")
+            if not self.response_started and not self.closed:
+                self.write(
+                    error_response(500, "internal error", request.request_id or b"-", close=True)
+                )
+            self.close()
+            return
+        self._finish(request)
+
+    def _finish(self, request: Request) -> None:
+        self._current = None
+        self.requests_served += 1
+        if self.closed:
+            return
+        body = request.body
+        if (
+            not request.keep_alive
+            or (body is not None and not body.complete)
+            or self.listener.shutting_down
+        ):
+            # A request body we did not read in full leaves the stream out of step.
+            self.close()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+            if not self._queue:
+                self.resume_reading("pipeline")
+            return
+        now = self._sweeper.now
+        self._head_started_at = now
+        if self._parsing is not None:
+            self._deadline_kind = "head"
+            self.deadline = now + self.limits.client_header_timeout
+        else:
+            self._deadline_kind = "idle"
+            self.deadline = now + self.limits.keepalive_timeout
+
+    def on_deadline(self) -> None:
+        kind = self._deadline_kind
+        if kind == "idle":
+            self.close()
+        elif kind in ("head", "body") and not self.response_started:
+            self.reject(408, "client timed out")
+        else:
+            self.close()
+
+    # -- output --------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        if self._writing_paused and not self.closed:
+            self._drain_waiter = self.loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def reject(self, status: int, reason: str) -> None:
+        """Answer a request we will not forward, then close: the stream cannot be trusted."""
+        if self.closed:
+            return
+        request = self._parsing or self._current
+        if not self.response_started:
+            rid = (
+                request.request_id if request is not None else None
+            ) or self.listener.new_request_id()
+            self.write(error_response(status, reason, rid, close=True))
+            self.listener.record_rejection(self, request, status, reason)
+        if request is not None and request.body is not None and not request.body.complete:
+            request.body.fail(ConnectionAbortedError(reason))
+        self.close()
+
+    def _upgrade_requested(self, tail: bytes) -> None:
+        # llhttp stops at the end of an Upgrade request's head; what follows is the
+        # client's first tunnel bytes, kept until the upstream agrees to switch.
+        request = self._parsing
+        if request is None:
+            self.close()
+            return
+        request.upgrade = True
+        self._parsing = None
+        self.pause_reading("upgrade")
+        self._early_tunnel_bytes = tail
+        if self._current is None:
+            self._start(request)
+        else:
+            self.reject(400, "upgrade while a request is in flight")
+
+    def take_early_tunnel_bytes(self) -> bytes:
+        data, self._early_tunnel_bytes = self._early_tunnel_bytes, b""
+        return data
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._reading_paused_for and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._reading_paused_for.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._reading_paused_for:
+            self._reading_paused_for.discard(reason)
+            if not self._reading_paused_for and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None and self._parsing is None
+
+
+def _parser_reason(error: Exception) -> str:
+    text = str(error).lower()
+    if "content-length" in text or "transfer-encoding" in text or "chunk" in text:
+        return "ambiguous or invalid message framing"
+    if "method" in text:
+        return "invalid method"
+    if "header" in text:
+        return "invalid header"
+    return "malformed request"

@@ -1,0 +1,417 @@
+"""Our side of upstream connections: an httptools response parser per connection and a
+per-server pool of idle ones.
+
+Theory of operation. An ``UpstreamConnection`` carries one exchange at a time (we never
+pipeline to upstreams). ``begin()`` arms two futures: ``head`` resolves with the parsed
+``ResponseHead`` (or fails with ``UpstreamError``), ``done`` when the response body has
+ended. Body bytes that arrive before the forwarding code attaches a ``sink`` are held
+(bounded: reading pauses past ``HELD_BODY_LIMIT``), then handed over in order. A connection
+goes back to the pool only after a complete, well-framed exchange whose response allowed
+keep-alive and whose request body was sent in full; anything else closes it.
+
+Failures carry the phase in which they happened (``UpstreamError.kind``): ``error`` (refused,
+reset, closed before a full head), ``timeout`` (connect or read), ``invalid_header``
+(malformed head). ``sent`` tells whether request bytes left us, which decides retry safety.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from proxy.timers import sweeper_for
+
+RESPONSE_HEAD_LIMIT = 64 * 1024
+HELD_BODY_LIMIT = 256 * 1024
+POOL_IDLE_SECONDS = 60.0
+WRITE_HIGH_WATER = 256 * 1024
+
+_ssl_context: ssl.SSLContext | None = None
+
+
+def client_ssl_context() -> ssl.SSLContext:
+    """Verified TLS to https:// upstreams (system trust store, hostname checked)."""
+    global _ssl_context
+    if _ssl_context is None:
+        _ssl_context = ssl.create_default_context()
+    return _ssl_context
+
+
+class UpstreamError(Exception):
+    """An attempt failed before a usable response head: ``kind`` is a retry.on word."""
+
+    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+        self.sent = sent
+
+
+class _HeadResponseDone(Exception):
+    """Raised from the parser callback to stop after a HEAD response's head (see below)."""
+
+
+class ResponseHead:
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "has_body",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.content_length: int | None = None
+        self.chunked = False
+        self.upgrade = False
+        self.has_body = True
+        self.version = "1.1"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self._sweeper = sweeper_for(self.loop)
+        self.deadline = 0.0
+        self.read_timeout = pool.read_timeout
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.head: asyncio.Future[ResponseHead] | None = None
+        self.done: asyncio.Future[None] | None = None
+        self.sink: Any = None
+        self._response: ResponseHead | None = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._head_bytes = 0
+        self._head_done = False
+        self._informational = False
+        self.complete = False
+        self.request_is_head = False
+        self.request_sent = False
+        self.body_writer_paused: Callable[[bool], None] | None = None
+        self._reading_paused_for: set[str] = set()
+        self.tunnel_data: bytes = b""
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self._sweeper.watch(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._sweeper.unwatch(self)
+        self.pool.forget(self)
+        if self.head is None:
+            return
+        if not self._head_done:
+            self._fail(
+                UpstreamError("error", "upstream closed before a full response head", sent=True)
+            )
+        elif not self.complete:
+            response = self._response
+            close_delimited = (
+                response is not None
+                and response.has_body
+                and response.content_length is None
+                and not response.chunked
+                and not response.upgrade
+            )
+            if close_delimited:
+                self._finish()
+            else:
+                self._abort(UpstreamError("error", "upstream closed mid-response", sent=True))
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:
+            # Bytes on an idle connection: the peer is out of step; never reuse it.
+            self.close()
+            return
+        if self.tunnel_data is None:  # upgraded: raw bytes go straight through
+            self.sink.on_body(data)
+            return
+        self.deadline = self._sweeper.now + self.read_timeout
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > RESPONSE_HEAD_LIMIT:
+                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+                self.close()
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0]
+            self.tunnel_data = data[offset:]
+        except httptools.HttpParserCallbackError as error:
+            if isinstance(error.__context__, _HeadResponseDone):
+                # HEAD: httptools cannot be told to skip the announced body, so we stop the
+                # parser after the head and start a fresh one for the next exchange.
+                self._parser = httptools.HttpResponseParser(self)
+                self._finish()
+            else:
+                self._parser_failed(error)
+        except httptools.HttpParserError as error:
+            self._parser_failed(error)
+
+    def _parser_failed(self, error: Exception) -> None:
+        if not self._head_done:
+            self._fail(UpstreamError("invalid_header", f"malformed response: {error}", sent=True))
+        else:
+            self._abort(UpstreamError("error", f"malformed response body: {error}", sent=True))
+        self.close()
+
+    def pause_writing(self) -> None:
+        if self.body_writer_paused is not None:
+            self.body_writer_paused(True)
+
+    def resume_writing(self) -> None:
+        if self.body_writer_paused is not None:
+            self.body_writer_paused(False)
+
+    # -- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._response = ResponseHead()
+
+    def on_status(self, reason: bytes) -> None:
+        self._response.reason += reason  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self._response
+        assert response is not None
+        response.headers.append((name, value))
+        lowered = name.lower()
+        if lowered == b"content-length":
+            length = int(value) if value.strip().isdigit() else -1
+            if length < 0 or (
+                response.content_length is not None and response.content_length != length
+            ):
+                raise ValueError("invalid Content-Length")
+            response.content_length = length
+        elif lowered == b"transfer-encoding":
+            response.chunked = True
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        assert response is not None
+        status = self._parser.get_status_code()
+        response.status = status
+        response.version = self._parser.get_http_version()
+        if 100 <= status < 200 and status != 101:
+            self._informational = True  # 1xx interim responses are not forwarded
+            return
+        if response.chunked and response.content_length is not None:
+            raise ValueError("both Content-Length and Transfer-Encoding")
+        response.keep_alive = self._parser.should_keep_alive()
+        response.upgrade = status == 101
+        response.has_body = not (self.request_is_head or status in (204, 304) or response.upgrade)
+        self._head_done = True
+        if self.head is not None and not self.head.done():
+            self.head.set_result(response)
+        if self.request_is_head:
+            raise _HeadResponseDone
+
+    def on_body(self, chunk: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.on_body(chunk)
+            return
+        self._held.append(chunk)
+        self._held_bytes += len(chunk)
+        if self._held_bytes > HELD_BODY_LIMIT:
+            self.pause_reading("held")
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._finish()
+
+    # -- the exchange, driven by forwarding ----------------------------------------------
+
+    def begin(self, request_is_head: bool) -> None:
+        self._reset_exchange()
+        self.request_is_head = request_is_head
+        self.head = self.loop.create_future()
+        self.done = self.loop.create_future()
+        self.deadline = self._sweeper.now + self.read_timeout
+
+    def write(self, data: bytes) -> None:
+        self.request_sent = True
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def attach(self, sink: Any) -> None:
+        """Hand the response body to ``sink`` (on_body/on_end/on_abort), held bytes first."""
+        self.sink = sink
+        if self._held:
+            held, self._held = self._held, []
+            self._held_bytes = 0
+            for chunk in held:
+                sink.on_body(chunk)
+            self.resume_reading("held")
+        if self.complete:
+            sink.on_end()
+        elif self.done is not None and self.done.done() and self.done.exception() is not None:
+            sink.on_abort(self.done.exception())
+
+    def start_tunnel(self, sink: Any) -> None:
+        self.sink = sink
+        pending, self.tunnel_data = self.tunnel_data, None  # type: ignore[assignment]
+        self.deadline = 0.0
+        if pending:
+            sink.on_body(pending)
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._reading_paused_for and self.transport is not None:
+            self.transport.pause_reading()
+        self._reading_paused_for.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._reading_paused_for:
+            self._reading_paused_for.discard(reason)
+            if not self._reading_paused_for and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def on_deadline(self) -> None:
+        if self.head is None:
+            self.close()  # idle too long in the pool
+            return
+        if self.tunnel_data is None:
+            return
+        error = UpstreamError("timeout", "upstream read timed out", sent=True)
+        if not self._head_done:
+            self._fail(error)
+        else:
+            self._abort(error)
+        self.close()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(error)
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(error)
+            self.done.exception()  # mark retrieved: the head failure is what callers see
+
+    def _abort(self, error: UpstreamError) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(error)
+            if self.sink is not None:
+                self.sink.on_abort(error)
+
+    def _finish(self) -> None:
+        self.complete = True
+        self.deadline = 0.0
+        if self.sink is not None:
+            self.sink.on_end()
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    @property
+    def reusable(self) -> bool:
+        response = self._response
+        return (
+            not self.closed
+            and self.complete
+            and response is not None
+            and response.keep_alive
+            and not response.upgrade
+            and not self._held
+        )
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+
+class ConnectionPool:
+    """Idle keep-alive connections to one server, most recently used first."""
+
+    def __init__(self, server_cfg: Any, upstream_cfg: Any) -> None:
+        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self.reconfigure(server_cfg, upstream_cfg)
+
+    def reconfigure(self, server_cfg: Any, upstream_cfg: Any) -> None:
+        self.host = server_cfg.host
+        self.port = server_cfg.port
+        self.tls = server_cfg.scheme == "https"
+        self.max_idle = upstream_cfg.keepalive
+        self.connect_timeout = upstream_cfg.timeouts.connect
+        self.read_timeout = upstream_cfg.timeouts.read
+        while len(self._idle) > self.max_idle:
+            self._idle.popleft().close()
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                conn.read_timeout = self.read_timeout
+                return conn
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=client_ssl_context() if self.tls else None,
+                    server_hostname=self.host if self.tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamError("timeout", "connect timed out", sent=False) from None
+        except OSError as error:
+            reason = error.strerror or type(error).__name__
+            raise UpstreamError("error", f"connect failed: {reason}", sent=False) from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.reusable and len(self._idle) < self.max_idle:
+            conn._reset_exchange()
+            conn.deadline = conn._sweeper.now + POOL_IDLE_SECONDS
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close_idle(self) -> None:
+        while self._idle:
+            self._idle.pop().close()

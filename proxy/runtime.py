@@ -1,0 +1,205 @@
+"""One loaded config generation: compiled routes, upstream groups, and what requests need.
+
+A reload builds a new ``Runtime`` next to the running one, then the daemon swaps the
+reference. Requests read the reference once, so each finishes on the generation it began
+with. Servers are the exception that makes reloads painless: a server with the same
+upstream name and URL is carried over (breaker, health, counters, pooled connections).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import Any
+
+from proxy import metrics
+from proxy.breaker import BreakerState
+from proxy.clientip import ClientAddressResolver
+from proxy.health import HealthChecker
+from proxy.retry import RetryPolicy
+from proxy.routing import Router
+from proxy.upstream import Server, UpstreamGroup
+
+log = logging.getLogger("sluicegate")
+
+
+class RouteRuntime:
+    """A route as the pipeline needs it: resolved group, prepared bytes, metric children."""
+
+    __slots__ = (
+        "group",
+        "limit_key_kind",
+        "limit_key_name",
+        "metrics",
+        "name",
+        "rate_limit",
+        "strip_prefix",
+    )
+
+    def __init__(self, cfg: Any, group: UpstreamGroup) -> None:
+        self.name = cfg.name
+        self.group = group
+        prefix = cfg.match.path_prefix or "/"
+        self.strip_prefix = prefix.rstrip("/").encode() if cfg.strip_prefix else b""
+        self.rate_limit = cfg.rate_limit
+        self.limit_key_kind = "client_ip"
+        self.limit_key_name = b""
+        if cfg.rate_limit is not None:
+            kind, _, name = cfg.rate_limit.key.partition(":")
+            self.limit_key_kind = kind
+            self.limit_key_name = name.lower().encode() if kind == "header" else name.encode()
+        self.metrics = metrics.RouteMetrics(cfg.name)
+
+
+class Runtime:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        previous: Runtime | None = None,
+        limiter: Any,
+        access_log: Any,
+    ) -> None:
+        self.config = config
+        self.loaded_at = time.time()
+        self.limiter = limiter
+        self.access_log = access_log
+        self.metrics = metrics
+        self._resolver = ClientAddressResolver(config.trusted_proxies)
+        self._id_prefix = os.urandom(5).hex()
+        self._id_counter = itertools.count(1)
+        self.servers: dict[tuple[str, str], Server] = {}
+        self.groups: dict[str, UpstreamGroup] = {}
+        carried = previous.servers if previous is not None else {}
+        previous_upstreams = previous.config.upstreams if previous is not None else {}
+        for name, upstream_cfg in config.upstreams.items():
+            group_servers = []
+            for server_cfg in upstream_cfg.servers:
+                key = (name, server_cfg.url)
+                server = carried.get(key)
+                if server is not None and key not in self.servers:
+                    server.reconfigure(server_cfg, upstream_cfg, previous_upstreams[name])
+                else:
+                    server = Server(
+                        name,
+                        server_cfg,
+                        upstream_cfg,
+                        metrics=metrics.ServerMetrics(name, f"{server_cfg.host}:{server_cfg.port}"),
+                        on_breaker_transition=_breaker_transition,
+                    )
+                self.servers[key] = server
+                group_servers.append(server)
+            retry_policy = RetryPolicy.from_config(upstream_cfg.retry)
+            old_group = previous.groups.get(name) if previous is not None else None
+            budget = (
+                old_group.retry_budget
+                if old_group is not None and old_group.config.retry == upstream_cfg.retry
+                else retry_policy.new_budget()
+            )
+            self.groups[name] = UpstreamGroup(
+                upstream_cfg, group_servers, retry_policy=retry_policy, retry_budget=budget
+            )
+        self.routes = [RouteRuntime(cfg, self.groups[cfg.upstream]) for cfg in config.routes]
+        self.router = Router(
+            (route, cfg.match) for route, cfg in zip(self.routes, config.routes, strict=True)
+        )
+        self._checkers: list[HealthChecker] = []
+
+    def retired_servers(self, successor: Runtime) -> list[Server]:
+        return [s for key, s in self.servers.items() if successor.servers.get(key) is not s]
+
+    # -- per request -----------------------------------------------------------------------
+
+    def new_request_id(self) -> bytes:
+        return f"{self._id_prefix}{next(self._id_counter):08x}".encode()
+
+    def client_ip(self, request: Any) -> str:
+        return self._resolver.resolve(request.conn.peer, request.forwarded_for)
+
+    def log_access(self, conn: Any, request: Any, outcome: Any, duration: float) -> None:
+        body = request.body
+        record = {
+            "request_id": request.request_id.decode("latin-1") if request.request_id else "",
+            "client_ip": self.client_ip(request),
+            "method": request.method.decode("latin-1"),
+            "host": request.host.decode("latin-1") if request.host else "",
+            "path": request.path.decode("latin-1"),
+            "route": outcome.route,
+            "upstream": outcome.upstream,
+            "server": outcome.server,
+            "status": outcome.status,
+            "bytes_in": body.received if body is not None else 0,
+            "bytes_out": outcome.bytes_out,
+            "duration_ms": round(duration * 1000, 3),
+            "upstream_duration_ms": round(outcome.upstream_seconds * 1000, 3),
+            "tries": outcome.tries,
+            "rate_limited": outcome.rate_limited,
+            "error": outcome.error,
+        }
+        if outcome.attempts:
+            record["attempts"] = outcome.attempts
+        self.access_log.log(record)
+
+    # -- health checks -----------------------------------------------------------------------
+
+    def start_health_checks(self) -> None:
+        for name, group in self.groups.items():
+            cfg = group.config.health_check
+            if cfg is None:
+                continue
+            checker = HealthChecker(name, group.servers, cfg, on_result=_health_result)
+            checker.start()
+            self._checkers.append(checker)
+
+    async def stop_health_checks(self) -> None:
+        checkers, self._checkers = self._checkers, []
+        for checker in checkers:
+            await checker.stop()
+
+    # -- admin views ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {name: group.status() for name, group in self.groups.items()}
+
+    def unready_reasons(self) -> list[str]:
+        return [
+            f"upstream {name}: no eligible server"
+            for name, group in self.groups.items()
+            if not group.has_eligible_server()
+        ]
+
+
+def _breaker_transition(server: Server, old: BreakerState, new: BreakerState, reason: str) -> None:
+    log.warning(
+        "circuit breaker %s -> %s for %s/%s: %s",
+        old.value,
+        new.value,
+        server.upstream,
+        server.label,
+        reason,
+        extra={"upstream": server.upstream, "server": server.label, "event": "breaker"},
+    )
+    server.metrics.set_breaker(new.gauge_value)
+    server.metrics.breaker_transition(new.value)
+
+
+def _health_result(server: Server, ok: bool, reason: str) -> None:
+    server.metrics.health_check("pass" if ok else "fail")
+    health = server.health
+    if health is None:
+        return
+    up = health.eligible
+    server.metrics.set_healthy(up)
+    word = health.status.value
+    if server.reported_health != word:
+        server.reported_health = word
+        log.info(
+            "health of %s/%s is now %s (%s)",
+            server.upstream,
+            server.label,
+            word,
+            reason,
+            extra={"upstream": server.upstream, "server": server.label, "event": "health"},
+        )

@@ -1,0 +1,210 @@
+"""Runtime state of upstream servers and the one eligibility rule that selection obeys.
+
+A ``Server`` outlives config generations: on reload, a server with the same upstream name
+and URL is carried over with its breaker, health, counters and pooled connections.
+``UpstreamGroup`` is rebuilt per generation from those servers and owns the selection
+policies (one per tier: primaries, then backups).
+
+Eligible = not draining, health not DOWN (UNKNOWN counts as up), breaker admits requests.
+Below ``min_healthy_percent`` of eligible primaries the group panics (as Envoy does): health
+is ignored and every primary that is not draining takes traffic.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from proxy.breaker import BreakerState, CircuitBreaker
+from proxy.health import HealthStatus, ServerHealth
+from proxy.policies import POLICIES
+from proxy.pool import ConnectionPool
+from proxy.stats import RollingStats
+
+LATENCY_EWMA_WEIGHT = 0.2
+
+
+class Server:
+    __slots__ = (
+        "backup",
+        "breaker",
+        "config",
+        "draining",
+        "failures",
+        "health",
+        "in_flight",
+        "label",
+        "latency",
+        "metrics",
+        "pool",
+        "reported_health",
+        "requests",
+        "stats",
+        "upstream",
+        "url",
+        "weight",
+    )
+
+    def __init__(
+        self,
+        upstream: str,
+        server_cfg: Any,
+        upstream_cfg: Any,
+        *,
+        metrics: Any,
+        on_breaker_transition: Callable[[Server, BreakerState, BreakerState, str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.url = server_cfg.url
+        self.label = f"{server_cfg.host}:{server_cfg.port}"
+        self.config = server_cfg
+        self.weight = server_cfg.weight
+        self.backup = server_cfg.backup
+        self.in_flight = 0
+        self.requests = 0
+        self.failures = 0
+        self.draining = False
+        self.latency = 0.0
+        self.metrics = metrics
+        self.reported_health = "unknown"
+        self.stats = RollingStats(clock=clock)
+        self.health: ServerHealth | None = (
+            ServerHealth.from_config(upstream_cfg.health_check, clock=clock)
+            if upstream_cfg.health_check
+            else None
+        )
+        self.breaker = CircuitBreaker.from_config(
+            upstream_cfg.circuit_breaker,
+            clock=clock,
+            on_transition=lambda old, new, reason: on_breaker_transition(self, old, new, reason),
+        )
+        self.pool = ConnectionPool(server_cfg, upstream_cfg)
+        metrics.set_breaker(0)
+        metrics.set_healthy(True)
+
+    def is_eligible(self) -> bool:
+        if self.draining:
+            return False
+        health = self.health
+        if health is not None and not health.eligible:
+            return False
+        return self.breaker.allows()
+
+    def observe_latency(self, seconds: float) -> None:
+        if self.latency:
+            self.latency += LATENCY_EWMA_WEIGHT * (seconds - self.latency)
+        else:
+            self.latency = seconds
+
+    def health_word(self) -> str:
+        return self.health.status.value if self.health is not None else HealthStatus.UNKNOWN.value
+
+    def status(self) -> dict[str, Any]:
+        status = {
+            "url": self.url,
+            "weight": self.weight,
+            "backup": self.backup,
+            "health": self.health_word(),
+            "breaker": self.breaker.state.value,
+            "in_flight": self.in_flight,
+            "requests": self.requests,
+            "failures": self.failures,
+            "draining": self.draining,
+        }
+        status.update(self.stats.snapshot())
+        return status
+
+    def reconfigure(self, server_cfg: Any, upstream_cfg: Any, old_upstream_cfg: Any) -> None:
+        """Apply a reloaded config while keeping live state (breaker, health, pool)."""
+        self.config = server_cfg
+        self.weight = server_cfg.weight
+        self.backup = server_cfg.backup
+        if upstream_cfg.circuit_breaker != old_upstream_cfg.circuit_breaker:
+            self.breaker.reconfigure(upstream_cfg.circuit_breaker)
+        if upstream_cfg.health_check != old_upstream_cfg.health_check:
+            self.health = (
+                ServerHealth.from_config(upstream_cfg.health_check)
+                if upstream_cfg.health_check
+                else None
+            )
+        self.pool.reconfigure(server_cfg, upstream_cfg)
+
+
+class UpstreamGroup:
+    """One upstream of one config generation: its servers, policies and retry budget."""
+
+    __slots__ = (
+        "_backup_policy",
+        "_panic_fraction",
+        "_primary_policy",
+        "backups",
+        "config",
+        "failure_on",
+        "hash_key",
+        "name",
+        "primaries",
+        "retry_budget",
+        "retry_policy",
+        "servers",
+    )
+
+    def __init__(
+        self,
+        config: Any,
+        servers: Sequence[Server],
+        *,
+        retry_policy: Any,
+        retry_budget: Any,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.servers = tuple(servers)
+        self.primaries = tuple(s for s in servers if not s.backup)
+        self.backups = tuple(s for s in servers if s.backup)
+        policy_class = POLICIES[config.policy]
+        rng = rng or random.Random()
+        self._primary_policy = policy_class(self.primaries, rng=rng)
+        self._backup_policy = policy_class(self.backups, rng=rng) if self.backups else None
+        self._panic_fraction = config.min_healthy_percent / 100.0
+        self.retry_policy = retry_policy
+        self.retry_budget = retry_budget
+        self.hash_key = config.hash_key or ("client_ip" if config.policy == "ip_hash" else None)
+        self.failure_on = config.failure_on
+
+    def select(self, key: str | None, tried: Iterable[Server] = ()) -> Server | None:
+        tried = tried or ()
+
+        def eligible(server: Server) -> bool:
+            return server not in tried and server.is_eligible()
+
+        if self._panic_fraction and self._in_panic():
+
+            def eligible(server: Server) -> bool:
+                return server not in tried and not server.draining
+
+            return self._primary_policy.select(eligible, key)
+        chosen = self._primary_policy.select(eligible, key)
+        if chosen is None and self._backup_policy is not None:
+            chosen = self._backup_policy.select(eligible, key)
+        return chosen
+
+    def _in_panic(self) -> bool:
+        primaries = self.primaries
+        healthy = sum(1 for s in primaries if s.is_eligible())
+        return healthy < self._panic_fraction * len(primaries)
+
+    def has_eligible_server(self) -> bool:
+        if any(s.is_eligible() for s in self.servers):
+            return True
+        # In panic every primary that is not draining takes traffic, whatever its health.
+        return bool(self._panic_fraction) and any(not s.draining for s in self.primaries)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "policy": self.config.policy,
+            "servers": [server.status() for server in self.servers],
+        }
