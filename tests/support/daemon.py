@@ -27,6 +27,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+# ``Daemon.signal`` (a method) shadows the module inside the class body.
+SIGTERM = signal.SIGTERM
 
 
 def free_port() -> int:
@@ -104,7 +106,7 @@ class Daemon:
     def reload(self) -> None:
         self.proc.send_signal(signal.SIGHUP)
 
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+    def stop(self, signum: int = SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
             try:
