@@ -1,0 +1,307 @@
+"""``workers: N``: a supervisor and N worker processes sharing the listen ports.
+
+Each worker is a fresh interpreter (``python -m proxy.worker``), not a fork: no state or
+event loop is inherited half-initialised, and prometheus-client's multiprocess mode is on
+from the first import (``PROMETHEUS_MULTIPROC_DIR`` is set for the children). Workers bind
+the traffic ports with SO_REUSEPORT, so the kernel spreads connections over them. Each
+worker serves its own admin API on a private unix socket; the supervisor serves the public
+admin address and answers from all workers: ``/metrics`` is the multiprocess aggregate,
+``/status`` sums counters over workers, drain/undrain and reload go to every worker.
+
+The supervisor restarts a worker that dies, passes SIGHUP (after validating the file) and
+SIGTERM/SIGINT on, and exits non-zero only if workers cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from proxy import __version__
+from proxy.config import Config, load_config
+from proxy.errors import ConfigError, StartupError
+
+log = logging.getLogger("sluicegate")
+
+STARTUP_SECONDS = 15.0
+RESTART_LIMIT = 5  # rapid deaths in a row before the supervisor gives up
+RAPID_DEATH_SECONDS = 3.0
+
+
+class Worker:
+    def __init__(self, index: int, path: str, run_dir: str, env: dict[str, str]) -> None:
+        self.index = index
+        self.path = path
+        self.admin_sock = os.path.join(run_dir, f"worker-{index}.sock")
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.rapid_deaths = 0
+
+    def spawn(self) -> None:
+        if os.path.exists(self.admin_sock):
+            os.unlink(self.admin_sock)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "proxy.worker",
+                "--config",
+                self.path,
+                "--admin-sock",
+                self.admin_sock,
+                "--index",
+                str(self.index),
+            ],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+        )
+        self.started_at = time.monotonic()
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+
+class Supervisor:
+    def __init__(self, path: str, config: Config, workers: int, run_dir: str) -> None:
+        self.path = os.path.abspath(path)
+        self.config = config
+        self.run_dir = run_dir
+        self.started_monotonic = time.monotonic()
+        self.loaded_at = time.time()
+        self.shutting_down = False
+        self._signals = 0
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": os.path.join(run_dir, "metrics")}
+        os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        self.metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
+        self.workers = [Worker(i, self.path, run_dir, env) for i in range(workers)]
+        self._session: Any = None
+        self._stopped: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._exit_code = 0
+
+    # -- talking to workers --------------------------------------------------------------
+
+    async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, Any]:
+        import aiohttp
+
+        connector = aiohttp.UnixConnector(path=worker.admin_sock)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.request(
+                method, f"http://worker{path}", timeout=aiohttp.ClientTimeout(total=5)
+            ) as reply:
+                return reply.status, await reply.json(content_type=None)
+
+    async def _ask_all(self, method: str, path: str) -> list[tuple[int, Any]]:
+        replies = await asyncio.gather(
+            *(self._ask(worker, method, path) for worker in self.workers),
+            return_exceptions=True,
+        )
+        return [r for r in replies if not isinstance(r, BaseException)]
+
+    # -- admin control (the same interface ProxyProcess offers to admin.py) ---------------
+
+    async def status(self) -> dict[str, Any]:
+        replies = [body for status, body in await self._ask_all("GET", "/status") if status == 200]
+        merged: dict[str, Any] = {}
+        for body in replies:
+            for name, upstream in body.get("upstreams", {}).items():
+                target = merged.setdefault(name, {"policy": upstream["policy"], "servers": []})
+                for index, server in enumerate(upstream["servers"]):
+                    if index >= len(target["servers"]):
+                        target["servers"].append(dict(server))
+                        continue
+                    into = target["servers"][index]
+                    for field in ("in_flight", "requests", "failures", "request_rate"):
+                        if isinstance(server.get(field), (int, float)):
+                            into[field] = (into.get(field) or 0) + server[field]
+                    into["draining"] = into["draining"] or server["draining"]
+                    if server["health"] == "down":
+                        into["health"] = "down"
+                    if server["breaker"] != "closed" and into["breaker"] == "closed":
+                        into["breaker"] = server["breaker"]
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
+            "config_file": self.path,
+            "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "workers": len(replies),
+            "upstreams": merged,
+        }
+
+    async def readiness(self) -> tuple[bool, list[str]]:
+        if self.shutting_down:
+            return False, ["shutting down"]
+        replies = await self._ask_all("GET", "/readyz")
+        reasons: list[str] = []
+        if len(replies) < len(self.workers):
+            reasons.append(f"{len(self.workers) - len(replies)} worker(s) not answering")
+        for status, body in replies:
+            if status != 200:
+                reasons.extend(r for r in body.get("reasons", []) if r not in reasons)
+        return not reasons, reasons
+
+    async def reload(self) -> tuple[bool, str]:
+        try:
+            config = load_config(self.path)
+        except ConfigError as error:
+            message = "; ".join(error.errors)
+            log.error("reload failed, keeping the running config: %s", message)
+            return False, message
+        replies = await self._ask_all("POST", "/reload")
+        failures = [body.get("error", "") for status, body in replies if status != 200]
+        if failures:
+            return False, failures[0]
+        self.config = config
+        self.loaded_at = time.time()
+        return True, f"reloaded: {config.summary()}"
+
+    async def set_draining(self, upstream: str, index: int, draining: bool) -> dict | None:
+        action = "drain" if draining else "undrain"
+        replies = await self._ask_all("POST", f"/upstreams/{upstream}/servers/{index}/{action}")
+        ok = [body for status, body in replies if status == 200]
+        return ok[0] if ok else None
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        for worker in self.workers:
+            worker.spawn()
+        if not await self._wait_started():
+            for worker in self.workers:
+                worker.signal(signal.SIGKILL)
+            raise StartupError("workers could not start (their messages are above)")
+        await self._start_admin()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        log.info(
+            "supervisor: %d workers serving (admin %s)",
+            len(self.workers),
+            self.config.admin.address,
+        )
+        watcher = loop.create_task(self._watch())
+        await self._stopped.wait()
+        watcher.cancel()
+        await self._admin_runner.cleanup()
+        return self._exit_code
+
+    async def _wait_started(self) -> bool:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        pending = list(self.workers)
+        while pending:
+            for worker in list(pending):
+                if worker.proc is not None and worker.proc.poll() is not None:
+                    log.error(
+                        "worker %d could not start (exit %s)", worker.index, worker.proc.returncode
+                    )
+                    return False
+                if os.path.exists(worker.admin_sock):
+                    try:
+                        status, _ = await self._ask(worker, "GET", "/healthz")
+                    except Exception:  # not listening yet
+                        continue
+                    if status == 200:
+                        pending.remove(worker)
+            if time.monotonic() > deadline:
+                log.error("workers did not start within %ss", STARTUP_SECONDS)
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _start_admin(self) -> None:
+        from aiohttp import web
+
+        from proxy.admin import build_admin_app
+        from proxy.daemon import bind_socket
+
+        admin = self.config.admin
+        token = os.environ.get(admin.token_env) if admin.token_env else None
+        runner = web.AppRunner(
+            build_admin_app(self, token=token or None), access_log=None, handle_signals=False
+        )
+        await runner.setup()
+        sock = bind_socket(admin.host, admin.port, reuse_port=False, what="admin")
+        await web.SockSite(runner, sock).start()
+        self._admin_runner = runner
+
+    async def _watch(self) -> None:
+        from prometheus_client import multiprocess
+
+        while not self.shutting_down:
+            for worker in self.workers:
+                proc = worker.proc
+                if proc is None or proc.poll() is None or self.shutting_down:
+                    continue
+                multiprocess.mark_process_dead(proc.pid, self.metrics_dir)
+                lived = time.monotonic() - worker.started_at
+                worker.rapid_deaths = worker.rapid_deaths + 1 if lived < RAPID_DEATH_SECONDS else 0
+                if worker.rapid_deaths >= RESTART_LIMIT:
+                    log.error("worker %d keeps dying; giving up", worker.index)
+                    self._exit_code = 1
+                    self._on_stop_signal()
+                    return
+                log.warning(
+                    "worker %d (pid %d) exited with %s; restarting",
+                    worker.index,
+                    proc.pid,
+                    proc.returncode,
+                )
+                worker.spawn()
+            await asyncio.sleep(0.2)
+
+    def _on_reload_signal(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_stop_signal(self) -> None:
+        self._signals += 1
+        self.shutting_down = True
+        for worker in self.workers:
+            worker.signal(signal.SIGTERM)
+        if self._signals == 1:
+            task = asyncio.get_running_loop().create_task(self._wait_workers())
+            self._tasks.add(task)
+
+    async def _wait_workers(self) -> None:
+        deadline = time.monotonic() + self.config.shutdown_timeout + 5
+        while any(w.proc is not None and w.proc.poll() is None for w in self.workers):
+            if time.monotonic() > deadline:
+                for worker in self.workers:
+                    worker.signal(signal.SIGKILL)
+                break
+            await asyncio.sleep(0.05)
+        assert self._stopped is not None
+        self._stopped.set()
+
+
+def supervise(path: str, config: Config, workers: int) -> int:
+    from proxy.daemon import install_event_loop_policy, setup_logging
+
+    install_event_loop_policy()
+    setup_logging(config)
+    run_dir = tempfile.mkdtemp(prefix="sluicegate-")
+    try:
+        return asyncio.run(Supervisor(path, config, workers, run_dir).run())
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
