@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -120,12 +121,17 @@ def _control(request: web.Request) -> AdminControl:
     return request.app[_CONTROL_KEY]
 
 
+async def _answer(value: Any) -> Any:
+    """A worker answers at once; the workers' supervisor has to ask them first."""
+    return await value if inspect.isawaitable(value) else value
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    ready, reasons = _control(request).readiness()
+    ready, reasons = await _answer(_control(request).readiness())
     return web.json_response(
         {"ready": bool(ready), "reasons": list(reasons)}, status=200 if ready else 503
     )
@@ -141,7 +147,9 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(_control(request).status(), headers={"Cache-Control": "no-store"})
+    return web.json_response(
+        await _answer(_control(request).status()), headers={"Cache-Control": "no-store"}
+    )
 
 
 async def status_page(request: web.Request) -> web.Response:
@@ -167,7 +175,7 @@ async def drain(request: web.Request) -> web.Response:
     index = _server_index(raw_index)
     server = None
     if index is not None:
-        server = _control(request).set_draining(name, index, draining)
+        server = await _answer(_control(request).set_draining(name, index, draining))
     if server is None:
         return error_response(404, f"no server {raw_index} in upstream {name!r}")
     return web.json_response(server)
