@@ -45,7 +45,11 @@ _PAGE_KEY = web.AppKey("status_page", bytes)
 
 
 class AdminControl(Protocol):
-    """What the admin API needs from the running proxy."""
+    """What the admin API needs from the running proxy.
+
+    ``status``, ``readiness`` and ``set_draining`` may also be coroutines: a worker
+    answers from its own state at once, a supervisor of several workers asks them first.
+    """
 
     def status(self) -> dict[str, Any]: ...
 
@@ -140,7 +144,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     render = getattr(_control(request), "render_metrics", metrics.render)
     # Multiprocess mode reads every worker's files: keep that disk work off the loop.
-    body, content_type = await asyncio.to_thread(render)
+    body, content_type = await _answer(await asyncio.to_thread(render))
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type  # keeps the exposition's version
     return response

@@ -295,3 +295,36 @@ async def test_token_is_checked_before_the_route_exists(secured):
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/status", "/"])
 async def test_gets_stay_open_when_a_token_is_set(secured, path):
     assert (await secured.get(path)).status == 200
+
+
+class AsyncControl(FakeControl):
+    """A supervisor's control: it has to ask its workers, so every answer is awaited."""
+
+    async def status(self) -> dict:
+        return FakeControl.status(self)
+
+    async def readiness(self) -> tuple[bool, list[str]]:
+        return FakeControl.readiness(self)
+
+    def set_draining(self, upstream: str, index: int, draining: bool):
+        async def ask_workers():
+            return FakeControl.set_draining(self, upstream, index, draining)
+
+        return ask_workers()
+
+    async def render_metrics(self) -> tuple[bytes, str]:
+        return b"merged 1\n", "text/plain; version=0.0.4"
+
+
+async def test_control_answers_may_be_awaitable():
+    control = AsyncControl()
+    client = await serve(control, token=None)
+    try:
+        assert (await (await client.get("/status")).json())["version"] == "0.1.0"
+        control.shutting_down = True
+        assert (await client.get("/readyz")).status == 503
+        assert (await client.post("/upstreams/api/servers/0/drain")).status == 200
+        assert (await client.post("/upstreams/api/servers/9/drain")).status == 404
+        assert await (await client.get("/metrics")).text() == "merged 1\n"
+    finally:
+        await client.close()
