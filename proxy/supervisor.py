@@ -95,11 +95,13 @@ class Supervisor:
         import aiohttp
 
         connector = aiohttp.UnixConnector(path=worker.admin_sock)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            async with session.request(
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.request(
                 method, f"http://worker{path}", timeout=aiohttp.ClientTimeout(total=5)
-            ) as reply:
-                return reply.status, await reply.json(content_type=None)
+            ) as reply,
+        ):
+            return reply.status, await reply.json(content_type=None)
 
     async def _ask_all(self, method: str, path: str) -> list[tuple[int, Any]]:
         replies = await asyncio.gather(
