@@ -427,14 +427,6 @@ class UpstreamConfig(_Model):
     circuit_breaker: BreakerConfig = BreakerConfig()
     retry: RetryConfig = RetryConfig()
 
-    @field_validator("hash_key")
-    @classmethod
-    def _only_with_ip_hash(cls, hash_key: str | None, info: ValidationInfo) -> str | None:
-        policy = info.data.get("policy")
-        if hash_key is not None and policy is not None and policy != "ip_hash":
-            raise ValueError(f"only used with policy ip_hash (policy is {policy})")
-        return hash_key
-
     @field_validator("servers")
     @classmethod
     def _has_primary(cls, servers: tuple[ServerConfig, ...]) -> tuple[ServerConfig, ...]:

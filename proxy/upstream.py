@@ -172,7 +172,8 @@ class UpstreamGroup:
         self._panic_fraction = config.min_healthy_percent / 100.0
         self.retry_policy = retry_policy
         self.retry_budget = retry_budget
-        self.hash_key = config.hash_key or ("client_ip" if config.policy == "ip_hash" else None)
+        # Only ip_hash reads a key; other policies ignore hash_key (as SPEC's example shows).
+        self.hash_key = (config.hash_key or "client_ip") if config.policy == "ip_hash" else None
         self.failure_on = config.failure_on
 
     def select(self, key: str | None, tried: Iterable[Server] = ()) -> Server | None:

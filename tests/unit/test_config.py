@@ -81,7 +81,7 @@ def test_example_config_loads_with_the_documented_values() -> None:
     api = config.upstreams["api"]
     assert api.name == "api"
     assert api.policy == "least_conn"
-    assert api.hash_key is None
+    assert api.hash_key == "client_ip"  # as in SPEC; only ip_hash reads it
     assert [(s.scheme, s.host, s.port, s.weight, s.backup) for s in api.servers] == [
         ("http", "10.0.0.1", 8080, 3, False),
         ("http", "10.0.0.2", 8080, 2, False),
