@@ -47,6 +47,10 @@ KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 OTHER_METHOD = "OTHER"
+# Label value by method as the engine hands it over (bytes) or as text; one dict lookup.
+_METHOD_LABELS: dict[str | bytes, str] = {m: m for m in KNOWN_METHODS} | {
+    m.encode(): m for m in KNOWN_METHODS
+}
 
 # Gauge values of sluicegate_circuit_breaker_state, as SPEC fixes them.
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -155,10 +159,12 @@ class RouteMetrics:
         # (method, status) -> counter child. Bounded: ~10 methods x status codes.
         self._requests: dict[tuple[str, int], object] = {}
 
-    def observe(self, method: str, status: int, duration: float) -> None:
-        """Count one answered request and its total duration in seconds."""
-        if method not in KNOWN_METHODS:
-            method = OTHER_METHOD
+    def observe(self, method: str | bytes, status: int, duration: float) -> None:
+        """Count one answered request and its total duration in seconds.
+
+        ``method`` is text or the raw bytes of the request line (the HTTP engine's form).
+        """
+        method = _METHOD_LABELS.get(method, OTHER_METHOD)
         key = (method, status)
         child = self._requests.get(key)
         if child is None:

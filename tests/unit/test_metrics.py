@@ -328,3 +328,16 @@ def test_multiprocess_dead_workers_leave_live_gauges_but_keep_counters(tmp_path)
     assert sample(samples, "sluicegate_open_connections") == 1
     assert sample(samples, "sluicegate_upstream_healthy", **SERVER) == 1
     assert sample(samples, "sluicegate_circuit_breaker_state", **SERVER) == 0
+
+
+def test_methods_as_raw_bytes_get_their_own_label():
+    # The HTTP engine hands the method over as the bytes of the request line.
+    route = metrics.RouteMetrics("route-bytes")
+    route.observe(b"GET", 200, 0.01)
+    route.observe(b"POST", 201, 0.01)
+    route.observe(b"BREW", 200, 0.01)
+    assert value("sluicegate_requests_total", route="route-bytes", method="GET", status="200") == 1
+    assert value("sluicegate_requests_total", route="route-bytes", method="POST", status="201") == 1
+    assert (
+        value("sluicegate_requests_total", route="route-bytes", method="OTHER", status="200") == 1
+    )
