@@ -260,6 +260,7 @@ class ClientConnection(asyncio.Protocol):
         self.requests_served = 0
         self._early_tunnel_bytes = b""
         self.on_lost: Callable[[], None] | None = None
+        self._pending_reject: tuple[int, str, Request | None] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -311,6 +312,8 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(400, "malformed request")
             return
         except httptools.HttpParserError as error:
+            if "closing" in self._reading_paused_for:
+                return  # bytes after a request that ends the connection: never parsed
             self.reject(400, _parser_reason(error))
             return
         parsing = self._parsing
@@ -361,6 +364,8 @@ class ClientConnection(asyncio.Protocol):
         lowered = name.lower()
         first = lowered[:1]
         if first == b"h" and lowered == b"host":
+            if not _valid_host(value):
+                raise RequestRejected(400, "invalid Host header")
             request.host = value
             request.host_count += 1
         elif first == b"c":
@@ -376,7 +381,9 @@ class ClientConnection(asyncio.Protocol):
                     token.strip().lower() for token in value.split(b",") if token.strip()
                 )
         elif first == b"t" and lowered == b"transfer-encoding":
-            if request.chunked or value.strip().lower() != b"chunked" or value != value.strip():
+            # Only a lone "chunked" (OWS around a value is not part of it, RFC 9110 5.5);
+            # llhttp frames by the same reading, so both sides agree on where the body ends.
+            if request.chunked or value.strip(b" \t").lower() != b"chunked":
                 raise RequestRejected(400, "unsupported Transfer-Encoding")
             request.chunked = True
         elif first == b"e" and lowered == b"expect":
@@ -412,20 +419,33 @@ class ClientConnection(asyncio.Protocol):
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
         self._head_bytes = 0
-        self._deadline_kind = "body" if request.has_body else "busy"
-        self.deadline = (
-            self._sweeper.now + self.limits.client_body_timeout if request.has_body else 0.0
-        )
         if self._current is None:
+            self._arm_body_deadline(request)
             self._start(request)
         else:
+            # Its body deadline starts when it does: until then reading is paused by us.
             self._queue.append(request)
             self.pause_reading("pipeline")
+
+    def _arm_body_deadline(self, request: Request) -> None:
+        waiting = request.body is not None and not request.body.complete
+        self._deadline_kind = "body" if waiting else "busy"
+        self.deadline = self._sweeper.now + self.limits.client_body_timeout if waiting else 0.0
 
     def _check_request(self, request: Request) -> None:
         method = request.method
         if method == b"CONNECT":
             raise RequestRejected(400, "CONNECT is not supported: this is not a forward proxy")
+        if request.version == "1.1":
+            # RFC 9112 3.2: exactly one Host, whatever the form of the target.
+            if request.host_count != 1:
+                raise RequestRejected(400, "HTTP/1.1 request needs exactly one Host header")
+        else:
+            if request.host_count > 1:
+                raise RequestRejected(400, "repeated Host header")
+            if request.chunked:
+                # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+                raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
         target = request.target
         if target.startswith(b"/"):
             path_end = target.find(b"?")
@@ -436,21 +456,25 @@ class ClientConnection(asyncio.Protocol):
             self._absolute_form(request)
         else:
             raise RequestRejected(400, "invalid request target")
-        if request.version == "1.1":
-            if request.host_count != 1:
-                raise RequestRejected(400, "HTTP/1.1 request needs exactly one Host header")
-        elif request.host_count > 1:
-            raise RequestRejected(400, "repeated Host header")
+        if request.host is None:
+            # HTTP/1.0 without Host: name the address the client connected to, so the
+            # HTTP/1.1 request we send upstream carries the Host it must have.
+            sockname = self.transport.get_extra_info("sockname")  # type: ignore[union-attr]
+            local = b"%s:%d" % (sockname[0].encode(), sockname[1]) if sockname else b"localhost"
+            request.host = local
+            request.headers.append((b"Host", local))
 
     def _absolute_form(self, request: Request) -> None:
         # RFC 9112 3.2.2: a server must accept absolute-form; an open proxy would follow it
         # to any host. We accept it only when it names the host the request is for.
         scheme, _, rest = request.target.partition(b"://")
         authority, slash, remainder = rest.partition(b"/")
-        if scheme.lower() not in (b"http", b"https") or not authority:
+        if scheme.lower() not in (b"http", b"https") or not _valid_host(authority):
             raise RequestRejected(400, "invalid request target")
         if request.host is not None and authority.lower() != request.host.lower():
             raise RequestRejected(400, "absolute-form target for another host")
+        if request.host is None:  # HTTP/1.0: the target names the host
+            request.headers.append((b"Host", authority))
         request.host = authority
         request.host_count = max(request.host_count, 1)
         request.target = slash + remainder if slash else b"/"
@@ -463,7 +487,8 @@ class ClientConnection(asyncio.Protocol):
         body = request.body
         if body.received + len(chunk) > self.limits.max_body_bytes:
             raise RequestRejected(413, "request body too large")
-        self.deadline = self._sweeper.now + self.limits.client_body_timeout
+        if request is self._current:
+            self.deadline = self._sweeper.now + self.limits.client_body_timeout
         body.feed(chunk)
 
     def on_message_complete(self) -> None:
@@ -502,6 +527,7 @@ class ClientConnection(asyncio.Protocol):
     def _finish(self, request: Request) -> None:
         self._current = None
         self.requests_served += 1
+        self.response_started = False  # a later rejection (or 408) may answer again
         if self.closed:
             return
         body = request.body
@@ -514,9 +540,18 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if self._queue:
-            self._start(self._queue.popleft())
+            queued = self._queue.popleft()
+            self._arm_body_deadline(queued)
+            self._start(queued)
             if not self._queue:
                 self.resume_reading("pipeline")
+            return
+        pending = self._pending_reject
+        if pending is not None:
+            # A later pipelined request was bad: answer it now that those before it are.
+            self._pending_reject = None
+            self._parsing = pending[2]
+            self.reject(pending[0], pending[1])
             return
         now = self._sweeper.now
         self._head_started_at = now
@@ -554,7 +589,18 @@ class ClientConnection(asyncio.Protocol):
         """Answer a request we will not forward, then close: the stream cannot be trusted."""
         if self.closed:
             return
-        request = self._parsing or self._current
+        current = self._current
+        if current is not None and self._parsing is not current:
+            # The bad bytes follow a request still being answered: answering now would
+            # put our error in that request's place. Stop reading; answer in order.
+            if self._pending_reject is None:
+                failed = self._parsing
+                self._pending_reject = (status, reason, failed)
+                self.pause_reading("rejected")
+                if failed is not None and failed.body is not None and not failed.body.complete:
+                    failed.body.fail(ConnectionAbortedError(reason))
+            return
+        request = self._parsing or current
         if not self.response_started:
             rid = (
                 request.request_id if request is not None else None
@@ -609,6 +655,16 @@ class ClientConnection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._current is None and self._parsing is None
+
+
+_HOST_BYTES = frozenset(
+    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
+)
+
+
+def _valid_host(value: bytes) -> bool:
+    """uri-host [":" port] (RFC 3986 characters), not empty: no '/', '@', '?', spaces..."""
+    return bool(value) and all(byte in _HOST_BYTES for byte in value)
 
 
 def _parser_reason(error: Exception) -> str:

@@ -1,4 +1,4 @@
-"""Client address: the peer, or the rightmost untrusted X-Forwarded-For hop behind trusted proxies."""
+"""Client address: the peer, or the rightmost untrusted X-Forwarded-For hop (trusted peers)."""
 
 from __future__ import annotations
 

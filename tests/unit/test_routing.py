@@ -32,7 +32,9 @@ def match(
     headers: dict[str, str] | None = None,
 ) -> str | None:
     return r.match(
-        method.encode(), host.encode() if host is not None else None, path.encode(),
+        method.encode(),
+        host.encode() if host is not None else None,
+        path.encode(),
         FakeRequest(headers),
     )
 
@@ -108,7 +110,12 @@ def test_every_condition_must_hold():
             },
         ),
     )
-    ok = {"path": "/v1/x", "method": "POST", "host": "api.example.com", "headers": {"X-Canary": "1"}}
+    ok = {
+        "path": "/v1/x",
+        "method": "POST",
+        "host": "api.example.com",
+        "headers": {"X-Canary": "1"},
+    }
     assert match(r, **ok) == "strict"
     for key, bad in (("path", "/v2/x"), ("method", "GET"), ("host", "other.com"), ("headers", {})):
         assert match(r, **{**ok, key: bad}) is None
