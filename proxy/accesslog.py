@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-``AccessLog.log(record)`` runs on the request path, so it only puts the record dict on a
-``queue.SimpleQueue`` (a lock-free C append) and returns. A daemon thread takes
+``AccessLog.log(record)`` runs on the request path, so it only appends the record dict to
+a list and returns. On an event loop the list is handed to the writer thread as one item
+every ``HANDOFF_SECONDS`` (waking a thread per record would cost a context switch per
+request); off a loop each record is handed over at once. A daemon thread takes
 everything queued, formats it, and writes the batch with one ``write`` and one
 ``flush``: under load many lines share one system call, and a slow stdout (a full pipe,
 a stalled log shipper) delays the thread, never the event loop. If the writer falls
@@ -17,6 +19,7 @@ are written as null so every JSON line has the same keys in the same order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import sys
@@ -48,6 +51,7 @@ OPTIONAL_FIELDS = ("attempts",)
 FORMATS = ("json", "text")
 
 _MAX_BATCH = 4096
+HANDOFF_SECONDS = 0.05
 _STOP = object()
 
 
@@ -139,6 +143,9 @@ class AccessLog:
         self.dropped = 0
         self._format = _FORMATTERS[fmt]
         self._max_pending = max_pending
+        self._pending: list[dict[str, Any]] = []
+        # Records logged but not yet written: an estimate shared with the writer thread.
+        self._backlog = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = not enabled
         self._thread: threading.Thread | None = None
@@ -152,17 +159,34 @@ class AccessLog:
         """Queue one request record; stamps ``time`` now if the record has none."""
         if self._closed:
             return
-        if self._queue.qsize() >= self._max_pending:
+        if self._backlog >= self._max_pending:
             self.dropped += 1
             return
+        self._backlog += 1
         if "time" not in record:
             record["time"] = time.time()
-        self._queue.put(record)
+        pending = self._pending
+        pending.append(record)
+        if len(pending) == 1:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._hand_off()
+            else:
+                loop.call_later(HANDOFF_SECONDS, self._hand_off)
+        elif len(pending) >= _MAX_BATCH:
+            self._hand_off()
+
+    def _hand_off(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
 
     def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until everything logged so far is written; False on timeout."""
         if self._thread is None or not self._thread.is_alive():
             return True
+        self._hand_off()
         written = threading.Event()
         self._queue.put(written)
         return written.wait(timeout)
@@ -173,6 +197,7 @@ class AccessLog:
             self._closed = True
             return
         self._closed = True
+        self._hand_off()
         self._queue.put(_STOP)
         self._thread.join(timeout)
 
@@ -197,8 +222,10 @@ class AccessLog:
                 stop = True
             elif isinstance(item, threading.Event):
                 waiters.append(item)
-            else:
-                self._format_into(lines, item)
+            else:  # a batch of records
+                for record in item:
+                    self._format_into(lines, record)
+                self._backlog -= len(item)
         if lines:
             self._write(lines)
         for waiter in waiters:
