@@ -800,3 +800,44 @@ def test_admin_paths_on_the_traffic_port_are_proxied(start_sluicegate, spawn_bac
     for path in ("/healthz", "/status", "/metrics", "/reload"):
         _, headers, _ = daemon.get(path)
         assert headers.get("x-backend") == "a", path  # the backend's, not the admin API
+
+
+def test_a_slow_server_counts_a_timeout(start_sluicegate, spawn_backend):
+    _, a = spawn_backend("a")
+    slow = upstream(a, timeouts={"connect": "1s", "read": "200ms"})
+    daemon = start_sluicegate(config({"app": slow}))
+    assert daemon.get("/delay/2000")[0] == 504
+    text = daemon.metrics()
+    ups = "sluicegate_upstream_requests_total"
+    assert value(text, ups, upstream="app", server=server_label(a), status="timeout") == 1
+    assert value(text, "sluicegate_requests_total", route="all", status="504") == 1
+    assert value(text, "sluicegate_upstream_in_flight", upstream="app", server=server_label(a)) == 0
+
+
+# -- decision trace (issue 5, item 6) ----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="decision trace not implemented: forwarding.py never answers X-Sluicegate-Trace",
+)
+def test_decision_trace_header_needs_the_admin_token(start_sluicegate, spawn_backend):
+    _, live = spawn_backend("live")
+    dead = closed_port()
+    cfg = config(
+        {"app": upstream(dead, live, retry={"tries": 2, "on": ["error"]})},
+        admin={"token_env": "SLUICEGATE_ADMIN_TOKEN"},
+    )
+    daemon = start_sluicegate(cfg, env={"SLUICEGATE_ADMIN_TOKEN": TOKEN})
+    for headers in ({}, {"X-Sluicegate-Trace": "wrong"}):
+        status, reply_headers, _ = daemon.get("/", headers=headers)
+        assert status == 200 and "x-sluicegate-trace" not in reply_headers
+    # Round robin: the third request starts on the dead server again.
+    status, reply_headers, _ = daemon.get("/", headers={"X-Sluicegate-Trace": TOKEN})
+    assert status == 200
+    trace = json.loads(reply_headers["x-sluicegate-trace"])
+    assert trace["route"] == "all" and trace["policy"] == "round_robin"
+    assert {c["server"] for c in trace["candidates"]} == {server_label(dead), server_label(live)}
+    assert [a["server"] for a in trace["attempts"]] == [server_label(dead), server_label(live)]
+    assert trace["attempts"][0]["outcome"] == "error"
+    assert "error" in json.dumps(trace.get("retries", trace))
