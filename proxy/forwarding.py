@@ -111,21 +111,23 @@ async def _serve_route(
         decision = await runtime.limiter.check(
             route.name, _limit_key(route, request, runtime), route.rate_limit
         )
-        extra_headers = _rate_limit_headers(decision)
-        if not decision.allowed:
-            outcome.rate_limited = True
-            route.metrics.rate_limited()
-            if route.rate_limit.mode == "enforce":
-                if decision.backend_failed:
-                    _send_error(
-                        conn, request, 503, "rate limiter unavailable", outcome, extra_headers
-                    )
-                else:
+        if decision.backend_failed:
+            # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
+            # a `deny` is the limiter being down (503), not the client over its limit.
+            if not decision.allowed and route.rate_limit.mode == "enforce":
+                _send_error(conn, request, 503, "rate limiter unavailable", outcome)
+                return
+        else:
+            extra_headers = _rate_limit_headers(decision)
+            if not decision.allowed:
+                outcome.rate_limited = True
+                route.metrics.rate_limited()
+                if route.rate_limit.mode == "enforce":
                     retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
                     _send_error(
                         conn, request, 429, "rate limited", outcome, extra_headers + retry_after
                     )
-                return
+                    return
     group = route.group
     outcome.upstream = group.name
     budget = group.retry_budget
