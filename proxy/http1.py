@@ -261,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
         self._early_tunnel_bytes = b""
         self.on_lost: Callable[[], None] | None = None
         self._pending_reject: tuple[int, str, Request | None] | None = None
+        self._client_eof = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -337,8 +338,15 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read its response (curl does this with uploads).
-        return True
+        # A half-closed client may still read its response (curl does this with uploads):
+        # keep the connection while a request is being answered, close it after. With
+        # nothing in flight (idle keep-alive, or a head that can now never complete) the
+        # client is done: close at once, freeing the slot for max_connections.
+        if self.tunnel is not None:
+            self.tunnel.client_closed()
+            return False
+        self._client_eof = True
+        return self._current is not None
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -552,6 +560,9 @@ class ClientConnection(asyncio.Protocol):
             self._pending_reject = None
             self._parsing = pending[2]
             self.reject(pending[0], pending[1])
+            return
+        if self._client_eof:
+            self.close()  # answered all it sent; it will send nothing more
             return
         now = self._sweeper.now
         self._head_started_at = now

@@ -632,11 +632,6 @@ def test_open_connections_gauge_counts_client_connections(start_sluicegate, spaw
     wait_for(lambda: metric(daemon, name) == 0, timeout=2, message="closed after Connection: close")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="http1.ClientConnection.eof_received keeps an idle connection the client closed "
-    "half-open until keepalive_timeout (fix: close at once when idle)",
-)
 def test_open_connections_drop_as_soon_as_idle_clients_close(start_sluicegate, spawn_backend):
     _, a = spawn_backend("a")
     daemon = start_sluicegate(config({"app": upstream(a)}))  # keepalive_timeout 75s
