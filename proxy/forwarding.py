@@ -213,10 +213,15 @@ async def _forward(
             if result is None:
                 return  # answered (or the client went away)
             failure_word, error, response = result
-            if error is not None:
-                last_error, last_response = error, None
-            else:
-                last_response, last_error = response, None
+            # A real upstream answer beats a later failure that has none to give.
+            if response is not None:
+                last_response = response
+            elif error is not None:
+                last_error = error
+            else:  # a listed status whose body was too large to hold as the final answer
+                last_error = UpstreamError(
+                    "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
+                )
             refusal = retry.should_retry(
                 failure_word,
                 attempts_done=outcome.tries,

@@ -150,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel_data is None:  # upgraded: raw bytes go straight through
             self.sink.on_body(data)
             return
-        self.deadline = self._sweeper.now + self.read_timeout
+        self.deadline = self._sweeper.refresh() + self.read_timeout
         if not self._head_done:
             self._head_bytes += len(data)
             if self._head_bytes > RESPONSE_HEAD_LIMIT:
@@ -254,7 +254,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_is_head = request_is_head
         self.head = self.loop.create_future()
         self.done = self.loop.create_future()
-        self.deadline = self._sweeper.now + self.read_timeout
+        # The fresh clock, not the tick-cached one: a stale `now` fires the timeout early.
+        self.deadline = self._sweeper.refresh() + self.read_timeout
 
     def write(self, data: bytes) -> None:
         self.request_sent = True

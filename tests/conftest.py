@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.redis_server",
     "tests.support.backends",
     "tests.support.daemon",
+    "tests.support.faulty",
 ]

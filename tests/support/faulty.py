@@ -12,7 +12,8 @@ how a test makes a failing server "recover":
 
 ==================  ==========================================================================
 ``ok``              200 with ``body`` (default ``<name>\\n``), keep-alive
-``status``          ``status`` (e.g. 500/502/503/504) with body ``<name> status <code>\\n``
+``status``          ``status`` (e.g. 500/502/503/504) with body ``<name> status <code>\\n``,
+                    after ``delay`` seconds when set
 ``slow``            ``ok`` after ``delay`` seconds
 ``hang``            reads the request, never answers (the connection stays open)
 ``close``           reads the request, closes without a byte (FIN) -> ``error``
@@ -35,6 +36,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -158,8 +160,8 @@ class FaultServer:
         server.close()
         for writer in list(self._writers):
             writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
+        if self._tasks:  # aborted transports end every handler (EOF or reset)
+            await asyncio.wait(list(self._tasks), timeout=2)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 2)
 
@@ -226,7 +228,11 @@ class FaultServer:
             await writer.drain()
             return True
         if mode == "status":
-            body = b"%s status %d\n" % (self.name.encode(), self.status)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            body = self.body
+            if body is None:
+                body = b"%s status %d\n" % (self.name.encode(), self.status)
             writer.write(_response(self.status, body, head_only=method == "HEAD", name=self.name))
             await writer.drain()
             return True
@@ -344,3 +350,124 @@ def fault_server() -> Iterator[FaultServers]:
     servers = FaultServers()
     yield servers
     servers.stop_all()
+
+
+# -- building configs and reading the daemon's view ------------------------------------------
+
+
+def lb_config(
+    servers: list[Any],
+    *,
+    policy: str = "round_robin",
+    retry: dict[str, Any] | None = None,
+    breaker: dict[str, Any] | None = None,
+    health: dict[str, Any] | None = None,
+    failure_on: list[str] | None = None,
+    read: str = "400ms",
+    connect: str = "300ms",
+    keepalive: int | None = None,
+    limits: dict[str, Any] | None = None,
+    **upstream: Any,
+) -> dict[str, Any]:
+    """One upstream ``app`` behind one catch-all route. ``servers``: FaultServer, URL, or
+    a dict (e.g. ``{"url": ..., "backup": True}``). The breaker defaults to one that never
+    opens, so retry tests see every attempt; pass ``breaker`` to test it."""
+    entries = []
+    for server in servers:
+        if isinstance(server, dict):
+            entries.append(server)
+        else:
+            entries.append({"url": server if isinstance(server, str) else server.url})
+    app: dict[str, Any] = {
+        "policy": policy,
+        "servers": entries,
+        "timeouts": {"connect": connect, "read": read},
+        "circuit_breaker": breaker or {"failure_threshold": 1000},
+        "retry": {"tries": 3, "timeout": "5s", "on": ["error", "timeout"], **(retry or {})},
+    }
+    if failure_on is not None:
+        app["failure_on"] = failure_on
+    if health is not None:
+        app["health_check"] = health
+    if keepalive is not None:
+        app["keepalive"] = keepalive
+    app.update(upstream)
+    config: dict[str, Any] = {
+        "logging": {"level": "info", "access_log": True, "format": "json"},
+        "upstreams": {"app": app},
+        "routes": [{"name": "default", "match": {"path_prefix": "/"}, "upstream": "app"}],
+    }
+    if limits is not None:
+        config["limits"] = limits
+    return config
+
+
+def _samples(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        base, _, label_text = metric.partition("{")
+        if base != name:
+            continue
+        labels = {}
+        for part in label_text.rstrip("}").split(","):
+            if "=" in part:
+                key, _, quoted = part.partition("=")
+                labels[key] = quoted.strip('"')
+        yield labels, float(value)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of the first sample of ``name`` whose labels include ``labels``."""
+    for found, value in _samples(text, name):
+        if all(found.get(key) == want for key, want in labels.items()):
+            return value
+    return None
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of all samples of ``name`` whose labels include ``labels``."""
+    return sum(
+        value
+        for found, value in _samples(text, name)
+        if all(found.get(key) == want for key, want in labels.items())
+    )
+
+
+def server_status(daemon: Any, index: int, upstream: str = "app") -> dict[str, Any]:
+    return daemon.status()["upstreams"][upstream]["servers"][index]
+
+
+def timed_request(
+    daemon: Any,
+    method: str = "GET",
+    path: str = "/",
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, dict[str, str], bytes, float]:
+    """One blocking request through the proxy: (status, headers, body, seconds)."""
+    from tests.support.daemon import http_request
+
+    started = time.monotonic()
+    status, reply_headers, data = http_request(
+        daemon.port, method, path, body=body, headers=headers, timeout=timeout
+    )
+    return status, reply_headers, data, time.monotonic() - started
+
+
+def access_lines(daemon: Any, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The access log once it has at least ``count`` lines (it is written by a thread)."""
+    from tests.support.daemon import wait_for
+
+    return wait_for(
+        lambda: (lines := daemon.access_log()) and len(lines) >= count and lines,
+        timeout=timeout,
+        message=f"{count} access log lines",
+    )
+
+
+def hits(*servers: FaultServer) -> list[int]:
+    return [server.requests for server in servers]
