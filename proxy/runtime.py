@@ -81,6 +81,9 @@ class Runtime:
                 server = carried.get(key)
                 if server is not None and key not in self.servers:
                     server.reconfigure(server_cfg, upstream_cfg, previous_upstreams[name])
+                    # A changed (or removed) health check starts over: the gauge follows.
+                    health = server.health
+                    server.metrics.set_healthy(health is None or health.eligible)
                 else:
                     server = Server(
                         name,

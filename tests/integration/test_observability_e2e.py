@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import threading
 import time
 import urllib.request
@@ -836,3 +837,49 @@ def test_decision_trace_header_needs_the_admin_token(start_sluicegate, spawn_bac
     assert [a["server"] for a in trace["attempts"]] == [server_label(dead), server_label(live)]
     assert trace["attempts"][0]["outcome"] == "error"
     assert "error" in json.dumps(trace.get("retries", trace))
+
+
+def test_healthy_gauge_follows_a_reload_that_drops_the_health_check(
+    start_sluicegate, spawn_backend
+):
+    _, a = spawn_backend("a")
+    post_backend(a, "/health/fail")
+    check = {"path": "/health", "interval": "100ms", "unhealthy_threshold": 1}
+    daemon = start_sluicegate(config({"app": upstream(a, health_check=check)}))
+    server = server_label(a)
+    healthy = "sluicegate_upstream_healthy"
+    wait_for(
+        lambda: (
+            metric(daemon, healthy, upstream="app", server=server) == 0.0
+            and daemon.status()["upstreams"]["app"]["servers"][0]["health"] == "down"
+        ),
+        timeout=5,
+        message="server down",
+    )
+    daemon.write_config({**daemon.config, "upstreams": {"app": upstream(a)}})
+    assert daemon.admin("POST", "/reload")[0] == 200
+    assert daemon.status()["upstreams"]["app"]["servers"][0]["health"] == "unknown"
+    assert metric(daemon, healthy, upstream="app", server=server) == 1
+    assert daemon.admin("GET", "/readyz")[0] == 200
+
+
+def test_readyz_is_503_while_shutting_down(start_sluicegate, spawn_backend):
+    _, a = spawn_backend("a")
+    daemon = start_sluicegate(config({"app": upstream(a)}))
+    results: list[int] = []
+    worker = threading.Thread(target=lambda: results.append(daemon.get("/delay/1500")[0]))
+    worker.start()
+    try:
+        wait_for(lambda: metric(daemon, "sluicegate_upstream_in_flight") == 1, message="in flight")
+        daemon.signal(signal.SIGTERM)
+        _, _, body = wait_for(
+            lambda: (reply := daemon.admin("GET", "/readyz"))[0] == 503 and reply,
+            timeout=2,
+            message="readyz 503",
+        )
+        assert json.loads(body) == {"ready": False, "reasons": ["shutting down"]}
+        assert daemon.admin("GET", "/healthz")[0] == 200  # admin stays up until the end
+    finally:
+        worker.join(10)
+    assert results == [200]
+    assert daemon.wait_exit(10) == 0
