@@ -259,6 +259,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: Any = None
         self.requests_served = 0
         self._early_tunnel_bytes = b""
+        self._upgrading: Request | None = None
         self.on_lost: Callable[[], None] | None = None
         self._pending_reject: tuple[int, str, Request | None] | None = None
         self._client_eof = False
@@ -362,6 +363,8 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self._parsing
         assert request is not None
+        if request.method:
+            return  # a chunked body's trailer field: never merged into the head we forward
         headers = request.headers
         headers.append((name, value))
         request.head_size += len(name) + len(value) + 4
@@ -407,7 +410,9 @@ class ClientConnection(asyncio.Protocol):
                     else request.forwarded_for + b", " + value
                 )
         elif first == b"u" and lowered == b"upgrade":
-            request.upgrade = True
+            # Only a WebSocket offer is tunnelled (and only if llhttp agrees it is an
+            # upgrade, see on_headers_complete); any other Upgrade is a hop-by-hop header.
+            request.upgrade = b"websocket" in value.lower()
 
     def on_headers_complete(self) -> None:
         request = self._parsing
@@ -416,6 +421,10 @@ class ClientConnection(asyncio.Protocol):
         request.method = parser.get_method()
         request.version = parser.get_http_version()
         request.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            self._upgrading = request  # llhttp stops after this head: see _upgrade_requested
+        else:
+            request.upgrade = False
         request.head_size += len(request.target) + len(request.method) + 12
         if request.head_size > self.limits.max_header_bytes:
             raise RequestRejected(431, "request head too large")
@@ -623,19 +632,25 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def _upgrade_requested(self, tail: bytes) -> None:
-        # llhttp stops at the end of an Upgrade request's head; what follows is the
-        # client's first tunnel bytes, kept until the upstream agrees to switch.
-        request = self._parsing
-        if request is None:
+        # llhttp stops at the end of an upgrade request's head (on_headers_complete has
+        # started or queued it already); what follows is the client's first tunnel bytes,
+        # kept until the upstream agrees to switch.
+        request, self._upgrading = self._upgrading, None
+        if request is None or self.closed:
             self.close()
             return
-        request.upgrade = True
-        self._parsing = None
+        if not request.upgrade:
+            # Not a WebSocket: an ordinary request whose Upgrade offer we do not pass on.
+            if request.has_body:
+                self.reject(400, "upgrade offer with a request body")
+                return
+            self._parser = httptools.HttpRequestParser(self)
+            if tail and "closing" not in self._reading_paused_for:
+                self.data_received(tail)
+            return
         self.pause_reading("upgrade")
         self._early_tunnel_bytes = tail
-        if self._current is None:
-            self._start(request)
-        else:
+        if request is not self._current:
             self.reject(400, "upgrade while a request is in flight")
 
     def take_early_tunnel_bytes(self) -> bytes:

@@ -102,11 +102,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._head_bytes = 0
+        self._head_fields_bytes = 0
         self._head_done = False
         self._informational = False
         self.complete = False
         self.request_is_head = False
         self.request_sent = False
+        self.request_complete = False  # the whole request body left us (set by forwarding)
         self.body_writer_paused: Callable[[bool], None] | None = None
         self._reading_paused_for: set[str] = set()
         self.tunnel_data: bytes = b""
@@ -123,6 +125,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._sweeper.unwatch(self)
         self.pool.forget(self)
         if self.head is None:
+            return
+        if self.tunnel_data is None:  # a tunnel the upstream (or its idle timeout) ended
+            if self.sink is not None:
+                self.sink.on_end()
             return
         if not self._head_done:
             self._fail(
@@ -148,15 +154,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         if self.tunnel_data is None:  # upgraded: raw bytes go straight through
+            self.deadline = self._sweeper.now + self.read_timeout
             self.sink.on_body(data)
             return
         self.deadline = self._sweeper.refresh() + self.read_timeout
         if not self._head_done:
+            # Checked after parsing: body bytes read together with the head do not count.
             self._head_bytes += len(data)
-            if self._head_bytes > RESPONSE_HEAD_LIMIT:
-                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
-                self.close()
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -172,6 +176,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._parser_failed(error)
         except httptools.HttpParserError as error:
             self._parser_failed(error)
+            return
+        if not self._head_done and self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
+            self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+            self.close()
 
     def _parser_failed(self, error: Exception) -> None:
         if not self._head_done:
@@ -199,6 +207,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self._response
         assert response is not None
+        self._head_fields_bytes += len(name) + len(value) + 4
+        if self._head_fields_bytes > RESPONSE_HEAD_LIMIT:
+            raise ValueError("response head too large")
         response.headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length":
@@ -278,9 +289,14 @@ class UpstreamConnection(asyncio.Protocol):
     def start_tunnel(self, sink: Any) -> None:
         self.sink = sink
         pending, self.tunnel_data = self.tunnel_data, None  # type: ignore[assignment]
-        self.deadline = 0.0
+        # An idle tunnel (no bytes either way, see tunnel_activity) ends after read_timeout.
+        self.deadline = self._sweeper.refresh() + self.read_timeout
         if pending:
             sink.on_body(pending)
+
+    def tunnel_activity(self) -> None:
+        """Bytes went through the tunnel from the client: it is not idle."""
+        self.deadline = self._sweeper.now + self.read_timeout
 
     def pause_reading(self, reason: str) -> None:
         if not self._reading_paused_for and self.transport is not None:
@@ -298,6 +314,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # idle too long in the pool
             return
         if self.tunnel_data is None:
+            self.close()  # idle tunnel: connection_lost tells the sink
             return
         error = UpstreamError("timeout", "upstream read timed out", sent=True)
         if not self._head_done:
@@ -337,6 +354,8 @@ class UpstreamConnection(asyncio.Protocol):
             and response.keep_alive
             and not response.upgrade
             and not self._held
+            # an upstream that answered before reading our whole body is out of step
+            and self.request_complete
         )
 
     def close(self) -> None:
