@@ -883,3 +883,36 @@ def test_readyz_is_503_while_shutting_down(start_sluicegate, spawn_backend):
         worker.join(10)
     assert results == [200]
     assert daemon.wait_exit(10) == 0
+
+
+def test_two_workers_merge_status_with_rolling_stats(start_sluicegate, spawn_backend):
+    _, a = spawn_backend("a")
+    _, b = spawn_backend("b")
+    never_open = {"failure_threshold": 1000}
+    cfg = config({"app": upstream(a, b, circuit_breaker=never_open)}, workers=2)
+    daemon = start_sluicegate(cfg, timeout=30)
+    for _ in range(20):
+        assert daemon.get("/status/503")[0] == 503
+    servers = daemon.status()["upstreams"]["app"]["servers"]
+    assert sum(s["requests"] for s in servers) == 20
+    for server in servers:
+        for field in SPEC_SERVER_FIELDS + ROLLING_FIELDS:
+            assert field in server
+        assert server["error_rate"] == 1.0 and server["p50_ms"] > 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="workers > 1: every worker counts a reload (2 per reload) and supervisor.reload() "
+    "rejects an invalid file itself without counting it; the supervisor must count each "
+    "reload once, in the multiprocess store",
+)
+def test_two_workers_count_a_failed_reload(start_sluicegate, spawn_backend):
+    _, a = spawn_backend("a")
+    daemon = start_sluicegate(config({"app": upstream(a)}, workers=2), timeout=30)
+    assert daemon.admin("POST", "/reload")[0] == 200
+    daemon.write_config("upstreams: {app: {servers: []}}\n")
+    assert daemon.admin("POST", "/reload")[0] == 400
+    text = daemon.metrics()
+    assert value(text, "sluicegate_config_reloads_total", result="success") == 1
+    assert value(text, "sluicegate_config_reloads_total", result="failure") == 1
