@@ -291,6 +291,7 @@ async def _attempt(
     outcome.server = server.label
     verdict: bool | None = None  # breaker: True success, False failure, None no verdict
     upstream: UpstreamConnection | None = None
+    entry: dict[str, Any] | None = None  # this attempt in the access log, once a head came
     try:
         head_bytes = _request_head(conn, request, route, group)
         fresh_retry_left = replayable
@@ -323,9 +324,8 @@ async def _attempt(
         metrics.response(status, head_seconds)
         if failed:
             server.failures += 1
-        outcome.attempts.append(
-            {"server": server.label, "outcome": status, "ms": round(head_seconds * 1000, 2)}
-        )
+        entry = {"server": server.label, "outcome": status, "ms": round(head_seconds * 1000, 2)}
+        outcome.attempts.append(entry)
         if (
             word in group.retry_policy.on
             and not response.upgrade
@@ -350,17 +350,22 @@ async def _attempt(
         return None
     except UpstreamError as error:
         seconds = time.monotonic() - attempt_started
-        outcome.attempts.append(
-            {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
-        )
+        if entry is None:
+            outcome.attempts.append(
+                {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
+            )
+        else:  # failed mid-body: still one attempt (and one upstream request), now failed
+            entry.update(status=entry["outcome"], outcome=error.kind, ms=round(seconds * 1000, 2))
         if conn.closed:
             outcome.status = 499
             outcome.error = "client went away"
             return None
-        metrics.response(error.kind, None)
+        if entry is None:
+            metrics.response(error.kind, None)
         if error.kind in group.failure_on:
+            if verdict is not False:
+                server.failures += 1
             verdict = False
-            server.failures += 1
         if conn.response_started:
             # Bytes already reached the client: all we can do is cut the connection.
             outcome.error = error.detail
@@ -485,9 +490,11 @@ def _send_request(
     body = request.body
     if body is None:
         upstream.write(head_bytes)
+        upstream.request_complete = True
         return
     if body.complete:
         upstream.write(head_bytes + b"".join(body.chunks))
+        upstream.request_complete = True
         return
     upstream.write(head_bytes)
     writer = _BodyWriter(upstream, chunked=request.content_length is None)
@@ -517,6 +524,7 @@ class _BodyWriter:
     def on_end(self) -> None:
         if self.chunked and not self.upstream.closed:
             self.upstream.write(CHUNK_END)
+        self.upstream.request_complete = True
 
     def upstream_paused(self, paused: bool) -> None:
         if self.client is not None:

@@ -102,11 +102,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._head_bytes = 0
+        self._head_fields_bytes = 0
         self._head_done = False
         self._informational = False
         self.complete = False
         self.request_is_head = False
         self.request_sent = False
+        self.request_complete = False  # the whole request body left us (set by forwarding)
         self.body_writer_paused: Callable[[bool], None] | None = None
         self._reading_paused_for: set[str] = set()
         self.tunnel_data: bytes = b""
@@ -157,11 +159,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.deadline = self._sweeper.refresh() + self.read_timeout
         if not self._head_done:
+            # Checked after parsing: body bytes read together with the head do not count.
             self._head_bytes += len(data)
-            if self._head_bytes > RESPONSE_HEAD_LIMIT:
-                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
-                self.close()
-                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -177,6 +176,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._parser_failed(error)
         except httptools.HttpParserError as error:
             self._parser_failed(error)
+            return
+        if not self._head_done and self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
+            self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+            self.close()
 
     def _parser_failed(self, error: Exception) -> None:
         if not self._head_done:
@@ -204,6 +207,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         response = self._response
         assert response is not None
+        self._head_fields_bytes += len(name) + len(value) + 4
+        if self._head_fields_bytes > RESPONSE_HEAD_LIMIT:
+            raise ValueError("response head too large")
         response.headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length":
@@ -348,6 +354,8 @@ class UpstreamConnection(asyncio.Protocol):
             and response.keep_alive
             and not response.upgrade
             and not self._held
+            # an upstream that answered before reading our whole body is out of step
+            and self.request_complete
         )
 
     def close(self) -> None:
