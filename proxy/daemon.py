@@ -165,7 +165,13 @@ class Listener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ClientConnection(self), sock=self.sock, ssl=self.ssl, backlog=4096
+            lambda: ClientConnection(self),
+            sock=self.sock,
+            ssl=self.ssl,
+            backlog=4096,
+            # A TLS handshake is part of receiving the request head: bound it the same way
+            # (the default, 60 s, would let a slowloris park connections in the handshake).
+            ssl_handshake_timeout=self.limits.client_header_timeout if self.ssl else None,
         )
 
     def close(self) -> None:

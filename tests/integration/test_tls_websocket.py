@@ -310,3 +310,26 @@ async def test_websocket_over_tls(start_sluicegate, spawn_backend, tls_files, cl
         assert (await ws.receive(timeout=5)).data == "secure"
         await ws.send_bytes(b"\x00\x01")
         assert (await ws.receive(timeout=5)).data == b"\x00\x01"
+
+
+def test_stalled_tls_handshake_is_bounded_by_client_header_timeout(
+    start_sluicegate, spawn_backend, tls_files, client_context
+):
+    _, backend = spawn_backend("tls")
+    cert, key = tls_files
+    port = free_port()
+    config = proxy_config(backend)
+    config["listen"] = [{"address": f"127.0.0.1:{port}", "tls": {"cert": cert, "key": key}}]
+    config["limits"] = {"client_header_timeout": "500ms"}
+    start_sluicegate(config)
+    for partial in (b"", b"\x16\x03\x01\x00"):  # silent, then half a ClientHello record
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(partial)
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""
+            assert time.monotonic() - started < 2.5, "the handshake must time out"
+    assert https_get(port, "/", client_context)[0] == 200
