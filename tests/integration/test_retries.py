@@ -267,6 +267,10 @@ def test_never_retried_after_response_bytes_reached_the_client(start_sluicegate,
     assert hits(bad, good) == [1, 0]
     (line,) = access_lines(daemon, 1)
     assert line["tries"] == 1
+    (attempt,) = line["attempts"]  # one attempt, recorded once, with what became of it
+    assert (attempt["status"], attempt["outcome"]) == (200, "error")
+    metrics = daemon.metrics()
+    assert metric_sum(metrics, "sluicegate_upstream_requests_total", server=bad.address) == 1
 
 
 @pytest.mark.parametrize(

@@ -471,3 +471,30 @@ def access_lines(daemon: Any, count: int, timeout: float = 5.0) -> list[dict[str
 
 def hits(*servers: FaultServer) -> list[int]:
     return [server.requests for server in servers]
+
+
+# -- the fault matrix table (filled by tests/integration/test_fault_matrix.py) ---------------
+
+#: (scenario, client status, attempts per backend "a/b/c", seconds) per scenario run.
+FAULT_MATRIX: list[tuple[str, str, str, str]] = []
+
+
+def format_fault_matrix(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    header = ("scenario", "client status", "attempts per backend", "seconds")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    lines = [
+        "| " + " | ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True)) + " |"
+    ]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
+        )
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAULT_MATRIX:
+        terminalreporter.section("fault matrix")
+        for line in format_fault_matrix(FAULT_MATRIX):
+            terminalreporter.write_line(line)
