@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from proxy.daemon import run_daemon  # imported late: the data plane is heavy to load
+    from proxy.supervisor import run_daemon  # imported late: the data plane is heavy to load
 
     return run_daemon(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 

@@ -188,9 +188,17 @@ class ProxyProcess:
     """Runs one config file in this process (a worker, or the whole daemon)."""
 
     def __init__(
-        self, path: str, config: Config, *, reuse_port: bool = False, admin_sock: str | None = None
+        self,
+        path: str,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        admin_sock: str | None = None,
+        count_reloads: bool = True,
     ) -> None:
         self.path = os.path.abspath(path)
+        # Under a supervisor, the supervisor counts each reload once for all workers.
+        self.count_reloads = count_reloads
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
         self.reuse_port = reuse_port
@@ -295,7 +303,8 @@ class ProxyProcess:
             log.error(
                 "reload failed, keeping the running config: %s", message, extra={"event": "reload"}
             )
-            metrics.config_reload(False)
+            if self.count_reloads:
+                metrics.config_reload(False)
             return False, message
         runtime = Runtime(
             config,
@@ -314,7 +323,8 @@ class ProxyProcess:
         if limiter is not self.limiter:
             old_limiter, self.limiter = self.limiter, limiter
             await old_limiter.close()
-        metrics.config_reload(True)
+        if self.count_reloads:
+            metrics.config_reload(True)
         log.info(
             "config reloaded from %s: %s", self.path, config.summary(), extra={"event": "reload"}
         )
@@ -451,14 +461,3 @@ def serve(path: str, config: Config, **kwargs: Any) -> int:
     process = ProxyProcess(path, config, **kwargs)
     asyncio.run(process.run())
     return 0
-
-
-def run_daemon(path: str) -> int:
-    """``sluicegate run``: raises ConfigError/StartupError for the CLI to report."""
-    config = load_config(path)
-    workers = config.workers or os.cpu_count() or 1
-    if workers > 1:
-        from proxy.supervisor import supervise
-
-        return supervise(path, config, workers)
-    return serve(path, config)

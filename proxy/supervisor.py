@@ -2,7 +2,7 @@
 
 Each worker is a fresh interpreter (``python -m proxy.worker``), not a fork: no state or
 event loop is inherited half-initialised, and prometheus-client's multiprocess mode is on
-from the first import (``PROMETHEUS_MULTIPROC_DIR`` is set for the children). Workers bind
+from the first import (``PROMETHEUS_MULTIPROC_DIR`` is set before anything imports it). Workers bind
 the traffic ports with SO_REUSEPORT, so the kernel spreads connections over them. Each
 worker serves its own admin API on a private unix socket; the supervisor serves the public
 admin address and answers from all workers: ``/metrics`` is the multiprocess aggregate,
@@ -80,8 +80,7 @@ class Supervisor:
         self.loaded_at = time.time()
         self.shutting_down = False
         self._signals = 0
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": os.path.join(run_dir, "metrics")}
-        os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        env = dict(os.environ)  # carries PROMETHEUS_MULTIPROC_DIR (see supervise)
         self.metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
         self.workers = [Worker(i, self.path, run_dir, env) for i in range(workers)]
         self._session: Any = None
@@ -123,6 +122,7 @@ class Supervisor:
                         target["servers"].append(dict(server))
                         continue
                     into = target["servers"][index]
+                    _merge_rates(into, server)
                     for field in ("in_flight", "requests", "failures", "request_rate"):
                         if isinstance(server.get(field), (int, float)):
                             into[field] = (into.get(field) or 0) + server[field]
@@ -153,14 +153,18 @@ class Supervisor:
         return not reasons, reasons
 
     async def reload(self) -> tuple[bool, str]:
+        from proxy import metrics  # multiprocess mode: see supervise()
+
         try:
             config = load_config(self.path)
         except ConfigError as error:
             message = "; ".join(error.errors)
             log.error("reload failed, keeping the running config: %s", message)
+            metrics.config_reload(False)
             return False, message
         replies = await self._ask_all("POST", "/reload")
         failures = [body.get("error", "") for status, body in replies if status != 200]
+        metrics.config_reload(not failures)
         if failures:
             return False, failures[0]
         self.config = config
@@ -297,12 +301,42 @@ class Supervisor:
         self._stopped.set()
 
 
+def _merge_rates(into: dict[str, Any], server: dict[str, Any]) -> None:
+    """Error rate weighted by each worker's request rate; latency quantiles: the worst."""
+    mine, theirs = into.get("request_rate") or 0, server.get("request_rate") or 0
+    if mine + theirs > 0:
+        into["error_rate"] = round(
+            ((into.get("error_rate") or 0) * mine + (server.get("error_rate") or 0) * theirs)
+            / (mine + theirs),
+            4,
+        )
+    for field in ("p50_ms", "p99_ms"):
+        values = [v for v in (into.get(field), server.get(field)) if v is not None]
+        into[field] = max(values) if values else None
+
+
+def run_daemon(path: str) -> int:
+    """``sluicegate run``: one process, or a supervisor of N workers. Raises ConfigError and
+    StartupError for the CLI to report."""
+    config = load_config(path)
+    workers = config.workers or os.cpu_count() or 1
+    if workers > 1:
+        return supervise(path, config, workers)
+    from proxy.daemon import serve
+
+    return serve(path, config)
+
+
 def supervise(path: str, config: Config, workers: int) -> int:
+    run_dir = tempfile.mkdtemp(prefix="sluicegate-")
+    # Before anything here imports prometheus_client: it picks its value store at import,
+    # and the supervisor counts reloads into the same multiprocess store as its workers.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(run_dir, "metrics")
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     from proxy.daemon import install_event_loop_policy, setup_logging
 
     install_event_loop_policy()
     setup_logging(config)
-    run_dir = tempfile.mkdtemp(prefix="sluicegate-")
     try:
         return asyncio.run(Supervisor(path, config, workers, run_dir).run())
     finally:

@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
-        return serve(args.config, config, reuse_port=True, admin_sock=args.admin_sock)
+        return serve(
+            args.config, config, reuse_port=True, admin_sock=args.admin_sock, count_reloads=False
+        )
     except ConfigError as error:
         for line in error.errors:
             print(line, file=sys.stderr)

@@ -97,16 +97,16 @@ def test_no_command_prints_usage() -> None:
 
 
 def _fake_daemon(monkeypatch: pytest.MonkeyPatch, behaviour: Callable[[], int]) -> list[str]:
-    """Stand in for proxy.daemon (the real one binds ports)."""
+    """Stand in for proxy.supervisor's run_daemon (the real one binds ports)."""
     calls: list[str] = []
 
     def run_daemon(path: str) -> int:
         calls.append(path)
         return behaviour()
 
-    module = types.ModuleType("proxy.daemon")
+    module = types.ModuleType("proxy.supervisor")
     module.run_daemon = run_daemon  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "proxy.daemon", module)
+    monkeypatch.setitem(sys.modules, "proxy.supervisor", module)
     return calls
 
 

@@ -901,12 +901,6 @@ def test_two_workers_merge_status_with_rolling_stats(start_sluicegate, spawn_bac
         assert server["error_rate"] == 1.0 and server["p50_ms"] > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers > 1: every worker counts a reload (2 per reload) and supervisor.reload() "
-    "rejects an invalid file itself without counting it; the supervisor must count each "
-    "reload once, in the multiprocess store",
-)
 def test_two_workers_count_a_failed_reload(start_sluicegate, spawn_backend):
     _, a = spawn_backend("a")
     daemon = start_sluicegate(config({"app": upstream(a)}, workers=2), timeout=30)
