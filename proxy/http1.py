@@ -263,6 +263,8 @@ class ClientConnection(asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         self._pending_reject: tuple[int, str, Request | None] | None = None
         self._client_eof = False
+        self._fed = 0
+        self._head_began_at = -1
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -301,6 +303,8 @@ class ClientConnection(asyncio.Protocol):
             if self.requests_served == 0:
                 self._head_started_at = self._sweeper.now
             self.deadline = self._head_started_at + self.limits.client_header_timeout
+        self._fed = 0  # bytes of this read known to belong to earlier messages (approx.)
+        self._head_began_at = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -321,7 +325,10 @@ class ClientConnection(asyncio.Protocol):
         parsing = self._parsing
         if parsing is not None and not parsing.method:
             # Everything since the head began is still head: bound what llhttp accumulates.
-            self._head_bytes += len(data)
+            # A head that began in this read owns only what follows the messages before it
+            # (pipelined requests, a body): those must not count against it.
+            began = self._head_began_at
+            self._head_bytes += len(data) - began if began >= 0 else len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self.reject(431, "request head too large")
 
@@ -352,6 +359,7 @@ class ClientConnection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._head_began_at = self._fed
         request = Request(self)
         request.started_at = self._sweeper.now
         self._parsing = request
@@ -436,6 +444,7 @@ class ClientConnection(asyncio.Protocol):
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
         self._head_bytes = 0
+        self._fed += request.head_size + 2
         if self._current is None:
             self._arm_body_deadline(request)
             self._start(request)
@@ -506,6 +515,7 @@ class ClientConnection(asyncio.Protocol):
             raise RequestRejected(413, "request body too large")
         if request is self._current:
             self.deadline = self._sweeper.now + self.limits.client_body_timeout
+        self._fed += len(chunk)
         body.feed(chunk)
 
     def on_message_complete(self) -> None:

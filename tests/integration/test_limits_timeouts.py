@@ -370,3 +370,27 @@ def test_connections_beyond_max_are_refused_and_the_first_five_served(start_slui
             return False
 
     wait_for(admitted, timeout=5, message="a new connection to be served")
+
+
+def test_pipelined_requests_do_not_add_up_to_a_head_too_large(start_sluicegate, backend):
+    """max_header_bytes bounds each head: many small pipelined requests (and a body) read
+    together with the start of the next head are not counted as part of it."""
+    proxy = start_sluicegate(config(backend, max_body_bytes="1MiB"))
+    one = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    post = b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 6000\r\n\r\n" + b"p" * 6000
+    with connect(proxy.port) as sock:
+        sock.sendall(one * 150 + post + b"GET / HTTP/1.1\r\nHo")  # ends mid-head
+        time.sleep(0.1)
+        sock.sendall(b"st: a\r\n\r\n")
+        reader = sock.makefile("rb")
+        statuses = []
+        for _ in range(152):
+            status_line = reader.readline()
+            assert status_line, f"closed after {len(statuses)} responses"
+            statuses.append(int(status_line.split()[1]))
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+    assert statuses == [200] * 152
