@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -601,3 +602,51 @@ def test_early_upstream_response_does_not_desync_the_pooled_connection(start_slu
         assert len(connections) == 2
     finally:
         listener.close()
+
+
+def test_client_gone_mid_request_aborts_the_upstream_exchange(start_sluicegate):
+    answered = threading.Event()
+
+    def respond(request: RawRequest, sock: socket.socket) -> bool:
+        if request.target == b"/slow":
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+            except OSError:
+                pass
+            answered.set()
+            return True
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfast")
+        return True
+
+    with RawUpstream(respond) as upstream:
+        daemon = start_sluicegate(proxy_config(upstream.url))
+        with RawClient(daemon.port) as client:
+            client.send(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+            time.sleep(0.1)
+            # gone for good (RST): a mere FIN is a half-close, whose reader still gets the answer
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert answered.wait(5)
+        with RawClient(daemon.port) as client:
+            for _ in range(2):
+                assert client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").body == b"fast"
+        # the abandoned exchange's connection was closed, not pooled: a fresh one served
+        assert upstream.connections == 2
+
+
+def test_head_responses_keep_the_upstream_connection_in_step(start_sluicegate):
+    def respond(request: RawRequest, sock: socket.socket) -> bool:
+        if request.method == b"HEAD":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        else:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nget")
+        return True
+
+    with RawUpstream(respond) as upstream:
+        daemon = start_sluicegate(proxy_config(upstream.url))
+        with RawClient(daemon.port) as client:
+            for _ in range(3):
+                head = client.request(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n", head_request=True)
+                assert head.header("Content-Length") == "1000"
+                assert client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").body == b"get"
+        assert upstream.connections == 1
