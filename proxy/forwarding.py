@@ -16,6 +16,7 @@ without spending a try, when the request can be replayed.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -44,6 +45,7 @@ REQUEST_REWRITTEN = HOP_BY_HOP | {
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-sluicegate-trace",  # carries the admin token: never leaves the proxy
 }
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"content-length"}
 LAST_RESPONSE_LIMIT = 64 * 1024
@@ -62,6 +64,7 @@ class Outcome:
         "route",
         "server",
         "status",
+        "trace",
         "tries",
         "upstream",
         "upstream_seconds",
@@ -80,6 +83,7 @@ class Outcome:
         self.upstream_started = 0.0
         self.upstream_seconds = 0.0
         self.attempts: list[dict[str, Any]] = []
+        self.trace: dict[str, Any] | None = None  # the decision trace, when asked for
 
 
 async def handle(conn: ClientConnection, request: Request) -> None:
@@ -89,6 +93,8 @@ async def handle(conn: ClientConnection, request: Request) -> None:
     request_id = request.request_id or runtime.new_request_id()
     request.request_id = request_id
     route = runtime.router.match(request.method, request.host, request.path, request)
+    if request.trace is not None and runtime.wants_trace(request):
+        outcome.trace = {"route": route.name if route is not None else None, "retries": []}
     try:
         if route is None:
             _send_error(conn, request, 404, "no route matched", outcome)
@@ -111,6 +117,14 @@ async def _serve_route(
         decision = await runtime.limiter.check(
             route.name, _limit_key(route, request, runtime), route.rate_limit
         )
+        if outcome.trace is not None:
+            outcome.trace["rate_limit"] = {
+                "allowed": decision.allowed,
+                "remaining": decision.remaining,
+                "limit": decision.limit,
+                "mode": route.rate_limit.mode,
+                "backend_failed": decision.backend_failed,
+            }
         if decision.backend_failed:
             # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
             # a `deny` is the limiter being down (503), not the client over its limit.
@@ -190,6 +204,19 @@ async def _forward(
         conn.write(CONTINUE)
 
     key = _hash_key(group, request, runtime)
+    if outcome.trace is not None:
+        outcome.trace["policy"] = group.config.policy
+        outcome.trace["candidates"] = [
+            {
+                "server": server.label,
+                "eligible": server.is_eligible(),
+                "health": server.health_word(),
+                "breaker": server.breaker.state.value,
+                "draining": server.draining,
+                "backup": server.backup,
+            }
+            for server in group.servers
+        ]
     started = time.monotonic()
     tried: set[Any] = set()
     last_error: UpstreamError | None = None
@@ -237,6 +264,8 @@ async def _forward(
                 break
             holding_retry = True
             runtime.metrics.retry(group.name, failure_word)
+            if outcome.trace is not None:
+                outcome.trace["retries"].append(failure_word)
     finally:
         if holding_retry:
             group.retry_budget.release_retry()
@@ -582,7 +611,9 @@ async def _relay(
             chunked_out = True
         else:
             close = True  # an HTTP/1.0 client reads to the end of the connection
-    head = _response_head(response, request, extra_headers, close=close, chunked=chunked_out)
+    head = _response_head(
+        response, request, _with_trace(outcome, extra_headers), close=close, chunked=chunked_out
+    )
     relay = _ResponseRelay(conn, upstream, chunked_out)
     conn.response_started = True
     conn.write(head)
@@ -640,6 +671,16 @@ def _response_head(
     return b"".join(parts)
 
 
+def _with_trace(outcome: Outcome, extra_headers: bytes) -> bytes:
+    """The decision trace rides on the response head: one compact JSON header."""
+    trace = outcome.trace
+    if trace is None:
+        return extra_headers
+    trace["attempts"] = outcome.attempts
+    encoded = json.dumps(trace, separators=(",", ":")).encode()  # ASCII: no CR/LF survives
+    return extra_headers + b"X-Sluicegate-Trace: " + encoded + b"\r\n"
+
+
 def _header(headers: list[tuple[bytes, bytes]], lowered_name: bytes) -> bytes | None:
     for name, value in headers:
         if name.lower() == lowered_name:
@@ -657,7 +698,9 @@ def _send_buffered(
 ) -> None:
     close = not request.keep_alive
     response.content_length = len(payload) if response.has_body else response.content_length
-    head = _response_head(response, request, extra_headers, close=close, chunked=False)
+    head = _response_head(
+        response, request, _with_trace(outcome, extra_headers), close=close, chunked=False
+    )
     conn.response_started = True
     conn.write(head + payload if response.has_body else head)
     outcome.status = response.status
@@ -678,7 +721,11 @@ def _send_error(
     close = not request.keep_alive or (request.body is not None and not request.body.complete)
     conn.response_started = True
     data = error_response(
-        status, reason, request.request_id or b"-", close=close, extra_headers=extra_headers
+        status,
+        reason,
+        request.request_id or b"-",
+        close=close,
+        extra_headers=_with_trace(outcome, extra_headers),
     )
     conn.write(data)
     outcome.bytes_out += len(data)
@@ -737,7 +784,9 @@ async def _tunnel(
     outcome: Outcome,
     extra_headers: bytes,
 ) -> None:
-    head = _response_head(response, request, extra_headers, close=False, chunked=False)
+    head = _response_head(
+        response, request, _with_trace(outcome, extra_headers), close=False, chunked=False
+    )
     conn.response_started = True
     outcome.status = 101
     conn.write(head)

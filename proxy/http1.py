@@ -165,6 +165,7 @@ class Request:
         "request_id",
         "started_at",
         "target",
+        "trace",
         "upgrade",
         "version",
     )
@@ -188,6 +189,7 @@ class Request:
         self.started_at = 0.0
         self.request_id: bytes | None = None
         self.forwarded_for: bytes | None = None
+        self.trace: bytes | None = None  # X-Sluicegate-Trace: the admin token, if any
         self.head_size = 0
 
     def header(self, lowered_name: bytes) -> bytes | None:
@@ -417,6 +419,8 @@ class ClientConnection(asyncio.Protocol):
                     if request.forwarded_for is None
                     else request.forwarded_for + b", " + value
                 )
+            elif lowered == b"x-sluicegate-trace":
+                request.trace = value
         elif first == b"u" and lowered == b"upgrade":
             # Only a WebSocket offer is tunnelled (and only if llhttp agrees it is an
             # upgrade, see on_headers_complete); any other Upgrade is a hop-by-hop header.

@@ -8,6 +8,7 @@ upstream name and URL is carried over (breaker, health, counters, pooled connect
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import logging
 import os
@@ -69,6 +70,9 @@ class Runtime:
         self.metrics = metrics
         self._resolver = ClientAddressResolver(config.trusted_proxies)
         self._id_prefix = os.urandom(5).hex()
+        token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
+        # Decision traces are for whoever holds the admin token; without one, none are given.
+        self.trace_token = token.encode() if token else None
         self._id_counter = itertools.count(1)
         self.servers: dict[tuple[str, str], Server] = {}
         self.groups: dict[str, UpstreamGroup] = {}
@@ -117,6 +121,14 @@ class Runtime:
 
     def new_request_id(self) -> bytes:
         return f"{self._id_prefix}{next(self._id_counter):08x}".encode()
+
+    def wants_trace(self, request: Any) -> bool:
+        presented = request.trace
+        return (
+            presented is not None
+            and self.trace_token is not None
+            and hmac.compare_digest(presented.strip(), self.trace_token)
+        )
 
     def client_ip(self, request: Any) -> str:
         return self._resolver.resolve(request.conn.peer, request.forwarded_for)

@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import free_port, http_request, wait_for
@@ -813,10 +812,6 @@ def test_a_slow_server_counts_a_timeout(start_sluicegate, spawn_backend):
 # -- decision trace (issue 5, item 6) ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="decision trace not implemented: forwarding.py never answers X-Sluicegate-Trace",
-)
 def test_decision_trace_header_needs_the_admin_token(start_sluicegate, spawn_backend):
     _, live = spawn_backend("live")
     dead = closed_port()
@@ -837,6 +832,18 @@ def test_decision_trace_header_needs_the_admin_token(start_sluicegate, spawn_bac
     assert [a["server"] for a in trace["attempts"]] == [server_label(dead), server_label(live)]
     assert trace["attempts"][0]["outcome"] == "error"
     assert "error" in json.dumps(trace.get("retries", trace))
+
+
+def test_decision_trace_token_never_reaches_the_upstream(start_sluicegate, spawn_backend):
+    _, live = spawn_backend("live")
+    cfg = config({"app": upstream(live)}, admin={"token_env": "SLUICEGATE_ADMIN_TOKEN"})
+    daemon = start_sluicegate(cfg, env={"SLUICEGATE_ADMIN_TOKEN": TOKEN})
+    status, reply_headers, body = daemon.get("/echo", headers={"X-Sluicegate-Trace": TOKEN})
+    assert status == 200
+    assert TOKEN not in body.decode()
+    trace = json.loads(reply_headers["x-sluicegate-trace"])
+    assert trace["attempts"][0]["outcome"] == 200
+    assert trace["candidates"][0]["eligible"] is True
 
 
 def test_healthy_gauge_follows_a_reload_that_drops_the_health_check(
