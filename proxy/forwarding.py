@@ -564,27 +564,46 @@ class _BodyWriter:
 
 
 class _ResponseRelay:
-    """Upstream body chunks to the client, re-framed, with backpressure the other way."""
+    """Upstream body chunks to the client, re-framed, with backpressure the other way.
 
-    __slots__ = ("bytes_out", "chunked", "conn", "failed", "upstream")
+    The response head waits for the first body bytes so that a small response leaves in
+    one system call; ``flush_head`` sends it alone when the body is not there yet.
+    """
 
-    def __init__(self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool) -> None:
+    __slots__ = ("bytes_out", "chunked", "conn", "failed", "head", "upstream")
+
+    def __init__(
+        self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool, head: bytes
+    ) -> None:
         self.conn = conn
         self.upstream = upstream
         self.chunked = chunked
+        self.head: bytes | None = head
         self.bytes_out = 0
         self.failed: Exception | None = None
 
     def on_body(self, chunk: bytes) -> None:
         self.bytes_out += len(chunk)
-        if self.chunked:
-            self.conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk
+        head = self.head
+        if head is None:
+            self.conn.write(data)
         else:
-            self.conn.write(chunk)
+            self.head = None
+            self.conn.write_after(head, data)
 
     def on_end(self) -> None:
-        if self.chunked:
-            self.conn.write(CHUNK_END)
+        head, self.head = self.head, None
+        tail = CHUNK_END if self.chunked else b""
+        if head is not None:
+            self.conn.write(head + tail)
+        elif tail:
+            self.conn.write(tail)
+
+    def flush_head(self) -> None:
+        head, self.head = self.head, None
+        if head is not None:
+            self.conn.write(head)
 
     def on_abort(self, error: Exception) -> None:
         self.failed = error
@@ -614,13 +633,13 @@ async def _relay(
     head = _response_head(
         response, request, _with_trace(outcome, extra_headers), close=close, chunked=chunked_out
     )
-    relay = _ResponseRelay(conn, upstream, chunked_out)
+    relay = _ResponseRelay(conn, upstream, chunked_out, head)
     conn.response_started = True
-    conn.write(head)
     outcome.status = response.status
     conn.on_write_paused = relay.client_paused
     try:
         upstream.attach(relay)
+        relay.flush_head()
         if not upstream.complete:
             await upstream.done
     finally:
