@@ -439,9 +439,9 @@ async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
     """Read a failed response's body if it is small, so it can still be the final answer."""
     collector = _Collector()
     upstream.attach(collector)
-    if not collector.too_big and not upstream.complete:
+    if not collector.too_big:
         try:
-            await upstream.done
+            await upstream.wait_done()
         except UpstreamError:
             return None
     if collector.too_big or not upstream.complete:
@@ -640,8 +640,7 @@ async def _relay(
     try:
         upstream.attach(relay)
         relay.flush_head()
-        if not upstream.complete:
-            await upstream.done
+        await upstream.wait_done()
     finally:
         conn.on_write_paused = None
         outcome.bytes_out += relay.bytes_out

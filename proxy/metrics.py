@@ -34,6 +34,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client import values as prometheus_values
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -59,9 +60,44 @@ BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 disable_created_metrics()
 
 
+class _LoopValue:
+    """prometheus-client's value without its mutex, for one process's event loop.
+
+    Every update happens on the event loop thread; the only other reader is the render
+    in a worker thread, which may see a value one update old. The mutex cost more than
+    the arithmetic on every request (3 to 8 updates each).
+    """
+
+    __slots__ = ("_exemplar", "_value")
+    _multiprocess = False
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._value = 0.0
+        self._exemplar = None
+
+    def inc(self, amount: float) -> None:
+        self._value += amount
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self._value = value
+
+    def set_exemplar(self, exemplar: object) -> None:
+        self._exemplar = exemplar
+
+    def get(self) -> float:
+        return self._value
+
+    def get_exemplar(self) -> object:
+        return self._exemplar
+
+
 def multiprocess_enabled() -> bool:
     """True when prometheus-client writes per-process files (set before import)."""
     return bool(os.environ.get(MULTIPROC_DIR_ENV))
+
+
+if not multiprocess_enabled():
+    prometheus_values.ValueClass = _LoopValue
 
 
 REQUESTS = Counter(

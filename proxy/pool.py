@@ -96,7 +96,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset_exchange(self) -> None:
         self.head: asyncio.Future[ResponseHead] | None = None
-        self.done: asyncio.Future[None] | None = None
+        # Made only when someone has to wait for the body's end (most bodies are complete
+        # by the time the head is handled); ``failure`` records a failed exchange.
+        self._done: asyncio.Future[None] | None = None
+        self.failure: UpstreamError | None = None
         self.sink: Any = None
         self._response: ResponseHead | None = None
         self._held: list[bytes] = []
@@ -264,7 +267,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange()
         self.request_is_head = request_is_head
         self.head = self.loop.create_future()
-        self.done = self.loop.create_future()
         # The fresh clock, not the tick-cached one: a stale `now` fires the timeout early.
         self.deadline = self._sweeper.refresh() + self.read_timeout
 
@@ -283,8 +285,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.resume_reading("held")
         if self.complete:
             sink.on_end()
-        elif self.done is not None and self.done.done() and self.done.exception() is not None:
-            sink.on_abort(self.done.exception())
+        elif self.failure is not None:
+            sink.on_abort(self.failure)
+
+    async def wait_done(self) -> None:
+        """Until the response body has ended; raises the UpstreamError that ended it early."""
+        if self.complete:
+            return
+        if self.failure is not None:
+            raise self.failure
+        if self._done is None:
+            self._done = self.loop.create_future()
+        await self._done
 
     def start_tunnel(self, sink: Any) -> None:
         self.sink = sink
@@ -326,23 +338,26 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, error: UpstreamError) -> None:
         if self.head is not None and not self.head.done():
             self.head.set_exception(error)
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(error)
-            self.done.exception()  # mark retrieved: the head failure is what callers see
+        self._abort(error)
 
     def _abort(self, error: UpstreamError) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_exception(error)
-            if self.sink is not None:
-                self.sink.on_abort(error)
+        if self.failure is not None or self.complete:
+            return
+        self.failure = error
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(error)
+        if self.sink is not None:
+            self.sink.on_abort(error)
 
     def _finish(self) -> None:
         self.complete = True
         self.deadline = 0.0
         if self.sink is not None:
             self.sink.on_end()
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     @property
     def reusable(self) -> bool:
