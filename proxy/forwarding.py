@@ -480,8 +480,7 @@ def _request_head(conn: ClientConnection, request: Request, route: Any, group: A
             target = b"/" + target
     parts = [request.method, b" ", target, b" HTTP/1.1\r\n"]
     dropped = request.connection_tokens
-    for name, value in request.headers:
-        lowered = name.lower()
+    for (name, value), lowered in zip(request.headers, request.lowered, strict=True):
         if lowered in REQUEST_REWRITTEN or lowered in dropped:
             continue
         parts += (name, b": ", value, b"\r\n")
@@ -656,12 +655,12 @@ def _response_head(
     parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
     dropped: tuple[bytes, ...] = ()
     has_request_id = False
-    for name, value in response.headers:
-        lowered = name.lower()
-        if lowered == b"connection":
-            dropped += tuple(t.strip().lower() for t in value.split(b","))
-    for name, value in response.headers:
-        lowered = name.lower()
+    lowered_names = response.lowered
+    if b"connection" in lowered_names:
+        for (_, value), lowered in zip(response.headers, lowered_names, strict=True):
+            if lowered == b"connection":
+                dropped += tuple(t.strip().lower() for t in value.split(b","))
+    for (name, value), lowered in zip(response.headers, lowered_names, strict=True):
         if lowered in RESPONSE_REWRITTEN or lowered in dropped:
             if lowered == b"content-length" and not response.has_body:
                 parts += (name, b": ", value, b"\r\n")  # HEAD/304 announce the entity's size

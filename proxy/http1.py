@@ -160,6 +160,7 @@ class Request:
         "host",
         "host_count",
         "keep_alive",
+        "lowered",
         "method",
         "path",
         "request_id",
@@ -177,6 +178,7 @@ class Request:
         self.path = b""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
+        self.lowered: list[bytes] = []  # header names lower-cased once, same order as headers
         self.host: bytes | None = None
         self.host_count = 0
         self.content_length: int | None = None
@@ -193,10 +195,14 @@ class Request:
         self.head_size = 0
 
     def header(self, lowered_name: bytes) -> bytes | None:
-        for name, value in self.headers:
-            if len(name) == len(lowered_name) and name.lower() == lowered_name:
-                return value
-        return None
+        try:
+            return self.headers[self.lowered.index(lowered_name)][1]
+        except ValueError:
+            return None
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self.lowered.append(name.lower())
 
     @property
     def has_body(self) -> bool:
@@ -383,6 +389,7 @@ class ClientConnection(asyncio.Protocol):
         if b"\r" in value or b"\n" in value or b"\x00" in value:
             raise RequestRejected(400, "invalid header value")
         lowered = name.lower()
+        request.lowered.append(lowered)
         first = lowered[:1]
         if first == b"h" and lowered == b"host":
             if not _valid_host(value):
@@ -492,7 +499,7 @@ class ClientConnection(asyncio.Protocol):
             sockname = self.transport.get_extra_info("sockname")  # type: ignore[union-attr]
             local = b"%s:%d" % (sockname[0].encode(), sockname[1]) if sockname else b"localhost"
             request.host = local
-            request.headers.append((b"Host", local))
+            request.add_header(b"Host", local)
 
     def _absolute_form(self, request: Request) -> None:
         # RFC 9112 3.2.2: a server must accept absolute-form; an open proxy would follow it
@@ -504,7 +511,7 @@ class ClientConnection(asyncio.Protocol):
         if request.host is not None and authority.lower() != request.host.lower():
             raise RequestRejected(400, "absolute-form target for another host")
         if request.host is None:  # HTTP/1.0: the target names the host
-            request.headers.append((b"Host", authority))
+            request.add_header(b"Host", authority)
         request.host = authority
         request.host_count = max(request.host_count, 1)
         request.target = slash + remainder if slash else b"/"

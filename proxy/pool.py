@@ -63,6 +63,7 @@ class ResponseHead:
         "has_body",
         "headers",
         "keep_alive",
+        "lowered",
         "reason",
         "status",
         "upgrade",
@@ -73,6 +74,7 @@ class ResponseHead:
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.lowered: list[bytes] = []  # header names lower-cased once, same order
         self.keep_alive = True
         self.content_length: int | None = None
         self.chunked = False
@@ -215,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise ValueError("response head too large")
         response.headers.append((name, value))
         lowered = name.lower()
+        response.lowered.append(lowered)
         if lowered == b"content-length":
             length = int(value) if value.strip().isdigit() else -1
             if length < 0 or (
