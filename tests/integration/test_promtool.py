@@ -124,6 +124,8 @@ def test_promtool_accepts_metrics_aggregated_over_two_workers(
     for _ in range(4):
         assert daemon.get("/")[0] == 200
     assert daemon.get("/broken")[0] == 502
+    # The first health check of each worker comes after a random jitter of up to 200 ms.
+    wait_for(lambda: "sluicegate_health_checks_total{" in daemon.metrics(), message="checks")
     check_exposition(promtool, daemon.metrics())
 
 
