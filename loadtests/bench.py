@@ -361,7 +361,8 @@ def sluicegate_config(
         f"listen:\n  - address: 127.0.0.1:{port}\n"
         f"admin: {{address: 127.0.0.1:{admin_port}}}\n"
         f"workers: {workers}\n"
-        "logging: {level: warning, access_log: false}\n"
+        # Access log on, as in production: nginx below logs too (buffered, like ours).
+        "logging: {level: warning, access_log: true, format: json}\n"
         f"{redis}"
         "upstreams:\n"
         "  origin:\n"
@@ -385,7 +386,7 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    access_log {workdir}/access.log combined buffer=64k flush=1s;
     client_body_temp_path {workdir}/client_body;
     proxy_temp_path {workdir}/proxy_temp;
     fastcgi_temp_path {workdir}/fastcgi_temp;
@@ -621,7 +622,7 @@ def report(bench: Bench, args: argparse.Namespace) -> dict:
             "pinned": bench.pin,
             "proxy_cpu": 0 if bench.pin else None,
             "wrk_cpu": 1 if bench.pin else None,
-            "sluicegate_access_log": False,
+            "access_logs": "on for both (sluicegate json to a file, nginx combined buffered)",
         },
         "environment": {
             "cpus": bench.cpus,

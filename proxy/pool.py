@@ -438,7 +438,17 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         if conn.reusable and len(self._idle) < self.max_idle:
-            conn._reset_exchange()
+            if conn._reading_paused_for:
+                # Paused for the client's sake (a slow reader of the last response): an
+                # idle connection must read again, or its next exchange would never see
+                # the response (begin() starts from an empty set of reasons).
+                conn._reading_paused_for.clear()
+                conn.transport.resume_reading()  # type: ignore[union-attr]
+            # Idle is `head is None`; begin() resets the rest. Drop what holds memory.
+            conn.head = None
+            conn.sink = None
+            conn._response = None
+            conn.body_writer_paused = None
             conn.deadline = conn._sweeper.now + POOL_IDLE_SECONDS
             self._idle.append(conn)
         else:
