@@ -180,6 +180,7 @@ class AccessLog:
         self.stream = stream if stream is not None else sys.stdout
         self.enabled = enabled
         self.dropped = 0
+        self.fmt = fmt
         self._format = _FORMATTERS[fmt]
         self._max_pending = max_pending
         self._pending: list[str] = []
@@ -198,14 +199,20 @@ class AccessLog:
         """Queue one request record; stamps ``time`` now if the record has none."""
         if self._closed:
             return
-        if self._backlog >= self._max_pending:
-            self.dropped += 1
-            return
         if "time" not in record:
             record["time"] = time.time()
         try:
             line = self._format(record)
         except Exception:  # one odd record must not cost the others
+            self.dropped += 1
+            return
+        self.log_line(line)
+
+    def log_line(self, line: str) -> None:
+        """Queue one line formatted by the caller (the request path's fast form)."""
+        if self._closed:
+            return
+        if self._backlog >= self._max_pending:
             self.dropped += 1
             return
         self._backlog += 1

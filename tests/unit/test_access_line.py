@@ -1,0 +1,77 @@
+"""The request path's JSON access line says exactly what the generic formatter says."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from proxy.accesslog import FIELDS, format_json
+from proxy.runtime import _json_line
+
+
+def _exchange(path: bytes, error: str, attempts: list) -> tuple:
+    request = SimpleNamespace(
+        request_id=b"abc123",
+        method=b"POST",
+        host=b"api.example.com:8080",
+        path=path,
+        body=SimpleNamespace(received=42),
+    )
+    outcome = SimpleNamespace(
+        route="api",
+        upstream="backend",
+        server="10.0.0.1:80",
+        status=502,
+        bytes_out=17,
+        upstream_seconds=0.25,
+        tries=2,
+        rate_limited=True,
+        error=error,
+        attempts=attempts,
+    )
+    return request, outcome
+
+
+@pytest.mark.parametrize(
+    ("path", "error", "attempts"),
+    [
+        (b"/", "", []),
+        (b'/we"ird\\path\x01\xff', 'said "no"\nthen left', []),
+        (
+            b"/v1/items",
+            "upstream closed mid-response",
+            [
+                {"server": "10.0.0.1:80", "outcome": "error", "ms": 1.5},
+                {"server": "10.0.0.2:80", "outcome": "timeout", "ms": 300.0, "status": 200},
+            ],
+        ),
+    ],
+)
+def test_fast_line_matches_the_generic_formatter(path, error, attempts):
+    request, outcome = _exchange(path, error, attempts)
+    fast = json.loads(_json_line(request, outcome, "203.0.113.9", 0.5))
+    record = {
+        "time": fast["time"],
+        "request_id": "abc123",
+        "client_ip": "203.0.113.9",
+        "method": "POST",
+        "host": "api.example.com:8080",
+        "path": path.decode("latin-1"),
+        "route": "api",
+        "upstream": "backend",
+        "server": "10.0.0.1:80",
+        "status": 502,
+        "bytes_in": 42,
+        "bytes_out": 17,
+        "duration_ms": 500.0,
+        "upstream_duration_ms": 250.0,
+        "tries": 2,
+        "rate_limited": True,
+        "error": error,
+        "attempts": attempts or None,
+    }
+    generic = json.loads(format_json(record))
+    assert fast == generic
+    assert list(fast)[: len(FIELDS)] == list(FIELDS)
