@@ -27,6 +27,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	@scripts/ensure-tools.sh bench
 	$(PY) loadtests/bench.py
+	$(PY) loadtests/idle_memory.py --connections 10000
 
 loadtest: $(STAMP)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[load]'
