@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import partial
 from typing import Any
 
 from proxy.http1 import REASONS, ClientConnection, Request, error_response
@@ -526,20 +527,19 @@ def _send_request(
         return
     upstream.write(head_bytes)
     writer = _BodyWriter(upstream, chunked=request.content_length is None)
-    upstream.body_writer_paused = writer.upstream_paused
-    writer.client = conn
+    # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
+    upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     body.stream_to(writer)
 
 
 class _BodyWriter:
     """Client body chunks to the upstream as they arrive, re-framed, with backpressure."""
 
-    __slots__ = ("chunked", "client", "upstream")
+    __slots__ = ("chunked", "upstream")
 
     def __init__(self, upstream: UpstreamConnection, *, chunked: bool) -> None:
         self.upstream = upstream
         self.chunked = chunked
-        self.client: ClientConnection | None = None
 
     def on_body(self, chunk: bytes) -> None:
         if self.upstream.closed:
@@ -553,13 +553,6 @@ class _BodyWriter:
         if self.chunked and not self.upstream.closed:
             self.upstream.write(CHUNK_END)
         self.upstream.request_complete = True
-
-    def upstream_paused(self, paused: bool) -> None:
-        if self.client is not None:
-            if paused:
-                self.client.pause_reading("upstream")
-            else:
-                self.client.resume_reading("upstream")
 
 
 class _ResponseRelay:
@@ -607,12 +600,6 @@ class _ResponseRelay:
     def on_abort(self, error: Exception) -> None:
         self.failed = error
 
-    def client_paused(self, paused: bool) -> None:
-        if paused:
-            self.upstream.pause_reading("client")
-        else:
-            self.upstream.resume_reading("client")
-
 
 async def _relay(
     conn: ClientConnection,
@@ -635,7 +622,8 @@ async def _relay(
     relay = _ResponseRelay(conn, upstream, chunked_out, head)
     conn.response_started = True
     outcome.status = response.status
-    conn.on_write_paused = relay.client_paused
+    # Backpressure: a client that cannot keep up stops us reading the upstream.
+    conn.on_write_paused = partial(upstream.set_reading_paused, "client")
     try:
         upstream.attach(relay)
         relay.flush_head()
@@ -774,20 +762,6 @@ class _Tunnel:
         self.upstream.close()
         self._done()
 
-    def client_paused(self, paused: bool) -> None:
-        # Backpressure: a client that cannot keep up stops us reading the upstream...
-        if paused:
-            self.upstream.pause_reading("client")
-        else:
-            self.upstream.resume_reading("client")
-
-    def upstream_paused(self, paused: bool) -> None:
-        # ...and an upstream that cannot keep up stops us reading the client.
-        if paused:
-            self.conn.pause_reading("upstream")
-        else:
-            self.conn.resume_reading("upstream")
-
     def _done(self) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
@@ -809,8 +783,9 @@ async def _tunnel(
     conn.write(head)
     tunnel = _Tunnel(conn, upstream)
     conn.tunnel = tunnel
-    conn.on_write_paused = tunnel.client_paused
-    upstream.body_writer_paused = tunnel.upstream_paused
+    # Backpressure both ways: whichever side cannot keep up stops us reading the other.
+    conn.on_write_paused = partial(upstream.set_reading_paused, "client")
+    upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     early = conn.take_early_tunnel_bytes()
     if early:
         tunnel.from_client(early)

@@ -30,6 +30,7 @@ from typing import Any
 
 import httptools
 
+from proxy.flow import PausableReading
 from proxy.timers import sweeper_for
 
 MAX_HEADER_COUNT = 100
@@ -238,7 +239,7 @@ def error_response(
     )
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(PausableReading, asyncio.Protocol):
     """One client socket. ``handler(conn, request)`` is a coroutine function that answers."""
 
     def __init__(self, listener: Any) -> None:
@@ -685,17 +686,6 @@ class ClientConnection(asyncio.Protocol):
     def take_early_tunnel_bytes(self) -> bytes:
         data, self._early_tunnel_bytes = self._early_tunnel_bytes, b""
         return data
-
-    def pause_reading(self, reason: str) -> None:
-        if not self._reading_paused_for and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-        self._reading_paused_for.add(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if reason in self._reading_paused_for:
-            self._reading_paused_for.discard(reason)
-            if not self._reading_paused_for and self.transport is not None and not self.closed:
-                self.transport.resume_reading()
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import httptools
 
+from proxy.flow import PausableReading
 from proxy.timers import sweeper_for
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
@@ -83,7 +84,7 @@ class ResponseHead:
         self.version = "1.1"
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(PausableReading, asyncio.Protocol):
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
@@ -313,17 +314,6 @@ class UpstreamConnection(asyncio.Protocol):
         """Bytes went through the tunnel from the client: it is not idle."""
         self.deadline = self._sweeper.now + self.read_timeout
 
-    def pause_reading(self, reason: str) -> None:
-        if not self._reading_paused_for and self.transport is not None:
-            self.transport.pause_reading()
-        self._reading_paused_for.add(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if reason in self._reading_paused_for:
-            self._reading_paused_for.discard(reason)
-            if not self._reading_paused_for and self.transport is not None and not self.closed:
-                self.transport.resume_reading()
-
     def on_deadline(self) -> None:
         if self.head is None:
             self.close()  # idle too long in the pool
@@ -438,12 +428,10 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         if conn.reusable and len(self._idle) < self.max_idle:
-            if conn._reading_paused_for:
-                # Paused for the client's sake (a slow reader of the last response): an
-                # idle connection must read again, or its next exchange would never see
-                # the response (begin() starts from an empty set of reasons).
-                conn._reading_paused_for.clear()
-                conn.transport.resume_reading()  # type: ignore[union-attr]
+            # Paused for the client's sake (a slow reader of the last response)? An idle
+            # connection must read again, or its next exchange would never see the
+            # response (begin() starts from an empty set of reasons).
+            conn.resume_all_reading()
             # Idle is `head is None`; begin() resets the rest. Drop what holds memory.
             conn.head = None
             conn.sink = None

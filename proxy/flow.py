@@ -1,0 +1,42 @@
+"""Flow control shared by both sides of the proxy: reading paused for named reasons.
+
+Several things may each want a connection to stop reading at once (a full write buffer on
+the other side, a held body, pipelined requests waiting their turn). The transport reads
+again only when every reason is gone, so one party resuming never undoes another's pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class PausableReading:
+    """Mixed into a Protocol that has ``transport`` and ``closed``."""
+
+    transport: asyncio.Transport | None
+    closed: bool
+    _reading_paused_for: set[str]
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._reading_paused_for and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._reading_paused_for.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._reading_paused_for:
+            self._reading_paused_for.discard(reason)
+            if not self._reading_paused_for and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def set_reading_paused(self, reason: str, paused: bool) -> None:
+        """For callbacks that report a peer's state: ``paused`` True pauses, False resumes."""
+        if paused:
+            self.pause_reading(reason)
+        else:
+            self.resume_reading(reason)
+
+    def resume_all_reading(self) -> None:
+        if self._reading_paused_for:
+            self._reading_paused_for.clear()
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
