@@ -237,6 +237,16 @@ class TLSConfig(_Model):
         return self
 
 
+def _first_of_its_kind(info: ValidationInfo, what: str, value: str) -> str:
+    """Values that must be unique across a file; the validation context remembers them."""
+    if info.context is not None:
+        seen = info.context.setdefault(f"seen:{what}", set())
+        if value in seen:
+            raise ValueError(f"duplicate {what} {value!r}")
+        seen.add(value)
+    return value
+
+
 class Listener(_Model):
     address: Address
     tls: TLSConfig | None = None
@@ -244,12 +254,7 @@ class Listener(_Model):
     @field_validator("address")
     @classmethod
     def _unique(cls, address: str, info: ValidationInfo) -> str:
-        if info.context is not None:
-            seen = info.context.setdefault("seen:listen", set())
-            if address in seen:
-                raise ValueError(f"duplicate listen address {address!r}")
-            seen.add(address)
-        return address
+        return _first_of_its_kind(info, "listen address", address)
 
     @functools.cached_property
     def host(self) -> str:
@@ -512,12 +517,7 @@ class RouteConfig(_Model):
     @field_validator("name")
     @classmethod
     def _unique_name(cls, name: str, info: ValidationInfo) -> str:
-        if info.context is not None:
-            seen = info.context.setdefault("seen:route", set())
-            if name in seen:
-                raise ValueError(f"duplicate route name {name!r}")
-            seen.add(name)
-        return name
+        return _first_of_its_kind(info, "route name", name)
 
     @field_validator("upstream")
     @classmethod

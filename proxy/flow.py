@@ -1,4 +1,4 @@
-"""Flow control shared by both sides of the proxy: reading paused for named reasons.
+"""What both sides' protocols share: reading paused for named reasons, close and abort.
 
 Several things may each want a connection to stop reading at once (a full write buffer on
 the other side, a held body, pipelined requests waiting their turn). The transport reads
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 
-class PausableReading:
+class ProxyConnection:
     """Mixed into a Protocol that has ``transport`` and ``closed``."""
 
     transport: asyncio.Transport | None
@@ -40,3 +40,15 @@ class PausableReading:
             self._reading_paused_for.clear()
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close after what is buffered has been written."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is buffered (a reset for the peer)."""
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()

@@ -30,7 +30,7 @@ from typing import Any
 
 import httptools
 
-from proxy.flow import PausableReading
+from proxy.flow import ProxyConnection
 from proxy.timers import sweeper_for
 
 MAX_HEADER_COUNT = 100
@@ -239,7 +239,7 @@ def error_response(
     )
 
 
-class ClientConnection(PausableReading, asyncio.Protocol):
+class ClientConnection(ProxyConnection, asyncio.Protocol):
     """One client socket. ``handler(conn, request)`` is a coroutine function that answers."""
 
     def __init__(self, listener: Any) -> None:
@@ -686,16 +686,6 @@ class ClientConnection(PausableReading, asyncio.Protocol):
     def take_early_tunnel_bytes(self) -> bytes:
         data, self._early_tunnel_bytes = self._early_tunnel_bytes, b""
         return data
-
-    def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.closed = True
-            self.transport.abort()
 
     @property
     def idle(self) -> bool:

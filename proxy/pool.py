@@ -24,7 +24,7 @@ from typing import Any
 
 import httptools
 
-from proxy.flow import PausableReading
+from proxy.flow import ProxyConnection
 from proxy.timers import sweeper_for
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
@@ -84,7 +84,7 @@ class ResponseHead:
         self.version = "1.1"
 
 
-class UpstreamConnection(PausableReading, asyncio.Protocol):
+class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
@@ -365,16 +365,6 @@ class UpstreamConnection(PausableReading, asyncio.Protocol):
             # an upstream that answered before reading our whole body is out of step
             and self.request_complete
         )
-
-    def close(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.closed = True
-            self.transport.abort()
 
 
 class ConnectionPool:
