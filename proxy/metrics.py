@@ -22,6 +22,7 @@ module; ``render()`` then merges every process's files. The supervisor calls
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -183,6 +184,35 @@ OPEN_CONNECTIONS = Gauge(
 )
 
 
+def _adder(child: object) -> object:
+    """``add(amount)`` for a counter or gauge child, without the wrapper's checks.
+
+    prometheus-client's ``inc`` validates its argument and observability on every call;
+    the request path only ever adds known-good amounts. Falls back to the public method
+    if the library's internals ever change shape.
+    """
+    value = getattr(child, "_value", None)
+    return value.inc if value is not None and hasattr(value, "inc") else child.inc
+
+
+def _observer(child: object) -> object:
+    """``observe(seconds)`` for a histogram child: one bisect instead of a linear scan of
+    the buckets, and no wrapper checks (same fallback as ``_adder``)."""
+    try:
+        bounds = list(child._upper_bounds)  # type: ignore[attr-defined]
+        buckets = list(child._buckets)  # type: ignore[attr-defined]
+        total = child._sum.inc  # type: ignore[attr-defined]
+    except AttributeError:
+        return child.observe  # type: ignore[attr-defined]
+    increments = [bucket.inc for bucket in buckets]
+
+    def observe(amount: float) -> None:
+        total(amount)
+        increments[bisect_left(bounds, amount)](1)
+
+    return observe
+
+
 class RouteMetrics:
     """The per-route series, resolved once per route when a config is loaded."""
 
@@ -190,7 +220,7 @@ class RouteMetrics:
 
     def __init__(self, route: str) -> None:
         self.route = route
-        self._duration = REQUEST_DURATION.labels(route)
+        self._duration = _observer(REQUEST_DURATION.labels(route))
         self._rate_limited = RATE_LIMITED.labels(route)
         # (method, status) -> counter child. Bounded: ~10 methods x status codes.
         self._requests: dict[tuple[str, int], object] = {}
@@ -204,9 +234,9 @@ class RouteMetrics:
         key = (method, status)
         child = self._requests.get(key)
         if child is None:
-            child = self._requests[key] = REQUESTS.labels(self.route, method, str(status))
-        child.inc()
-        self._duration.observe(duration)
+            child = self._requests[key] = _adder(REQUESTS.labels(self.route, method, str(status)))
+        child(1)
+        self._duration(duration)
 
     def rate_limited(self) -> None:
         """Count one request over the route's limit."""
@@ -236,10 +266,10 @@ class ServerMetrics:
     def __init__(self, upstream: str, server: str) -> None:
         self.upstream = upstream
         self.server = server
-        self._in_flight = UPSTREAM_IN_FLIGHT.labels(upstream, server)
+        self._in_flight = _adder(UPSTREAM_IN_FLIGHT.labels(upstream, server))
         self._healthy = UPSTREAM_HEALTHY.labels(upstream, server)
         self._breaker_state = BREAKER_STATE.labels(upstream, server)
-        self._response_seconds = UPSTREAM_RESPONSE.labels(upstream, server)
+        self._response_seconds = _observer(UPSTREAM_RESPONSE.labels(upstream, server))
         # Caches keyed by status code / failure kind / state / result: all bounded sets.
         self._responses: dict[str | int, object] = {}
         self._transitions: dict[str, object] = {}
@@ -247,10 +277,10 @@ class ServerMetrics:
         self._healthy.set(1)
 
     def in_flight_inc(self) -> None:
-        self._in_flight.inc()
+        self._in_flight(1)
 
     def in_flight_dec(self) -> None:
-        self._in_flight.dec()
+        self._in_flight(-1)
 
     def response(self, status_or_kind: str | int, seconds_to_head: float | None) -> None:
         """Count one attempt by its status code or failure kind ("error", "timeout", ...).
@@ -259,11 +289,13 @@ class ServerMetrics:
         """
         child = self._responses.get(status_or_kind)
         if child is None:
-            child = UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind))
+            child = _adder(
+                UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind))
+            )
             self._responses[status_or_kind] = child
-        child.inc()
+        child(1)
         if seconds_to_head is not None:
-            self._response_seconds.observe(seconds_to_head)
+            self._response_seconds(seconds_to_head)
 
     def set_healthy(self, healthy: bool) -> None:
         self._healthy.set(1 if healthy else 0)
