@@ -69,7 +69,6 @@ class Outcome:
         "tries",
         "upstream",
         "upstream_seconds",
-        "upstream_started",
     )
 
     def __init__(self) -> None:
@@ -81,7 +80,6 @@ class Outcome:
         self.error = ""
         self.rate_limited = False
         self.bytes_out = 0
-        self.upstream_started = 0.0
         self.upstream_seconds = 0.0
         self.attempts: list[dict[str, Any]] = []
         self.trace: dict[str, Any] | None = None  # the decision trace, when asked for
@@ -316,8 +314,6 @@ async def _attempt(
     metrics = server.metrics
     metrics.in_flight_inc()
     attempt_started = time.monotonic()
-    if not outcome.upstream_started:
-        outcome.upstream_started = attempt_started
     outcome.server = server.label
     verdict: bool | None = None  # breaker: True success, False failure, None no verdict
     upstream: UpstreamConnection | None = None

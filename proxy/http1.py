@@ -165,7 +165,6 @@ class Request:
         "method",
         "path",
         "request_id",
-        "started_at",
         "target",
         "trace",
         "upgrade",
@@ -189,7 +188,6 @@ class Request:
         self.connection_tokens: tuple[bytes, ...] = ()
         self.upgrade = False
         self.body: RequestBody | None = None
-        self.started_at = 0.0
         self.request_id: bytes | None = None
         self.forwarded_for: bytes | None = None
         self.trace: bytes | None = None  # X-Sluicegate-Trace: the admin token, if any
@@ -370,7 +368,6 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._head_began_at = self._fed
         request = Request(self)
-        request.started_at = self._sweeper.now
         self._parsing = request
 
     def on_url(self, url: bytes) -> None:

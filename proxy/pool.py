@@ -94,7 +94,6 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.read_timeout = pool.read_timeout
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.reused = False
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -113,7 +112,6 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._informational = False
         self.complete = False
         self.request_is_head = False
-        self.request_sent = False
         self.request_complete = False  # the whole request body left us (set by forwarding)
         self.body_writer_paused: Callable[[bool], None] | None = None
         self._reading_paused_for: set[str] = set()
@@ -275,7 +273,6 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.deadline = self._sweeper.refresh() + self.read_timeout
 
     def write(self, data: bytes) -> None:
-        self.request_sent = True
         self.transport.write(data)  # type: ignore[union-attr]
 
     def attach(self, sink: Any) -> None:
@@ -393,7 +390,6 @@ class ConnectionPool:
         while idle:
             conn = idle.pop()
             if not conn.closed:
-                conn.reused = True
                 conn.read_timeout = self.read_timeout
                 return conn
         return None
