@@ -7,19 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from proxy.health import FlapDamper, HealthStatus, Hysteresis, ServerHealth
+from tests.support.clock import FakeClock
 
 UP, DOWN, UNKNOWN = HealthStatus.UP, HealthStatus.DOWN, HealthStatus.UNKNOWN
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # -- hysteresis ----------------------------------------------------------------------
@@ -69,7 +59,7 @@ def test_hysteresis_rejects_zero_thresholds():
 
 
 def test_damper_holds_down_after_more_than_max_flips_in_window():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     damper = FlapDamper(max_flips=3, window=60.0, hold_down=30.0, clock=clock)
     for _ in range(3):
         assert not damper.record_flip()
@@ -84,7 +74,7 @@ def test_damper_holds_down_after_more_than_max_flips_in_window():
 
 
 def test_damper_flips_spread_over_time_do_not_hold():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     damper = FlapDamper(max_flips=3, window=60.0, hold_down=30.0, clock=clock)
     for _ in range(20):
         assert not damper.record_flip()
@@ -99,7 +89,7 @@ def flap(damper: FlapDamper, clock: FakeClock, times: int) -> None:
 
 
 def test_damper_hold_down_doubles_on_repeat_and_resets_after_calm():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     damper = FlapDamper(max_flips=2, window=10.0, hold_down=5.0, clock=clock)
     flap(damper, clock, 3)  # held for 5 s from the 3rd flip
     assert damper.held_down
@@ -122,7 +112,7 @@ def test_damper_hold_down_doubles_on_repeat_and_resets_after_calm():
 
 
 def test_damper_ignores_flips_while_held():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     damper = FlapDamper(max_flips=2, window=10.0, hold_down=5.0, clock=clock)
     flap(damper, clock, 3)
     assert damper.held_down
@@ -147,7 +137,7 @@ def test_server_health_unknown_is_eligible_down_is_not():
 
 
 def test_server_health_held_down_whatever_checks_say():
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     damping = SimpleNamespace(max_flips=2, window=60.0, hold_down=30.0)
     health = ServerHealth(1, 1, flap_damping=damping, clock=clock)
     assert health.observe(True)  # unknown -> up: first verdict, not a flip
@@ -171,7 +161,7 @@ def test_server_health_from_config():
         unhealthy_threshold=1,
         flap_damping=SimpleNamespace(max_flips=4, window=60.0, hold_down=30.0),
     )
-    health = ServerHealth.from_config(cfg, clock=FakeClock())
+    health = ServerHealth.from_config(cfg, clock=FakeClock(100.0))
     assert health.hysteresis.healthy_threshold == 3
     assert health.damper is not None and health.damper.max_flips == 4
     assert health.observe(False) and health.status is DOWN

@@ -14,22 +14,14 @@ from proxy.retry import (
     RetryPolicy,
     status_word,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 500.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
+from tests.support.clock import FakeClock
 
 DEFAULT_ON = frozenset({"error", "timeout", "http_502", "http_503", "http_504"})
 
 
 def policy(clock=None, **kwargs) -> RetryPolicy:
     kwargs = {"tries": 3, "timeout": 10.0, "on": DEFAULT_ON, **kwargs}
-    return RetryPolicy(clock=clock or FakeClock(), **kwargs)
+    return RetryPolicy(clock=clock or FakeClock(500.0), **kwargs)
 
 
 def attempt(**overrides) -> dict:
@@ -148,7 +140,7 @@ def test_reasons_are_checked_in_documented_order():
 
 def test_from_config_and_budget():
     cfg = SimpleNamespace(tries=2, timeout=5.0, on=DEFAULT_ON, max_body_bytes=1024, budget=0.5)
-    rules = RetryPolicy.from_config(cfg, clock=FakeClock())
+    rules = RetryPolicy.from_config(cfg, clock=FakeClock(500.0))
     assert (rules.tries, rules.timeout, rules.max_body_bytes) == (2, 5.0, 1024)
     budget = rules.new_budget()
     assert budget.fraction == 0.5 and budget.min_concurrent == 3

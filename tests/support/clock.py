@@ -1,0 +1,14 @@
+"""An injected clock for unit tests of time-based logic: time moves only when told to."""
+
+from __future__ import annotations
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
