@@ -28,7 +28,7 @@ from importlib import resources
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from proxy.ratelimit.bucket import Decision
 
@@ -126,11 +126,35 @@ class RedisBackend:
     async def _pipeline(
         self, batch: list[tuple[str, float, int, int, asyncio.Future[Decision]]]
     ) -> list:
-        pipe = self._client.pipeline(transaction=False)
-        sha = self._script.sha
-        for key, rate, burst, cost, _ in batch:
-            pipe.evalsha(sha, 1, key, rate, burst, cost)
-        return await pipe.execute(raise_on_error=False)
+        """Every call of the batch in one write, their replies read in order.
+
+        redis-py's Pipeline object builds and parses each command through several Python
+        layers; the calls here have one fixed shape, so they are packed as RESP directly
+        and sent on a pooled connection through its public send/read methods.
+        """
+        sha = self._script.sha.encode()
+        payload = b"".join(
+            _pack_evalsha(sha, key.encode(), rate, burst, cost)
+            for key, rate, burst, cost, _ in batch
+        )
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_packed_command(payload, check_health=False)
+            replies: list = []
+            for _ in batch:
+                try:
+                    replies.append(await connection.read_response())
+                except ResponseError as exc:  # NOSCRIPT and other error replies
+                    replies.append(exc)
+        except BaseException:
+            # Cut short (timeout, cancellation, reset): the replies still owed on this
+            # connection would answer someone else's calls. Never reuse it.
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+        return replies
 
     async def ping(self) -> None:
         """Raise ``RateLimitBackendError`` unless Redis answers PING within ``timeout``."""
@@ -143,6 +167,12 @@ class RedisBackend:
     async def close(self) -> None:
         """Close the client and disconnect its pool."""
         await self._client.aclose()
+
+
+def _pack_evalsha(sha: bytes, key: bytes, rate: float, burst: int, cost: int) -> bytes:
+    """``EVALSHA sha 1 key rate burst cost`` as a RESP array (what redis-py would send)."""
+    args = (b"EVALSHA", sha, b"1", key, repr(float(rate)).encode(), b"%d" % burst, b"%d" % cost)
+    return b"*7\r\n" + b"".join(b"$%d\r\n%b\r\n" % (len(arg), arg) for arg in args)
 
 
 def _describe(exc: BaseException, timeout: float) -> str:
