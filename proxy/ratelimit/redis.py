@@ -1,9 +1,9 @@
 """Token buckets shared through Redis: one atomic Lua script call per check.
 
 Invariants:
-- Every check is one EVALSHA of ``token_bucket.lua`` (redis-py's ``Script`` loads the
-  script again and retries once on NOSCRIPT, e.g. after a restart or ``SCRIPT FLUSH``).
-  The refill uses Redis's own clock, so all processes and hosts share one timeline.
+- Every check is one EVALSHA of ``token_bucket.lua``; a call answered NOSCRIPT (after a
+  restart or ``SCRIPT FLUSH``) loads the script and runs once more. The refill uses
+  Redis's own clock, so all processes and hosts share one timeline.
 - Keys are ``{prefix}{key}``; the caller composes ``key`` (the limiter uses
   ``{route}:{client key}``), so Redis holds ``sluicegate:rl:{route}:{client key}``.
 - A bucket key expires once the bucket would be full again (PEXPIRE, ms, rounded up).
@@ -14,9 +14,8 @@ Invariants:
   though the caller fell back (at most once per abandoned call, never more).
 - Checks that arrive in the same event-loop tick share one pipeline (one round trip, one
   pooled connection): each is still its own EVALSHA, atomic on its own, so the maths is
-  exactly that of one call per check, while redis-py's per-call cost (most of a check's
-  CPU) is paid once per tick. A batch is bounded by ``timeout`` as a whole; on NOSCRIPT
-  the script is loaded and the batch's failed calls run once more.
+  exactly that of one call per check, while the client's per-call cost (most of a
+  check's CPU) is paid once per tick. A batch is bounded by ``timeout`` as a whole.
 """
 
 from __future__ import annotations
@@ -101,9 +100,13 @@ class RedisBackend:
         try:
             async with asyncio.timeout(self.timeout):
                 replies = await self._pipeline(batch)
-                if any(isinstance(reply, NoScriptError) for reply in replies):
+                missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+                if missing:
+                    # Only the calls that did not run go again: the others took their token.
                     await self._client.script_load(TOKEN_BUCKET_LUA)
-                    replies = await self._pipeline(batch)
+                    again = await self._pipeline([batch[i] for i in missing])
+                    for i, reply in zip(missing, again, strict=True):
+                        replies[i] = reply
         except Exception as exc:  # whatever went wrong, no caller may be left waiting
             error = RateLimitBackendError(_describe(exc, self.timeout))
             for *_, future in batch:
