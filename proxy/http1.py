@@ -689,14 +689,15 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         return self._current is None and self._parsing is None
 
 
-_HOST_BYTES = frozenset(
-    b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
-)
+_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
 
 
 def _valid_host(value: bytes) -> bool:
-    """uri-host [":" port] (RFC 3986 characters), not empty: no '/', '@', '?', spaces..."""
-    return bool(value) and all(byte in _HOST_BYTES for byte in value)
+    """uri-host [":" port] (RFC 3986 characters), not empty: no '/', '@', '?', spaces...
+
+    Deleting every allowed byte must leave nothing (one C pass; runs for every request).
+    """
+    return bool(value) and not value.translate(None, _HOST_BYTES)
 
 
 def _parser_reason(error: Exception) -> str:
