@@ -185,16 +185,14 @@ async def _forward(
 ) -> None:
     retry = group.retry_policy
     body = request.body
-    method = request.method.decode("latin-1")
-    has_idempotency_key = request.header(b"idempotency-key") is not None
-    may_repeat = retry.tries > 1 and retry.may_retry_method(method, has_idempotency_key)
-    replayable = body is None
+    ask = _RetryQuestion(retry, request)
+    may_repeat = retry.tries > 1 and retry.may_retry_method(ask.method, ask.has_idempotency_key)
     if body is not None and may_repeat:
         if request.expect_continue:
             conn.write(CONTINUE)
         if request.content_length is None or request.content_length <= retry.max_body_bytes:
             try:
-                replayable = await body.buffer_up_to(retry.max_body_bytes)
+                ask.replayable = await body.buffer_up_to(retry.max_body_bytes)
             except (ConnectionError, OSError):
                 outcome.status = 499
                 outcome.error = "client went away"
@@ -216,7 +214,8 @@ async def _forward(
             }
             for server in group.servers
         ]
-    started = time.monotonic()
+    head_bytes = _request_head(conn, request, route)  # the same for every try
+    ask.started = time.monotonic()
     tried: set[Any] = set()
     last_error: UpstreamError | None = None
     last_response: tuple[Any, bytes] | None = None
@@ -231,7 +230,7 @@ async def _forward(
                 continue
             outcome.tries += 1
             result = await _attempt(
-                conn, request, route, group, server, outcome, extra_headers, replayable, started
+                conn, request, head_bytes, group, server, outcome, extra_headers, ask
             )
             if holding_retry:
                 group.retry_budget.release_retry()
@@ -248,16 +247,7 @@ async def _forward(
                 last_error = UpstreamError(
                     "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
-            refusal = retry.should_retry(
-                failure_word,
-                attempts_done=outcome.tries,
-                started_at=started,
-                method=method,
-                has_idempotency_key=has_idempotency_key,
-                body_replayable=replayable,
-                response_started=conn.response_started,
-            )
-            if refusal is not None:
+            if ask.refusal(failure_word, outcome.tries, conn.response_started) is not None:
                 break
             if not group.retry_budget.try_acquire_retry():
                 break
@@ -296,16 +286,41 @@ def _hash_key(group: Any, request: Request, runtime: Any) -> str | None:
     return value.decode("latin-1") if value else runtime.client_ip(request)
 
 
+class _RetryQuestion:
+    """May this request go to another server? The per-request facts ``RetryPolicy`` needs,
+    gathered once and asked both after a failed try and before holding a failed response."""
+
+    __slots__ = ("has_idempotency_key", "method", "policy", "replayable", "started")
+
+    def __init__(self, policy: Any, request: Request) -> None:
+        self.policy = policy
+        self.method = request.method.decode("latin-1")
+        self.has_idempotency_key = request.header(b"idempotency-key") is not None
+        self.replayable = request.body is None  # a body becomes replayable once held in full
+        self.started = 0.0
+
+    def refusal(self, word: str, attempts_done: int, response_started: bool) -> Any:
+        """None when another try is allowed, else why not (a ``NoRetry``)."""
+        return self.policy.should_retry(
+            word,
+            attempts_done=attempts_done,
+            started_at=self.started,
+            method=self.method,
+            has_idempotency_key=self.has_idempotency_key,
+            body_replayable=self.replayable,
+            response_started=response_started,
+        )
+
+
 async def _attempt(
     conn: ClientConnection,
     request: Request,
-    route: Any,
+    head_bytes: bytes,
     group: Any,
     server: Any,
     outcome: Outcome,
     extra_headers: bytes,
-    replayable: bool,
-    started: float,
+    ask: _RetryQuestion,
 ) -> tuple[str, UpstreamError | None, Any] | None:
     """One try on one server. None when the client has been answered (or is gone);
     otherwise (failure word, error or None, (head, body) of a failed response or None)."""
@@ -319,8 +334,7 @@ async def _attempt(
     upstream: UpstreamConnection | None = None
     entry: dict[str, Any] | None = None  # this attempt in the access log, once a head came
     try:
-        head_bytes = _request_head(conn, request, route, group)
-        fresh_retry_left = replayable
+        fresh_retry_left = ask.replayable
         while True:
             upstream = server.pool.take_idle()
             reused = upstream is not None
@@ -355,7 +369,7 @@ async def _attempt(
         if (
             word in group.retry_policy.on
             and not response.upgrade
-            and _retry_possible(group, request, word, outcome, started, replayable)
+            and ask.refusal(word, outcome.tries, response_started=False) is None
         ):
             # Hold a small failed response: if no other server does better, it is the answer.
             payload = await _collect_small_body(upstream)
@@ -415,23 +429,6 @@ async def _attempt(
             server.breaker.release()
 
 
-def _retry_possible(
-    group: Any, request: Request, word: str, outcome: Outcome, started: float, replayable: bool
-) -> bool:
-    return (
-        group.retry_policy.should_retry(
-            word,
-            attempts_done=outcome.tries,
-            started_at=started,
-            method=request.method.decode("latin-1"),
-            has_idempotency_key=request.header(b"idempotency-key") is not None,
-            body_replayable=replayable,
-            response_started=False,
-        )
-        is None
-    )
-
-
 async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
     """Read a failed response's body if it is small, so it can still be the final answer."""
     collector = _Collector()
@@ -468,7 +465,7 @@ class _Collector:
         pass
 
 
-def _request_head(conn: ClientConnection, request: Request, route: Any, group: Any) -> bytes:
+def _request_head(conn: ClientConnection, request: Request, route: Any) -> bytes:
     target = request.target
     prefix = route.strip_prefix
     if prefix and target.startswith(prefix):
@@ -558,7 +555,7 @@ class _ResponseRelay:
     one system call; ``flush_head`` sends it alone when the body is not there yet.
     """
 
-    __slots__ = ("bytes_out", "chunked", "conn", "failed", "head", "upstream")
+    __slots__ = ("bytes_out", "chunked", "conn", "head", "upstream")
 
     def __init__(
         self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool, head: bytes
@@ -568,7 +565,6 @@ class _ResponseRelay:
         self.chunked = chunked
         self.head: bytes | None = head
         self.bytes_out = 0
-        self.failed: Exception | None = None
 
     def on_body(self, chunk: bytes) -> None:
         self.bytes_out += len(chunk)
@@ -594,7 +590,7 @@ class _ResponseRelay:
             self.conn.write(head)
 
     def on_abort(self, error: Exception) -> None:
-        self.failed = error
+        pass  # the failure reaches the pipeline through wait_done()
 
 
 async def _relay(
