@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from proxy.errors import ConfigError, StartupError
 
@@ -19,14 +19,19 @@ CONFIG_ENV = "SLUICEGATE_CONFIG"
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    return exit_code(lambda: args.handler(args))
+
+
+def exit_code(command: Callable[[], int], who: str = "sluicegate") -> int:
+    """Run a command; user errors become messages on stderr and exit 1, never a traceback."""
     try:
-        return args.handler(args)
+        return command()
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
     except StartupError as exc:
-        print(f"sluicegate: {exc}", file=sys.stderr)
+        print(f"{who}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

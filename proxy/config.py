@@ -247,8 +247,21 @@ def _first_of_its_kind(info: ValidationInfo, what: str, value: str) -> str:
     return value
 
 
-class Listener(_Model):
+class _Bound(_Model):
+    """A model with an ``address``: its host and port, derived (not settable in YAML)."""
+
     address: Address
+
+    @functools.cached_property
+    def host(self) -> str:
+        return _parse_host_port(self.address)[0]
+
+    @functools.cached_property
+    def port(self) -> int:
+        return _parse_host_port(self.address)[1]
+
+
+class Listener(_Bound):
     tls: TLSConfig | None = None
 
     @field_validator("address")
@@ -256,26 +269,10 @@ class Listener(_Model):
     def _unique(cls, address: str, info: ValidationInfo) -> str:
         return _first_of_its_kind(info, "listen address", address)
 
-    @functools.cached_property
-    def host(self) -> str:
-        return _parse_host_port(self.address)[0]
 
-    @functools.cached_property
-    def port(self) -> int:
-        return _parse_host_port(self.address)[1]
-
-
-class AdminConfig(_Model):
+class AdminConfig(_Bound):
     address: Address = "127.0.0.1:9901"
     token_env: str | None = None
-
-    @functools.cached_property
-    def host(self) -> str:
-        return _parse_host_port(self.address)[0]
-
-    @functools.cached_property
-    def port(self) -> int:
-        return _parse_host_port(self.address)[1]
 
 
 class RedisConfig(_Model):

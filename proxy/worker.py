@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from proxy.cli import exit_code
 from proxy.config import load_config
-from proxy.errors import ConfigError, StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,20 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from proxy.daemon import serve
 
-    try:
+    def work() -> int:
         config = load_config(args.config)
         return serve(
             args.config, config, reuse_port=True, admin_sock=args.admin_sock, count_reloads=False
         )
-    except ConfigError as error:
-        for line in error.errors:
-            print(line, file=sys.stderr)
-        return 1
-    except StartupError as error:
-        print(f"sluicegate worker {args.index}: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
+
+    return exit_code(work, who=f"sluicegate worker {args.index}")
 
 
 if __name__ == "__main__":
