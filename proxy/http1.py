@@ -151,6 +151,7 @@ class Request:
     __slots__ = (
         "body",
         "chunked",
+        "client_ip",
         "conn",
         "connection_tokens",
         "content_length",
@@ -191,6 +192,7 @@ class Request:
         self.request_id: bytes | None = None
         self.forwarded_for: bytes | None = None
         self.trace: bytes | None = None  # X-Sluicegate-Trace: the admin token, if any
+        self.client_ip: str | None = None  # resolved once (Runtime.client_ip), when needed
         self.head_size = 0
 
     def header(self, lowered_name: bytes) -> bytes | None:

@@ -133,7 +133,13 @@ class Runtime:
         )
 
     def client_ip(self, request: Any) -> str:
-        return self._resolver.resolve(request.conn.peer, request.forwarded_for)
+        """The client's address; the rate-limit key, ip_hash and the access log all ask."""
+        address = request.client_ip
+        if address is None:
+            address = request.client_ip = self._resolver.resolve(
+                request.conn.peer, request.forwarded_for
+            )
+        return address
 
     def log_access(self, conn: Any, request: Any, outcome: Any, duration: float) -> None:
         access_log = self.access_log

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import signal
 import socket
@@ -282,9 +281,6 @@ def urlopen(url: str):
 # --- the helpers daemon tests use ----------------------------------------------------
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("proxy.__main__") is None, reason="python -m proxy not there yet"
-)
 def test_spawn_backend_process_runs_the_cli():
     proc, port = spawn_backend_process("spawned")
     try:
