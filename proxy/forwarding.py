@@ -23,7 +23,8 @@ from functools import partial
 from typing import Any
 
 from proxy.http1 import REASONS, ClientConnection, Request, error_response
-from proxy.pool import UpstreamConnection, UpstreamError
+from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
+from proxy.retry import status_word
 from proxy.routing import cookie_value
 
 HOP_BY_HOP = frozenset(
@@ -54,16 +55,33 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK_END = b"0\r\n\r\n"
 
 
-class Outcome:
-    """What one request did; feeds the access log, metrics and the decision trace."""
+class Exchange:
+    """One request on its way through the pipeline: what was decided and what happened.
+
+    Feeds the access log, metrics and the decision trace. The fast path also keeps here
+    what it needs between callbacks, and is itself the waiter of its upstream exchange
+    (``head_received`` / ``head_failed``) and the listener of its response relay.
+    """
 
     __slots__ = (
+        "ask",
+        "attempt",
         "attempts",
+        "budget",
         "bytes_out",
+        "conn",
         "error",
+        "extra_headers",
+        "group",
+        "head_bytes",
+        "key",
         "rate_limited",
+        "request",
         "route",
+        "route_runtime",
+        "runtime",
         "server",
+        "started",
         "status",
         "trace",
         "tries",
@@ -71,9 +89,15 @@ class Outcome:
         "upstream_seconds",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, conn: ClientConnection, request: Request, runtime: Any) -> None:
+        self.conn = conn
+        self.request = request
+        self.runtime = runtime
+        self.started = time.monotonic()
         self.status = 0
         self.route = ""
+        self.route_runtime: Any = None
+        self.group: Any = None
         self.upstream = ""
         self.server = ""
         self.tries = 0
@@ -83,41 +107,159 @@ class Outcome:
         self.upstream_seconds = 0.0
         self.attempts: list[dict[str, Any]] = []
         self.trace: dict[str, Any] | None = None  # the decision trace, when asked for
+        self.extra_headers = b""  # RateLimit-* headers for the answer
+        self.budget: Any = None
+        self.ask: _RetryQuestion | None = None
+        self.key: str | None = None
+        self.head_bytes = b""
+        self.attempt: Attempt | None = None  # the fast path's try in progress
+
+    # -- shared by both paths ------------------------------------------------------------
+
+    def join_group(self, group: Any) -> None:
+        self.group = group
+        self.upstream = group.name
+        self.budget = group.retry_budget
+        self.budget.request_started()
+
+    def prepare(self) -> None:
+        """What every try sends and how servers are picked: the same for each try."""
+        request = self.request
+        self.ask = _RetryQuestion(self.group.retry_policy, request, self.started)
+        if self.group.hash_key is not None:
+            self.key = _hash_key(self.group, request, self.runtime)
+        self.head_bytes = _request_head(self.conn, request, self.route_runtime)
+
+    def close_books(self) -> None:
+        """The request is over: budget, metrics and the access log line."""
+        if self.budget is not None:
+            self.budget.request_finished()
+            self.budget = None
+        duration = time.monotonic() - self.started
+        route = self.route_runtime
+        if route is not None:
+            route.metrics.observe(self.request.method, self.status, duration)
+        runtime = self.runtime
+        if runtime.access_log is not None:
+            runtime.log_access(self.conn, self.request, self, duration)
+
+    # -- the fast path: callbacks, no task ------------------------------------------------
+
+    def serve_fast(self) -> Any:
+        """The common case by callbacks: first try on a pooled connection, no body, no
+        limit, no trace. None when underway (the connection hears ``request_done``), else
+        the coroutine that takes over (no idle connection, no eligible server)."""
+        self.prepare()
+        group = self.group
+        server = group.select(self.key, ())
+        if server is None or not server.breaker.acquire():
+            return _serve_slowly(self, tried={server} if server is not None else set())
+        attempt = Attempt(self, server)
+        upstream = server.pool.take_idle()
+        if upstream is None:
+            return _serve_slowly(self, tried={server}, attempt=attempt)
+        attempt.reused = True
+        self.attempt = attempt
+        attempt.send(upstream, self)
+        return None
+
+    def head_received(self, response: Any) -> None:
+        attempt = self.attempt
+        try:
+            if attempt.judge(response) is not None or response.upgrade:
+                self._hand_over(response)  # a failed status to hold and retry, or a tunnel
+                return
+            _start_relay(self, response, attempt.upstream, listener=self)
+        except Exception:
+            self._crashed()
+
+    def head_failed(self, error: Exception) -> None:
+        self._hand_over(error)
+
+    def relay_ended(self, relay: _ResponseRelay) -> None:
+        try:
+            _relay_over(self, relay)
+            self.attempt.release_upstream()
+            self._finish_fast()
+        except Exception:
+            self._crashed()
+
+    def relay_failed(self, relay: _ResponseRelay, error: UpstreamError) -> None:
+        try:
+            _relay_over(self, relay)
+            self.attempt.failed(error)  # the head is out: the client connection is cut
+            self._finish_fast()
+        except Exception:
+            self._crashed()
+
+    def _hand_over(self, got: Any) -> None:
+        """Retries, tunnels and the idle-close race are the coroutine's business."""
+        attempt, self.attempt = self.attempt, None
+        work = _serve_slowly(self, tried={attempt.server}, attempt=attempt, got=got)
+        self.conn.serve_async(self.request, work)
+
+    def _finish_fast(self) -> None:
+        attempt, self.attempt = self.attempt, None
+        attempt.settle()
+        self.close_books()
+        self.conn.request_done(self.request)
+
+    def _crashed(self) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.settle()
+        self.conn.on_write_paused = None
+        self.conn.request_crashed(self.request)
+        self.close_books()
 
 
-async def handle(conn: ClientConnection, request: Request) -> None:
+def handle(conn: ClientConnection, request: Request) -> Any:
+    """Serve one request. Returns None when callbacks serve it (they tell the connection
+    when it is done), else the coroutine that serves it."""
     runtime = conn.listener.runtime
-    started = time.monotonic()
-    outcome = Outcome()
-    request_id = request.request_id or runtime.new_request_id()
-    request.request_id = request_id
+    ex = Exchange(conn, request, runtime)
+    if request.request_id is None:
+        request.request_id = runtime.new_request_id()
     route = runtime.router.match(request.method, request.host, request.path, request)
     if request.trace is not None and runtime.wants_trace(request):
-        outcome.trace = {"route": route.name if route is not None else None, "retries": []}
-    try:
-        if route is None:
-            _send_error(conn, request, 404, "no route matched", outcome)
-        else:
-            outcome.route = route.name
-            await _serve_route(conn, request, route, runtime, outcome)
-    finally:
-        duration = time.monotonic() - started
-        if route is not None:
-            route.metrics.observe(request.method, outcome.status, duration)
-        if runtime.access_log is not None:
-            runtime.log_access(conn, request, outcome, duration)
+        ex.trace = {"route": route.name if route is not None else None, "retries": []}
+    if route is None:
+        _send_error(ex, 404, "no route matched")
+        ex.close_books()
+        conn.request_done(request)
+        return None
+    ex.route = route.name
+    ex.route_runtime = route
+    if route.rate_limit is None and request.body is None and ex.trace is None:
+        ex.join_group(route.group)
+        return ex.serve_fast()
+    return _serve_slowly(ex)
 
 
-async def _serve_route(
-    conn: ClientConnection, request: Request, route: Any, runtime: Any, outcome: Outcome
+async def _serve_slowly(
+    ex: Exchange, tried: set[Any] | None = None, attempt: Attempt | None = None, got: Any = None
 ) -> None:
-    extra_headers = b""
+    """The coroutine path: from the start, or taking over from the fast path (``tried``,
+    and the try it had begun with what came of it)."""
+    try:
+        if tried is None:
+            await _serve_route(ex)
+        else:
+            await _forward(ex, tried, attempt, got)
+    finally:
+        ex.close_books()
+
+
+async def _serve_route(ex: Exchange) -> None:
+    route = ex.route_runtime
+    request = ex.request
+    runtime = ex.runtime
     if route.rate_limit is not None:
         decision = await runtime.limiter.check(
             route.name, _limit_key(route, request, runtime), route.rate_limit
         )
-        if outcome.trace is not None:
-            outcome.trace["rate_limit"] = {
+        if ex.trace is not None:
+            ex.trace["rate_limit"] = {
                 "allowed": decision.allowed,
                 "remaining": decision.remaining,
                 "limit": decision.limit,
@@ -128,27 +270,19 @@ async def _serve_route(
             # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
             # a `deny` is the limiter being down (503), not the client over its limit.
             if not decision.allowed and route.rate_limit.mode == "enforce":
-                _send_error(conn, request, 503, "rate limiter unavailable", outcome)
+                _send_error(ex, 503, "rate limiter unavailable")
                 return
         else:
-            extra_headers = _rate_limit_headers(decision)
+            ex.extra_headers = _rate_limit_headers(decision)
             if not decision.allowed:
-                outcome.rate_limited = True
+                ex.rate_limited = True
                 route.metrics.rate_limited()
                 if route.rate_limit.mode == "enforce":
                     retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
-                    _send_error(
-                        conn, request, 429, "rate limited", outcome, extra_headers + retry_after
-                    )
+                    _send_error(ex, 429, "rate limited", ex.extra_headers + retry_after)
                     return
-    group = route.group
-    outcome.upstream = group.name
-    budget = group.retry_budget
-    budget.request_started()
-    try:
-        await _forward(conn, request, route, group, runtime, outcome, extra_headers)
-    finally:
-        budget.request_finished()
+    ex.join_group(route.group)
+    await _forward(ex, set())
 
 
 def _limit_key(route: Any, request: Request, runtime: Any) -> str:
@@ -175,63 +309,50 @@ def _rate_limit_headers(decision: Any) -> bytes:
 
 
 async def _forward(
-    conn: ClientConnection,
-    request: Request,
-    route: Any,
-    group: Any,
-    runtime: Any,
-    outcome: Outcome,
-    extra_headers: bytes,
+    ex: Exchange, tried: set[Any], attempt: Attempt | None = None, got: Any = None
 ) -> None:
-    retry = group.retry_policy
-    body = request.body
-    ask = _RetryQuestion(retry, request)
-    may_repeat = retry.tries > 1 and retry.may_retry_method(ask.method, ask.has_idempotency_key)
-    if body is not None and may_repeat:
-        if request.expect_continue:
-            conn.write(CONTINUE)
-        if request.content_length is None or request.content_length <= retry.max_body_bytes:
-            try:
-                ask.replayable = await body.buffer_up_to(retry.max_body_bytes)
-            except (ConnectionError, OSError):
-                outcome.status = 499
-                outcome.error = "client went away"
-                return
-    elif body is not None and request.expect_continue:
-        conn.write(CONTINUE)
-
-    key = _hash_key(group, request, runtime)
-    if outcome.trace is not None:
-        outcome.trace["policy"] = group.config.policy
-        outcome.trace["candidates"] = [
-            {
-                "server": server.label,
-                "eligible": server.is_eligible(),
-                "health": server.health_word(),
-                "breaker": server.breaker.state.value,
-                "draining": server.draining,
-                "backup": server.backup,
-            }
-            for server in group.servers
-        ]
-    head_bytes = _request_head(conn, request, route)  # the same for every try
-    ask.started = time.monotonic()
-    tried: set[Any] = set()
+    """Tries until one answers or no retry is allowed. Taking over from the fast path,
+    ``attempt`` is its begun try (``got``: the head or failure it came to, if any)."""
+    conn = ex.conn
+    group = ex.group
+    if ex.ask is None:
+        replayable = await _take_body(ex)
+        if replayable is None:
+            return
+        ex.prepare()
+        ask = ex.ask
+        assert ask is not None
+        ask.replayable = replayable
+        ask.started = time.monotonic()  # the retry time budget starts once the body is held
+        if ex.trace is not None:
+            ex.trace["policy"] = group.config.policy
+            ex.trace["candidates"] = [
+                {
+                    "server": server.label,
+                    "eligible": server.is_eligible(),
+                    "health": server.health_word(),
+                    "breaker": server.breaker.state.value,
+                    "draining": server.draining,
+                    "backup": server.backup,
+                }
+                for server in group.servers
+            ]
+    ask = ex.ask
     last_error: UpstreamError | None = None
     last_response: tuple[Any, bytes] | None = None
     holding_retry = False
     try:
         while True:
-            server = group.select(key, tried)
-            if server is None:
-                break
-            tried.add(server)
-            if not server.breaker.acquire():
-                continue
-            outcome.tries += 1
-            result = await _attempt(
-                conn, request, head_bytes, group, server, outcome, extra_headers, ask
-            )
+            if attempt is None:
+                server = group.select(ex.key, tried)
+                if server is None:
+                    break
+                tried.add(server)
+                if not server.breaker.acquire():
+                    continue
+                attempt = Attempt(ex, server)
+            result = await _attempt(ex, attempt, got)
+            attempt = got = None
             if holding_retry:
                 group.retry_budget.release_retry()
                 holding_retry = False
@@ -247,29 +368,55 @@ async def _forward(
                 last_error = UpstreamError(
                     "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
-            if ask.refusal(failure_word, outcome.tries, conn.response_started) is not None:
+            if ask.refusal(failure_word, ex.tries, conn.response_started) is not None:
                 break
             if not group.retry_budget.try_acquire_retry():
                 break
             holding_retry = True
-            runtime.metrics.retry(group.name, failure_word)
-            if outcome.trace is not None:
-                outcome.trace["retries"].append(failure_word)
+            ex.runtime.metrics.retry(group.name, failure_word)
+            if ex.trace is not None:
+                ex.trace["retries"].append(failure_word)
     finally:
         if holding_retry:
             group.retry_budget.release_retry()
+        if attempt is not None:  # taken over but never run (an exception on the way)
+            attempt.settle()
 
     if conn.response_started or conn.closed:
         return
     if last_response is not None:
         head, payload = last_response
-        _send_buffered(conn, request, head, payload, outcome, extra_headers)
+        _send_buffered(ex, head, payload)
     elif last_error is not None:
         status = 504 if last_error.kind == "timeout" else 502
-        outcome.error = last_error.detail
-        _send_error(conn, request, status, last_error.detail, outcome, extra_headers)
+        ex.error = last_error.detail
+        _send_error(ex, status, last_error.detail, ex.extra_headers)
     else:
-        _send_error(conn, request, 503, "no eligible server", outcome, extra_headers)
+        _send_error(ex, 503, "no eligible server", ex.extra_headers)
+
+
+async def _take_body(ex: Exchange) -> bool | None:
+    """100-continue, and the body held in full when a retry may need to replay it.
+    Whether the body can be replayed; None when the client went away meanwhile."""
+    request = ex.request
+    body = request.body
+    if body is None:
+        return True
+    conn = ex.conn
+    if request.expect_continue:
+        conn.write(CONTINUE)
+    retry = ex.group.retry_policy
+    method = request.method.decode("latin-1")
+    has_key = request.header(b"idempotency-key") is not None
+    fits = request.content_length is None or request.content_length <= retry.max_body_bytes
+    if retry.tries > 1 and fits and retry.may_retry_method(method, has_key):
+        try:
+            return await body.buffer_up_to(retry.max_body_bytes)
+        except (ConnectionError, OSError):
+            ex.status = 499
+            ex.error = "client went away"
+            return None
+    return False
 
 
 def _hash_key(group: Any, request: Request, runtime: Any) -> str | None:
@@ -288,145 +435,245 @@ def _hash_key(group: Any, request: Request, runtime: Any) -> str | None:
 
 class _RetryQuestion:
     """May this request go to another server? The per-request facts ``RetryPolicy`` needs,
-    gathered once and asked both after a failed try and before holding a failed response."""
+    asked both after a failed try and before holding a failed response (and only then
+    gathered: most requests never ask)."""
 
-    __slots__ = ("has_idempotency_key", "method", "policy", "replayable", "started")
+    __slots__ = ("policy", "replayable", "request", "started")
 
-    def __init__(self, policy: Any, request: Request) -> None:
+    def __init__(self, policy: Any, request: Request, started: float) -> None:
         self.policy = policy
-        self.method = request.method.decode("latin-1")
-        self.has_idempotency_key = request.header(b"idempotency-key") is not None
+        self.request = request
         self.replayable = request.body is None  # a body becomes replayable once held in full
-        self.started = 0.0
+        self.started = started
 
     def refusal(self, word: str, attempts_done: int, response_started: bool) -> Any:
         """None when another try is allowed, else why not (a ``NoRetry``)."""
+        request = self.request
         return self.policy.should_retry(
             word,
             attempts_done=attempts_done,
             started_at=self.started,
-            method=self.method,
-            has_idempotency_key=self.has_idempotency_key,
+            method=request.method.decode("latin-1"),
+            has_idempotency_key=request.header(b"idempotency-key") is not None,
             body_replayable=self.replayable,
             response_started=response_started,
         )
 
 
-async def _attempt(
-    conn: ClientConnection,
-    request: Request,
-    head_bytes: bytes,
-    group: Any,
-    server: Any,
-    outcome: Outcome,
-    extra_headers: bytes,
-    ask: _RetryQuestion,
-) -> tuple[str, UpstreamError | None, Any] | None:
-    """One try on one server. None when the client has been answered (or is gone);
-    otherwise (failure word, error or None, (head, body) of a failed response or None)."""
-    server.in_flight += 1
-    server.requests += 1
-    metrics = server.metrics
-    metrics.in_flight_inc()
-    attempt_started = time.monotonic()
-    outcome.server = server.label
-    verdict: bool | None = None  # breaker: True success, False failure, None no verdict
-    upstream: UpstreamConnection | None = None
-    entry: dict[str, Any] | None = None  # this attempt in the access log, once a head came
-    try:
-        fresh_retry_left = ask.replayable
-        while True:
-            upstream = server.pool.take_idle()
-            reused = upstream is not None
-            if upstream is None:
-                upstream = await server.pool.connect()
-            if conn.closed:
-                upstream.close()
-                outcome.status = 499
-                return None
-            upstream.begin(request.method == b"HEAD")
-            conn.on_lost = upstream.abort
-            _send_request(upstream, request, head_bytes, conn)
-            try:
-                response = await upstream.head
-                break
-            except UpstreamError as error:
-                if reused and fresh_retry_left and error.kind == "error" and not conn.closed:
-                    fresh_retry_left = False  # the idle-close race: once, on a new connection
-                    continue
-                raise
-        head_seconds = time.monotonic() - attempt_started
+class Attempt:
+    """One try on one server, and what it owes when it ends: counters, metrics, and the
+    breaker's verdict. Both paths drive it: ``send``, then ``judge`` the head or ``failed``,
+    and ``settle`` exactly once."""
+
+    __slots__ = (
+        "entry",
+        "ex",
+        "metrics",
+        "retry_word",
+        "reused",
+        "server",
+        "settled",
+        "started",
+        "upstream",
+        "verdict",
+    )
+
+    def __init__(self, ex: Exchange, server: Any) -> None:
+        server.in_flight += 1
+        server.requests += 1
+        self.metrics = metrics = server.metrics
+        metrics.in_flight_inc()
+        ex.tries += 1
+        ex.server = server.label
+        self.ex = ex
+        self.server = server
+        self.started = time.monotonic()
+        self.verdict: bool | None = None  # breaker: True success, False failure, None none
+        self.upstream: UpstreamConnection | None = None
+        self.entry: dict[str, Any] | None = None  # this try in the access log, once a head came
+        self.reused = False
+        self.settled = False
+        self.retry_word: str | None = None  # set by judge()
+
+    def send(self, upstream: UpstreamConnection, waiter: Any) -> None:
+        ex = self.ex
+        request = ex.request
+        conn = ex.conn
+        self.upstream = upstream
+        upstream.begin(request.method == b"HEAD", waiter)
+        conn.on_lost = upstream.abort
+        _send_request(upstream, request, ex.head_bytes, conn)
+
+    def judge(self, response: Any) -> str | None:
+        """Book the response head. Its failure word when it is a listed status the request
+        may still be retried for (hold its body: another server may do better), else None."""
+        ex = self.ex
+        server = self.server
+        head_seconds = time.monotonic() - self.started
         server.observe_latency(head_seconds)
         status = response.status
-        word = f"http_{status}"
+        word = _status_word(status)
+        group = ex.group
         failed = word in group.failure_on
-        verdict = not failed
-        metrics.response(status, head_seconds)
+        self.verdict = not failed
+        self.metrics.response(status, head_seconds)
         if failed:
             server.failures += 1
         entry = {"server": server.label, "outcome": status, "ms": round(head_seconds * 1000, 2)}
-        outcome.attempts.append(entry)
+        self.entry = entry
+        ex.attempts.append(entry)
         if (
             word in group.retry_policy.on
             and not response.upgrade
-            and ask.refusal(word, outcome.tries, response_started=False) is None
+            and ex.ask.refusal(word, ex.tries, response_started=False) is None
         ):
-            # Hold a small failed response: if no other server does better, it is the answer.
-            payload = await _collect_small_body(upstream)
-            if payload is not None:
-                server.pool.release(upstream)
-                upstream = None
-                return word, None, (response, payload)
-            upstream.close()
-            upstream = None
-            return word, None, None
-        if response.upgrade:
-            await _tunnel(conn, request, response, upstream, outcome, extra_headers)
-            upstream = None
-            return None
-        await _relay(conn, request, response, upstream, outcome, extra_headers)
-        server.pool.release(upstream)
-        upstream = None
+            self.retry_word = word
+            return word
         return None
-    except UpstreamError as error:
-        seconds = time.monotonic() - attempt_started
+
+    def failed(self, error: UpstreamError) -> tuple[str, UpstreamError, None] | None:
+        """Book a failure. None when the client has been dealt with (gone, or cut because
+        the response had started), else what ``_forward`` weighs for a retry."""
+        ex = self.ex
+        conn = ex.conn
+        server = self.server
+        seconds = time.monotonic() - self.started
+        entry = self.entry
         if entry is None:
-            outcome.attempts.append(
+            ex.attempts.append(
                 {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
             )
         else:  # failed mid-body: still one attempt (and one upstream request), now failed
             entry.update(status=entry["outcome"], outcome=error.kind, ms=round(seconds * 1000, 2))
         if conn.closed:
-            outcome.status = 499
-            outcome.error = "client went away"
+            ex.status = 499
+            ex.error = "client went away"
             return None
         if entry is None:
-            metrics.response(error.kind, None)
-        if error.kind in group.failure_on:
-            if verdict is not False:
+            self.metrics.response(error.kind, None)
+        if error.kind in ex.group.failure_on:
+            if self.verdict is not False:
                 server.failures += 1
-            verdict = False
+            self.verdict = False
         if conn.response_started:
             # Bytes already reached the client: all we can do is cut the connection.
-            outcome.error = error.detail
+            ex.error = error.detail
             conn.abort()
             return None
         return error.kind, error, None
-    finally:
-        conn.on_lost = None
+
+    def release_upstream(self) -> None:
+        """The exchange ended well: the connection may serve another."""
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            self.server.pool.release(upstream)
+
+    def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        ex = self.ex
+        ex.conn.on_lost = None
+        upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()
+        server = self.server
         server.in_flight -= 1
-        metrics.in_flight_dec()
-        elapsed = time.monotonic() - attempt_started
-        outcome.upstream_seconds += elapsed
-        server.stats.record(elapsed, verdict is False)
+        self.metrics.in_flight_dec()
+        elapsed = time.monotonic() - self.started
+        ex.upstream_seconds += elapsed
+        server.stats.record(elapsed, self.verdict is False)
+        verdict = self.verdict
         if verdict is True:
             server.breaker.record_success()
         elif verdict is False:
             server.breaker.record_failure()
         else:
             server.breaker.release()
+
+
+_STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
+
+
+def _status_word(status: int) -> str:
+    return _STATUS_WORDS.get(status) or status_word(status)
+
+
+async def _attempt(
+    ex: Exchange, attempt: Attempt, got: Any = None
+) -> tuple[str, UpstreamError | None, Any] | None:
+    """Run one try to its end. None when the client has been answered (or is gone);
+    otherwise (failure word, error or None, (head, body) of a failed response or None).
+    ``got``: the head (or failure) the fast path already came to."""
+    try:
+        if got is None or isinstance(got, UpstreamError):
+            response = await _await_head(ex, attempt, got)
+            if response is None:
+                return None  # the client went away while we connected
+            word = attempt.judge(response)
+        else:  # the fast path judged it already
+            response = got
+            word = attempt.retry_word
+        upstream = attempt.upstream
+        assert upstream is not None
+        if word is not None:
+            # Hold a small failed response: if no other server does better, it is the answer.
+            payload = await _collect_small_body(upstream)
+            if payload is not None:
+                attempt.release_upstream()
+                return word, None, (response, payload)
+            return word, None, None
+        if response.upgrade:
+            attempt.upstream = None
+            await _tunnel(ex, response, upstream)
+            return None
+        await _relay(ex, response, upstream)
+        attempt.release_upstream()
+        return None
+    except UpstreamError as error:
+        return attempt.failed(error)
+    finally:
+        attempt.settle()
+
+
+async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | None) -> Any:
+    """Send the request and wait for the response head; None if the client went away.
+
+    A pooled connection the upstream closed while idle is a known race: a failure before
+    any response byte is retried once on a fresh connection, when the request can be
+    replayed. ``failure``: how the fast path's try on a pooled connection ended.
+    """
+    conn = ex.conn
+    pool = attempt.server.pool
+    fresh_retry_left = ex.ask.replayable
+    if failure is not None:
+        attempt.upstream = None  # it failed; the failure closed it
+        if not _idle_race(failure, attempt.reused, fresh_retry_left, conn):
+            raise failure
+        fresh_retry_left = False
+    while True:
+        upstream = pool.take_idle()
+        attempt.reused = upstream is not None
+        if upstream is None:
+            upstream = await pool.connect()
+        if conn.closed:
+            upstream.close()
+            ex.status = 499
+            return None
+        waiter = HeadFuture(loop=conn.loop)
+        attempt.send(upstream, waiter)
+        try:
+            return await waiter
+        except UpstreamError as error:
+            if _idle_race(error, attempt.reused, fresh_retry_left, conn):
+                fresh_retry_left = False  # once, on a new connection
+                attempt.upstream = None
+                continue
+            raise
+
+
+def _idle_race(error: UpstreamError, reused: bool, fresh_retry_left: bool, conn: Any) -> bool:
+    return reused and fresh_retry_left and error.kind == "error" and not conn.closed
 
 
 async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
@@ -555,15 +802,16 @@ class _ResponseRelay:
     one system call; ``flush_head`` sends it alone when the body is not there yet.
     """
 
-    __slots__ = ("bytes_out", "chunked", "conn", "head", "upstream")
+    __slots__ = ("bytes_out", "chunked", "close", "conn", "head", "listener")
 
     def __init__(
-        self, conn: ClientConnection, upstream: UpstreamConnection, chunked: bool, head: bytes
+        self, conn: ClientConnection, chunked: bool, head: bytes, close: bool, listener: Any
     ) -> None:
         self.conn = conn
-        self.upstream = upstream
         self.chunked = chunked
         self.head: bytes | None = head
+        self.close = close  # the client connection closes after this response
+        self.listener = listener  # relay_ended() / relay_failed(error), or None
         self.bytes_out = 0
 
     def on_body(self, chunk: bytes) -> None:
@@ -583,6 +831,8 @@ class _ResponseRelay:
             self.conn.write(head + tail)
         elif tail:
             self.conn.write(tail)
+        if self.listener is not None:
+            self.listener.relay_ended(self)
 
     def flush_head(self) -> None:
         head, self.head = self.head, None
@@ -590,17 +840,18 @@ class _ResponseRelay:
             self.conn.write(head)
 
     def on_abort(self, error: Exception) -> None:
-        pass  # the failure reaches the pipeline through wait_done()
+        if self.listener is not None:
+            self.listener.relay_failed(self, error)
+        # else the failure reaches the coroutine through wait_done()
 
 
-async def _relay(
-    conn: ClientConnection,
-    request: Request,
-    response: Any,
-    upstream: UpstreamConnection,
-    outcome: Outcome,
-    extra_headers: bytes,
-) -> None:
+def _start_relay(
+    ex: Exchange, response: Any, upstream: UpstreamConnection, listener: Any = None
+) -> _ResponseRelay:
+    """Send the response head (with the first body bytes) and stream the rest as it comes.
+    ``listener`` hears the end; without one, await ``upstream.wait_done()``."""
+    conn = ex.conn
+    request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
     chunked_out = False
     if response.has_body and response.content_length is None:
@@ -609,22 +860,31 @@ async def _relay(
         else:
             close = True  # an HTTP/1.0 client reads to the end of the connection
     head = _response_head(
-        response, request, _with_trace(outcome, extra_headers), close=close, chunked=chunked_out
+        response, request, _with_trace(ex, ex.extra_headers), close=close, chunked=chunked_out
     )
-    relay = _ResponseRelay(conn, upstream, chunked_out, head)
+    relay = _ResponseRelay(conn, chunked_out, head, close, listener)
     conn.response_started = True
-    outcome.status = response.status
+    ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.
     conn.on_write_paused = partial(upstream.set_reading_paused, "client")
+    upstream.attach(relay)  # may end the relay at once: the whole body is often here
+    relay.flush_head()
+    return relay
+
+
+def _relay_over(ex: Exchange, relay: Any) -> None:
+    ex.conn.on_write_paused = None
+    ex.bytes_out += relay.bytes_out
+    if relay.close:
+        ex.request.keep_alive = False
+
+
+async def _relay(ex: Exchange, response: Any, upstream: UpstreamConnection) -> None:
+    relay = _start_relay(ex, response, upstream)
     try:
-        upstream.attach(relay)
-        relay.flush_head()
         await upstream.wait_done()
     finally:
-        conn.on_write_paused = None
-        outcome.bytes_out += relay.bytes_out
-    if close:
-        request.keep_alive = False
+        _relay_over(ex, relay)
 
 
 def _response_head(
@@ -668,12 +928,12 @@ def _response_head(
     return b"".join(parts)
 
 
-def _with_trace(outcome: Outcome, extra_headers: bytes) -> bytes:
+def _with_trace(ex: Exchange, extra_headers: bytes) -> bytes:
     """The decision trace rides on the response head: one compact JSON header."""
-    trace = outcome.trace
+    trace = ex.trace
     if trace is None:
         return extra_headers
-    trace["attempts"] = outcome.attempts
+    trace["attempts"] = ex.attempts
     encoded = json.dumps(trace, separators=(",", ":")).encode()  # ASCII: no CR/LF survives
     return extra_headers + b"X-Sluicegate-Trace: " + encoded + b"\r\n"
 
@@ -685,36 +945,26 @@ def _header(headers: list[tuple[bytes, bytes]], lowered_name: bytes) -> bytes | 
     return None
 
 
-def _send_buffered(
-    conn: ClientConnection,
-    request: Request,
-    response: Any,
-    payload: bytes,
-    outcome: Outcome,
-    extra_headers: bytes,
-) -> None:
+def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
+    conn = ex.conn
+    request = ex.request
     close = not request.keep_alive
     response.content_length = len(payload) if response.has_body else response.content_length
     head = _response_head(
-        response, request, _with_trace(outcome, extra_headers), close=close, chunked=False
+        response, request, _with_trace(ex, ex.extra_headers), close=close, chunked=False
     )
     conn.response_started = True
     conn.write(head + payload if response.has_body else head)
-    outcome.status = response.status
-    outcome.bytes_out += len(payload)
+    ex.status = response.status
+    ex.bytes_out += len(payload)
 
 
-def _send_error(
-    conn: ClientConnection,
-    request: Request,
-    status: int,
-    reason: str,
-    outcome: Outcome,
-    extra_headers: bytes = b"",
-) -> None:
-    outcome.status = status
-    if not outcome.error and status >= 500:
-        outcome.error = reason
+def _send_error(ex: Exchange, status: int, reason: str, extra_headers: bytes = b"") -> None:
+    conn = ex.conn
+    request = ex.request
+    ex.status = status
+    if not ex.error and status >= 500:
+        ex.error = reason
     close = not request.keep_alive or (request.body is not None and not request.body.complete)
     conn.response_started = True
     data = error_response(
@@ -722,10 +972,10 @@ def _send_error(
         reason,
         request.request_id or b"-",
         close=close,
-        extra_headers=_with_trace(outcome, extra_headers),
+        extra_headers=_with_trace(ex, extra_headers),
     )
     conn.write(data)
-    outcome.bytes_out += len(data)
+    ex.bytes_out += len(data)
 
 
 class _Tunnel:
@@ -759,19 +1009,14 @@ class _Tunnel:
             self.closed.set_result(None)
 
 
-async def _tunnel(
-    conn: ClientConnection,
-    request: Request,
-    response: Any,
-    upstream: UpstreamConnection,
-    outcome: Outcome,
-    extra_headers: bytes,
-) -> None:
+async def _tunnel(ex: Exchange, response: Any, upstream: UpstreamConnection) -> None:
+    conn = ex.conn
+    request = ex.request
     head = _response_head(
-        response, request, _with_trace(outcome, extra_headers), close=False, chunked=False
+        response, request, _with_trace(ex, ex.extra_headers), close=False, chunked=False
     )
     conn.response_started = True
-    outcome.status = 101
+    ex.status = 101
     conn.write(head)
     tunnel = _Tunnel(conn, upstream)
     conn.tunnel = tunnel

@@ -240,7 +240,8 @@ def error_response(
 
 
 class ClientConnection(ProxyConnection, asyncio.Protocol):
-    """One client socket. ``handler(conn, request)`` is a coroutine function that answers."""
+    """One client socket. ``handler(conn, request)`` answers: it returns a coroutine to run,
+    or None when it answers by callbacks and calls ``request_done`` itself."""
 
     def __init__(self, listener: Any) -> None:
         self.listener = listener
@@ -547,22 +548,38 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self._current = request
         self.response_started = False
-        self.loop.create_task(self._run(request))
-
-    async def _run(self, request: Request) -> None:
         try:
-            await self.handler(self, request)
+            work = self.handler(self, request)
         except Exception:
-            self.listener.log_exception("unhandled error while serving a request")
-            if not self.response_started and not self.closed:
-                self.write(
-                    error_response(500, "internal error", request.request_id or b"-", close=True)
-                )
-            self.close()
+            self.request_crashed(request)
             return
-        self._finish(request)
+        if work is not None:
+            self.serve_async(request, work)
 
-    def _finish(self, request: Request) -> None:
+    def serve_async(self, request: Request, work: Any) -> None:
+        """Answer ``request`` by running the coroutine ``work`` to its end."""
+        self.loop.create_task(self._run(request, work))
+
+    async def _run(self, request: Request, work: Any) -> None:
+        try:
+            await work
+        except Exception:
+            self.request_crashed(request)
+            return
+        self.request_done(request)
+
+    def request_crashed(self, request: Request) -> None:
+        """A bug while serving ``request`` (called from an ``except`` block): 500, close."""
+        self.listener.log_exception("unhandled error while serving a request")
+        if not self.response_started and not self.closed:
+            rid = request.request_id or b"-"
+            self.write(error_response(500, "internal error", rid, close=True))
+        self.close()
+
+    def request_done(self, request: Request) -> None:
+        """``request`` has been answered: the next one may start."""
+        if request is not self._current:
+            return
         self._current = None
         self.requests_served += 1
         self.response_started = False  # a later rejection (or 408) may answer again

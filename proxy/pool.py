@@ -2,12 +2,15 @@
 per-server pool of idle ones.
 
 Theory of operation. An ``UpstreamConnection`` carries one exchange at a time (we never
-pipeline to upstreams). ``begin()`` arms two futures: ``head`` resolves with the parsed
-``ResponseHead`` (or fails with ``UpstreamError``), ``done`` when the response body has
-ended. Body bytes that arrive before the forwarding code attaches a ``sink`` are held
-(bounded: reading pauses past ``HELD_BODY_LIMIT``), then handed over in order. A connection
-goes back to the pool only after a complete, well-framed exchange whose response allowed
-keep-alive and whose request body was sent in full; anything else closes it.
+pipeline to upstreams). ``begin(request_is_head, waiter)`` starts one: the waiter is told
+``head_received(ResponseHead)`` or ``head_failed(UpstreamError)``, always after the parser
+has returned (never from inside an llhttp callback), so it may attach a sink, finish, and
+even hand this connection to the next exchange. The forwarding fast path is such a waiter
+itself; coroutines use ``HeadFuture``. Body bytes that arrive before the forwarding code
+attaches a ``sink`` are held (bounded: reading pauses past ``HELD_BODY_LIMIT``), then handed
+over in order; the sink hears ``on_end`` once, when it is attached and the body is complete.
+A connection goes back to the pool only after a complete, well-framed exchange whose
+response allowed keep-alive and whose request body was sent in full; anything else closes it.
 
 Failures carry the phase in which they happened (``UpstreamError.kind``): ``error`` (refused,
 reset, closed before a full head), ``timeout`` (connect or read), ``invalid_header``
@@ -84,6 +87,18 @@ class ResponseHead:
         self.version = "1.1"
 
 
+class HeadFuture(asyncio.Future):
+    """The waiter a coroutine awaits: resolves with the response head or the failure."""
+
+    def head_received(self, response: ResponseHead) -> None:
+        if not self.done():
+            self.set_result(response)
+
+    def head_failed(self, error: UpstreamError) -> None:
+        if not self.done():
+            self.set_exception(error)
+
+
 class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
@@ -97,7 +112,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
-        self.head: asyncio.Future[ResponseHead] | None = None
+        self.waiter: Any = None  # None while idle in the pool
         # Made only when someone has to wait for the body's end (most bodies are complete
         # by the time the head is handled); ``failure`` records a failed exchange.
         self._done: asyncio.Future[None] | None = None
@@ -109,6 +124,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._head_bytes = 0
         self._head_fields_bytes = 0
         self._head_done = False
+        self._head_untold = False  # parsed, not yet handed to the waiter
+        self._end_told = False
         self._informational = False
         self.complete = False
         self.request_is_head = False
@@ -128,7 +145,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.closed = True
         self._sweeper.unwatch(self)
         self.pool.forget(self)
-        if self.head is None:
+        if self.waiter is None:
             return
         if self.tunnel_data is None:  # a tunnel the upstream (or its idle timeout) ended
             if self.sink is not None:
@@ -153,7 +170,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
                 self._abort(UpstreamError("error", "upstream closed mid-response", sent=True))
 
     def data_received(self, data: bytes) -> None:
-        if self.head is None:
+        if self.waiter is None:
             # Bytes on an idle connection: the peer is out of step; never reuse it.
             self.close()
             return
@@ -180,10 +197,17 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
                 self._parser_failed(error)
         except httptools.HttpParserError as error:
             self._parser_failed(error)
+        if not self._head_done:
+            if self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
+                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+                self.close()
             return
-        if not self._head_done and self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
-            self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
-            self.close()
+        # Outside the parser now: the waiter may finish, and even begin the next exchange.
+        if self._head_untold:
+            self._head_untold = False
+            self.waiter.head_received(self._response)
+        elif self.complete:
+            self._tell_end()
 
     def _parser_failed(self, error: Exception) -> None:
         if not self._head_done:
@@ -242,8 +266,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         response.upgrade = status == 101
         response.has_body = not (self.request_is_head or status in (204, 304) or response.upgrade)
         self._head_done = True
-        if self.head is not None and not self.head.done():
-            self.head.set_result(response)
+        self._head_untold = True
         if self.request_is_head:
             raise _HeadResponseDone
 
@@ -261,14 +284,16 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
-        self._finish()
+        self.complete = True  # told after the parser returns (data_received)
+        self.deadline = 0.0
 
     # -- the exchange, driven by forwarding ----------------------------------------------
 
-    def begin(self, request_is_head: bool) -> None:
+    def begin(self, request_is_head: bool, waiter: Any) -> None:
+        """Start an exchange; ``waiter`` hears head_received(head) or head_failed(error)."""
         self._reset_exchange()
         self.request_is_head = request_is_head
-        self.head = self.loop.create_future()
+        self.waiter = waiter
         # The fresh clock, not the tick-cached one: a stale `now` fires the timeout early.
         self.deadline = self._sweeper.refresh() + self.read_timeout
 
@@ -285,7 +310,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
                 sink.on_body(chunk)
             self.resume_reading("held")
         if self.complete:
-            sink.on_end()
+            self._tell_end()
         elif self.failure is not None:
             sink.on_abort(self.failure)
 
@@ -312,7 +337,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.deadline = self._sweeper.now + self.read_timeout
 
     def on_deadline(self) -> None:
-        if self.head is None:
+        if self.waiter is None:
             self.close()  # idle too long in the pool
             return
         if self.tunnel_data is None:
@@ -326,9 +351,11 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.close()
 
     def _fail(self, error: UpstreamError) -> None:
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(error)
+        """The exchange failed before a usable head."""
         self._abort(error)
+        if self.waiter is not None and not self._head_done:
+            self._head_done = True  # told once
+            self.waiter.head_failed(error)
 
     def _abort(self, error: UpstreamError) -> None:
         if self.failure is not None or self.complete:
@@ -343,11 +370,21 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def _finish(self) -> None:
         self.complete = True
         self.deadline = 0.0
-        if self.sink is not None:
-            self.sink.on_end()
+        if self._head_untold:
+            self._head_untold = False
+            self.waiter.head_received(self._response)
+        else:
+            self._tell_end()
+
+    def _tell_end(self) -> None:
+        """The body is complete: the sink hears it once, whenever it is attached."""
         done = self._done
         if done is not None and not done.done():
             done.set_result(None)
+        sink = self.sink
+        if sink is not None and not self._end_told:
+            self._end_told = True
+            sink.on_end()
 
     @property
     def reusable(self) -> bool:
@@ -418,8 +455,8 @@ class ConnectionPool:
             # connection must read again, or its next exchange would never see the
             # response (begin() starts from an empty set of reasons).
             conn.resume_all_reading()
-            # Idle is `head is None`; begin() resets the rest. Drop what holds memory.
-            conn.head = None
+            # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
+            conn.waiter = None
             conn.sink = None
             conn._response = None
             conn.body_writer_paused = None
