@@ -42,6 +42,7 @@ class BreakerState(enum.Enum):
 
 
 _GAUGE_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+_CLOSED = BreakerState.CLOSED
 
 # The transition table is data, so the rules can be read (and tested) in one place.
 _LEGAL_TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
@@ -186,6 +187,8 @@ class CircuitBreaker:
 
     def allows(self) -> bool:
         """May a new request be sent to this server now? Changes nothing but lazy expiry."""
+        if self._state is _CLOSED:  # every request asks: the common answer first
+            return True
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -197,6 +200,8 @@ class CircuitBreaker:
 
     def acquire(self) -> bool:
         """The server was chosen: take a trial slot if half-open. False = do not send."""
+        if self._state is _CLOSED:
+            return True
         state = self.state
         if state is BreakerState.CLOSED:
             return True
@@ -211,7 +216,7 @@ class CircuitBreaker:
             self._trials_in_flight -= 1
 
     def record_success(self) -> None:
-        state = self.state
+        state = self._state if self._state is _CLOSED else self.state
         if state is BreakerState.CLOSED:
             self._consecutive_failures = 0
             if self._outcomes is not None:

@@ -736,7 +736,7 @@ def _request_head(conn: ClientConnection, request: Request, route: Any) -> bytes
     )
     if request.host is not None:
         parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
-    if request.header(b"x-request-id") is None:
+    if b"x-request-id" not in request.lowered:
         parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
     if request.upgrade:
         upgrade = request.header(b"upgrade") or b"websocket"

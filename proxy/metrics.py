@@ -184,33 +184,52 @@ OPEN_CONNECTIONS = Gauge(
 )
 
 
-def _adder(child: object) -> object:
-    """``add(amount)`` for a counter or gauge child, without the wrapper's checks.
+class _WriteThrough:
+    """Multiprocess mode: ``_value += n`` on a file-backed value, written to its file.
+
+    The request path adds with ``value._value += n``: on a ``_LoopValue`` that is plain
+    attribute arithmetic, no call at all (3 to 8 of them per request). This adapter gives
+    the file-backed values of multiprocess mode the same shape; each process owns its
+    entries, so ``set(old + n)`` is the ``inc(n)`` it replaces.
+    """
+
+    __slots__ = ("_target",)
+
+    def __init__(self, target: object) -> None:
+        self._target = target
+
+    @property
+    def _value(self) -> float:
+        return self._target.get()  # type: ignore[attr-defined]
+
+    @_value.setter
+    def _value(self, value: float) -> None:
+        self._target.set(value)  # type: ignore[attr-defined]
+
+
+def _hot(child: object) -> object:
+    """The value of a counter or gauge child, to add to with ``._value += n``.
 
     prometheus-client's ``inc`` validates its argument and observability on every call;
-    the request path only ever adds known-good amounts. Falls back to the public method
-    if the library's internals ever change shape.
+    the request path only ever adds known-good amounts.
     """
-    value = getattr(child, "_value", None)
-    return value.inc if value is not None and hasattr(value, "inc") else child.inc
+    return _hot_value(child._value)  # type: ignore[attr-defined]
 
 
-def _observer(child: object) -> object:
-    """``observe(seconds)`` for a histogram child: one bisect instead of a linear scan of
-    the buckets, and no wrapper checks (same fallback as ``_adder``)."""
-    try:
-        bounds = list(child._upper_bounds)  # type: ignore[attr-defined]
-        buckets = list(child._buckets)  # type: ignore[attr-defined]
-        total = child._sum.inc  # type: ignore[attr-defined]
-    except AttributeError:
-        return child.observe  # type: ignore[attr-defined]
-    increments = [bucket.inc for bucket in buckets]
+class _HotHistogram:
+    """A histogram child's sum and buckets as hot values: one bisect per observation."""
 
-    def observe(amount: float) -> None:
-        total(amount)
-        increments[bisect_left(bounds, amount)](1)
+    __slots__ = ("bounds", "buckets", "total")
 
-    return observe
+    def __init__(self, child: object) -> None:
+        self.bounds = list(child._upper_bounds)  # type: ignore[attr-defined]
+        buckets = child._buckets  # type: ignore[attr-defined]
+        self.buckets = [_hot_value(bucket) for bucket in buckets]
+        self.total = _hot_value(child._sum)  # type: ignore[attr-defined]
+
+
+def _hot_value(value: object) -> object:
+    return value if type(value) is _LoopValue else _WriteThrough(value)
 
 
 class RouteMetrics:
@@ -220,9 +239,9 @@ class RouteMetrics:
 
     def __init__(self, route: str) -> None:
         self.route = route
-        self._duration = _observer(REQUEST_DURATION.labels(route))
+        self._duration = _HotHistogram(REQUEST_DURATION.labels(route))
         self._rate_limited = RATE_LIMITED.labels(route)
-        # (method, status) -> counter child. Bounded: ~10 methods x status codes.
+        # (method label, status) -> counter value. Bounded: ~10 methods x status codes.
         self._requests: dict[tuple[str, int], object] = {}
 
     def observe(self, method: str | bytes, status: int, duration: float) -> None:
@@ -230,13 +249,14 @@ class RouteMetrics:
 
         ``method`` is text or the raw bytes of the request line (the HTTP engine's form).
         """
-        method = _METHOD_LABELS.get(method, OTHER_METHOD)
-        key = (method, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = _adder(REQUESTS.labels(self.route, method, str(status)))
-        child(1)
-        self._duration(duration)
+        key = (_METHOD_LABELS.get(method, OTHER_METHOD), status)
+        count = self._requests.get(key)
+        if count is None:
+            count = self._requests[key] = _hot(REQUESTS.labels(self.route, key[0], str(status)))
+        count._value += 1
+        histogram = self._duration
+        histogram.total._value += duration
+        histogram.buckets[bisect_left(histogram.bounds, duration)]._value += 1
 
     def rate_limited(self) -> None:
         """Count one request over the route's limit."""
@@ -266,10 +286,10 @@ class ServerMetrics:
     def __init__(self, upstream: str, server: str) -> None:
         self.upstream = upstream
         self.server = server
-        self._in_flight = _adder(UPSTREAM_IN_FLIGHT.labels(upstream, server))
+        self._in_flight = _hot(UPSTREAM_IN_FLIGHT.labels(upstream, server))
         self._healthy = UPSTREAM_HEALTHY.labels(upstream, server)
         self._breaker_state = BREAKER_STATE.labels(upstream, server)
-        self._response_seconds = _observer(UPSTREAM_RESPONSE.labels(upstream, server))
+        self._response_seconds = _HotHistogram(UPSTREAM_RESPONSE.labels(upstream, server))
         # Caches keyed by status code / failure kind / state / result: all bounded sets.
         self._responses: dict[str | int, object] = {}
         self._transitions: dict[str, object] = {}
@@ -277,25 +297,25 @@ class ServerMetrics:
         self._healthy.set(1)
 
     def in_flight_inc(self) -> None:
-        self._in_flight(1)
+        self._in_flight._value += 1
 
     def in_flight_dec(self) -> None:
-        self._in_flight(-1)
+        self._in_flight._value -= 1
 
     def response(self, status_or_kind: str | int, seconds_to_head: float | None) -> None:
         """Count one attempt by its status code or failure kind ("error", "timeout", ...).
 
         ``seconds_to_head`` is the time to the response head; None when no head came.
         """
-        child = self._responses.get(status_or_kind)
-        if child is None:
-            child = _adder(
-                UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind))
-            )
-            self._responses[status_or_kind] = child
-        child(1)
+        count = self._responses.get(status_or_kind)
+        if count is None:
+            count = _hot(UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind)))
+            self._responses[status_or_kind] = count
+        count._value += 1
         if seconds_to_head is not None:
-            self._response_seconds(seconds_to_head)
+            histogram = self._response_seconds
+            histogram.total._value += seconds_to_head
+            histogram.buckets[bisect_left(histogram.bounds, seconds_to_head)]._value += 1
 
     def set_healthy(self, healthy: bool) -> None:
         self._healthy.set(1 if healthy else 0)

@@ -178,7 +178,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self.deadline = self._sweeper.now + self.read_timeout
             self.sink.on_body(data)
             return
-        self.deadline = self._sweeper.refresh() + self.read_timeout
+        self.deadline = self.loop.time() + self.read_timeout  # the fresh clock, see begin()
         if not self._head_done:
             # Checked after parsing: body bytes read together with the head do not count.
             self._head_bytes += len(data)
@@ -294,8 +294,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._reset_exchange()
         self.request_is_head = request_is_head
         self.waiter = waiter
-        # The fresh clock, not the tick-cached one: a stale `now` fires the timeout early.
-        self.deadline = self._sweeper.refresh() + self.read_timeout
+        # The loop's clock, not the sweeper's tick-cached one: a stale `now` fires the
+        # timeout early.
+        self.deadline = self.loop.time() + self.read_timeout
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)  # type: ignore[union-attr]

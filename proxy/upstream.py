@@ -12,6 +12,7 @@ is ignored and every primary that is not draining takes traffic.
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -133,6 +134,9 @@ class Server:
         self.pool.reconfigure(server_cfg, upstream_cfg)
 
 
+_is_eligible = operator.methodcaller("is_eligible")
+
+
 class UpstreamGroup:
     """One upstream of one config generation: its servers, policies and retry budget."""
 
@@ -177,10 +181,13 @@ class UpstreamGroup:
         self.failure_on = config.failure_on
 
     def select(self, key: str | None, tried: Iterable[Server] = ()) -> Server | None:
-        tried = tried or ()
+        if tried:
 
-        def eligible(server: Server) -> bool:
-            return server not in tried and server.is_eligible()
+            def eligible(server: Server) -> bool:
+                return server not in tried and server.is_eligible()
+
+        else:
+            eligible = _is_eligible  # the first try of every request: no closure to make
 
         if self._panic_fraction and self._in_panic():
 
