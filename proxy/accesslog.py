@@ -57,17 +57,24 @@ _STOP = object()
 
 
 _second_cache: list[Any] = [None, ""]  # (whole second, its formatted prefix)
+_milli_cache: list[Any] = [None, ""]  # (millisecond count, its formatted timestamp)
 
 
 def format_time(epoch_seconds: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
     # Round once on the whole millisecond count: 0.123 is 0.12299.. as a float.
-    whole, millis = divmod(round(epoch_seconds * 1000), 1000)
+    count = round(epoch_seconds * 1000)
+    if _milli_cache[0] == count:  # tens of lines share each millisecond under load
+        return _milli_cache[1]
+    whole, millis = divmod(count, 1000)
     cache = _second_cache
     if cache[0] != whole:  # strftime once a second, not once a line
         cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         cache[0] = whole
-    return f"{cache[1]}.{millis:03d}Z"
+    text = f"{cache[1]}.{millis:03d}Z"
+    _milli_cache[0] = count
+    _milli_cache[1] = text
+    return text
 
 
 def _time_field(record: dict[str, Any]) -> str | None:

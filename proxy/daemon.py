@@ -124,19 +124,14 @@ class Listener:
         self.ssl = server_ssl_context(cfg.tls) if cfg.tls else None
         self.handler = handle
         self.server: asyncio.AbstractServer | None = None
+        # Read per request, so plain attributes: the process sets them on every listener.
+        self.runtime: Runtime = proxy.runtime
+        self.shutting_down = proxy.shutting_down
 
-    # Everything below is read per connection or per request.
-    @property
-    def runtime(self) -> Runtime:
-        return self.proxy.runtime
-
+    # Everything below is read per connection.
     @property
     def limits(self) -> Any:
-        return self.proxy.runtime.config.limits
-
-    @property
-    def shutting_down(self) -> bool:
-        return self.proxy.shutting_down
+        return self.runtime.config.limits
 
     def new_request_id(self) -> bytes:
         return self.proxy.runtime.new_request_id()
@@ -205,9 +200,9 @@ class ProxyProcess:
         self.started_monotonic = time.monotonic()
         self.reuse_port = reuse_port
         self.admin_sock = admin_sock
+        self.listeners: dict[str, Listener] = {}
         self.shutting_down = False
         self.connections: set[ClientConnection] = set()
-        self.listeners: dict[str, Listener] = {}
         self._all_closed: asyncio.Event | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._admin_runner: Any = None
@@ -220,6 +215,26 @@ class ProxyProcess:
             limiter=self.limiter,
             access_log=self.access_log if config.logging.access_log else None,
         )
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        for listener in self.listeners.values():
+            listener.runtime = runtime
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
+    @shutting_down.setter
+    def shutting_down(self, value: bool) -> None:
+        self._shutting_down = value
+        for listener in self.listeners.values():
+            listener.shutting_down = value
 
     @staticmethod
     def _new_limiter(config: Config) -> RateLimiter:

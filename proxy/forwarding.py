@@ -64,7 +64,6 @@ class Exchange:
     """
 
     __slots__ = (
-        "ask",
         "attempt",
         "attempts",
         "budget",
@@ -75,8 +74,11 @@ class Exchange:
         "group",
         "head_bytes",
         "key",
+        "prepared",
         "rate_limited",
+        "replayable",
         "request",
+        "retry_started",
         "route",
         "route_runtime",
         "runtime",
@@ -109,7 +111,9 @@ class Exchange:
         self.trace: dict[str, Any] | None = None  # the decision trace, when asked for
         self.extra_headers = b""  # RateLimit-* headers for the answer
         self.budget: Any = None
-        self.ask: _RetryQuestion | None = None
+        self.prepared = False
+        self.replayable = request.body is None  # a body becomes replayable once held in full
+        self.retry_started = self.started  # the retry time budget counts from here
         self.key: str | None = None
         self.head_bytes = b""
         self.attempt: Attempt | None = None  # the fast path's try in progress
@@ -125,10 +129,25 @@ class Exchange:
     def prepare(self) -> None:
         """What every try sends and how servers are picked: the same for each try."""
         request = self.request
-        self.ask = _RetryQuestion(self.group.retry_policy, request, self.started)
+        self.prepared = True
         if self.group.hash_key is not None:
             self.key = _hash_key(self.group, request, self.runtime)
         self.head_bytes = _request_head(self.conn, request, self.route_runtime)
+
+    def retry_refusal(self, word: str, response_started: bool) -> Any:
+        """May this request go to another server after ``word``? None when it may, else
+        why not (a ``NoRetry``). Asked after a failed try and before holding a failed
+        response; most requests never ask."""
+        request = self.request
+        return self.group.retry_policy.should_retry(
+            word,
+            attempts_done=self.tries,
+            started_at=self.retry_started,
+            method=request.method.decode("latin-1"),
+            has_idempotency_key=b"idempotency-key" in request.lowered,
+            body_replayable=self.replayable,
+            response_started=response_started,
+        )
 
     def close_books(self) -> None:
         """The request is over: budget, metrics and the access log line."""
@@ -315,15 +334,13 @@ async def _forward(
     ``attempt`` is its begun try (``got``: the head or failure it came to, if any)."""
     conn = ex.conn
     group = ex.group
-    if ex.ask is None:
+    if not ex.prepared:
         replayable = await _take_body(ex)
         if replayable is None:
             return
         ex.prepare()
-        ask = ex.ask
-        assert ask is not None
-        ask.replayable = replayable
-        ask.started = time.monotonic()  # the retry time budget starts once the body is held
+        ex.replayable = replayable
+        ex.retry_started = time.monotonic()  # the retry time budget starts once the body is held
         if ex.trace is not None:
             ex.trace["policy"] = group.config.policy
             ex.trace["candidates"] = [
@@ -337,7 +354,6 @@ async def _forward(
                 }
                 for server in group.servers
             ]
-    ask = ex.ask
     last_error: UpstreamError | None = None
     last_response: tuple[Any, bytes] | None = None
     holding_retry = False
@@ -368,7 +384,7 @@ async def _forward(
                 last_error = UpstreamError(
                     "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
-            if ask.refusal(failure_word, ex.tries, conn.response_started) is not None:
+            if ex.retry_refusal(failure_word, conn.response_started) is not None:
                 break
             if not group.retry_budget.try_acquire_retry():
                 break
@@ -433,33 +449,6 @@ def _hash_key(group: Any, request: Request, runtime: Any) -> str | None:
     return value.decode("latin-1") if value else runtime.client_ip(request)
 
 
-class _RetryQuestion:
-    """May this request go to another server? The per-request facts ``RetryPolicy`` needs,
-    asked both after a failed try and before holding a failed response (and only then
-    gathered: most requests never ask)."""
-
-    __slots__ = ("policy", "replayable", "request", "started")
-
-    def __init__(self, policy: Any, request: Request, started: float) -> None:
-        self.policy = policy
-        self.request = request
-        self.replayable = request.body is None  # a body becomes replayable once held in full
-        self.started = started
-
-    def refusal(self, word: str, attempts_done: int, response_started: bool) -> Any:
-        """None when another try is allowed, else why not (a ``NoRetry``)."""
-        request = self.request
-        return self.policy.should_retry(
-            word,
-            attempts_done=attempts_done,
-            started_at=self.started,
-            method=request.method.decode("latin-1"),
-            has_idempotency_key=request.header(b"idempotency-key") is not None,
-            body_replayable=self.replayable,
-            response_started=response_started,
-        )
-
-
 class Attempt:
     """One try on one server, and what it owes when it ends: counters, metrics, and the
     breaker's verdict. Both paths drive it: ``send``, then ``judge`` the head or ``failed``,
@@ -512,7 +501,7 @@ class Attempt:
         head_seconds = time.monotonic() - self.started
         server.observe_latency(head_seconds)
         status = response.status
-        word = _status_word(status)
+        word = _STATUS_WORDS.get(status) or status_word(status)
         group = ex.group
         failed = word in group.failure_on
         self.verdict = not failed
@@ -525,7 +514,7 @@ class Attempt:
         if (
             word in group.retry_policy.on
             and not response.upgrade
-            and ex.ask.refusal(word, ex.tries, response_started=False) is None
+            and ex.retry_refusal(word, response_started=False) is None
         ):
             self.retry_word = word
             return word
@@ -595,10 +584,6 @@ class Attempt:
 _STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
 
 
-def _status_word(status: int) -> str:
-    return _STATUS_WORDS.get(status) or status_word(status)
-
-
 async def _attempt(
     ex: Exchange, attempt: Attempt, got: Any = None
 ) -> tuple[str, UpstreamError | None, Any] | None:
@@ -645,7 +630,7 @@ async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | N
     """
     conn = ex.conn
     pool = attempt.server.pool
-    fresh_retry_left = ex.ask.replayable
+    fresh_retry_left = ex.replayable
     if failure is not None:
         attempt.upstream = None  # it failed; the failure closed it
         if not _idle_race(failure, attempt.reused, fresh_retry_left, conn):
@@ -758,7 +743,7 @@ def _send_request(
 ) -> None:
     body = request.body
     if body is None:
-        upstream.write(head_bytes)
+        upstream.transport.write(head_bytes)  # type: ignore[union-attr]
         upstream.request_complete = True
         return
     if body.complete:
@@ -859,16 +844,16 @@ def _start_relay(
             chunked_out = True
         else:
             close = True  # an HTTP/1.0 client reads to the end of the connection
-    head = _response_head(
-        response, request, _with_trace(ex, ex.extra_headers), close=close, chunked=chunked_out
-    )
+    extra = ex.extra_headers if ex.trace is None else _with_trace(ex, ex.extra_headers)
+    head = _response_head(response, request, extra, close=close, chunked=chunked_out)
     relay = _ResponseRelay(conn, chunked_out, head, close, listener)
     conn.response_started = True
     ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.
     conn.on_write_paused = partial(upstream.set_reading_paused, "client")
     upstream.attach(relay)  # may end the relay at once: the whole body is often here
-    relay.flush_head()
+    if relay.head is not None:
+        relay.flush_head()
     return relay
 
 

@@ -393,7 +393,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request.lowered.append(lowered)
         first = lowered[:1]
         if first == b"h" and lowered == b"host":
-            if not _valid_host(value):
+            if not value or value.translate(None, _HOST_BYTES):  # _valid_host, inlined
                 raise RequestRejected(400, "invalid Host header")
             request.host = value
             request.host_count += 1
@@ -451,7 +451,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._check_request(request)
         if request.content_length is not None and request.chunked:
             raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
-        if request.has_body:
+        if request.chunked or request.content_length:  # has_body
             if (request.content_length or 0) > self.limits.max_body_bytes:
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)

@@ -309,7 +309,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self._held_bytes = 0
             for chunk in held:
                 sink.on_body(chunk)
-            self.resume_reading("held")
+            if self._reading_paused_for:
+                self.resume_reading("held")
         if self.complete:
             self._tell_end()
         elif self.failure is not None:
@@ -455,7 +456,8 @@ class ConnectionPool:
             # Paused for the client's sake (a slow reader of the last response)? An idle
             # connection must read again, or its next exchange would never see the
             # response (begin() starts from an empty set of reasons).
-            conn.resume_all_reading()
+            if conn._reading_paused_for:
+                conn.resume_all_reading()
             # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
             conn.waiter = None
             conn.sink = None

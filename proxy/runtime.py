@@ -71,6 +71,7 @@ class Runtime:
         self.access_log = access_log
         self.metrics = metrics
         self._resolver = ClientAddressResolver(config.trusted_proxies)
+        self._trusts_proxies = bool(config.trusted_proxies)
         self._id_prefix = os.urandom(5).hex()
         token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
         # Decision traces are for whoever holds the admin token; without one, none are given.
@@ -136,8 +137,11 @@ class Runtime:
         """The client's address; the rate-limit key, ip_hash and the access log all ask."""
         address = request.client_ip
         if address is None:
-            address = request.client_ip = self._resolver.resolve(
-                request.conn.peer, request.forwarded_for
+            forwarded_for = request.forwarded_for
+            address = request.client_ip = (
+                self._resolver.resolve(request.conn.peer, forwarded_for)
+                if forwarded_for is not None and self._trusts_proxies
+                else request.conn.peer
             )
         return address
 
@@ -205,6 +209,20 @@ _JSON_LINE = (
     '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
     '"error":%s%s}'
 )
+_ONE_ATTEMPT = ',"attempts":[{"server":%s,"outcome":%d,"ms":%r}]'
+# JSON forms of the strings that repeat line after line: methods, and route, upstream and
+# server names (all from the config or llhttp's method table, so a bounded set).
+_json_names: dict[str | bytes, str] = {}
+
+
+def _json_name(name: str | bytes) -> str:
+    encoded = _json_names.get(name)
+    if encoded is None:
+        if len(_json_names) >= 4096:  # a bound, should a config ever have that many names
+            _json_names.clear()
+        text = name.decode("latin-1") if isinstance(name, bytes) else name
+        encoded = _json_names[name] = _escape(text)
+    return encoded
 
 
 def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
@@ -215,16 +233,26 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
     """
     body = request.body
     attempts = outcome.attempts
+    names = _json_names
+    if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:
+        attempt = attempts[0]  # the common case: one try that got a response
+        attempts_json = _ONE_ATTEMPT % (
+            names.get(attempt["server"]) or _json_name(attempt["server"]),
+            attempt["outcome"],
+            attempt["ms"],
+        )
+    else:
+        attempts_json = ',"attempts":' + _attempts_json(attempts) if attempts else ""
     return _JSON_LINE % (
         format_time(time.time()),
         _escape(request.request_id.decode("latin-1")) if request.request_id else '""',
         _escape(client_ip),
-        _escape(request.method.decode("latin-1")),
+        names.get(request.method) or _json_name(request.method),
         _escape(request.host.decode("latin-1")) if request.host else '""',
         _escape(request.path.decode("latin-1")),
-        _escape(outcome.route),
-        _escape(outcome.upstream),
-        _escape(outcome.server),
+        names.get(outcome.route) or _json_name(outcome.route),
+        names.get(outcome.upstream) or _json_name(outcome.upstream),
+        names.get(outcome.server) or _json_name(outcome.server),
         outcome.status,
         body.received if body is not None else 0,
         outcome.bytes_out,
@@ -232,8 +260,8 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
         outcome.upstream_seconds * 1000,
         outcome.tries,
         "true" if outcome.rate_limited else "false",
-        _escape(outcome.error),
-        ',"attempts":' + _attempts_json(attempts) if attempts else "",
+        _escape(outcome.error) if outcome.error else '""',
+        attempts_json,
     )
 
 

@@ -528,6 +528,31 @@ def test_upstream_connections_are_pooled(start_sluicegate):
         assert len(upstream.requests) == 10
 
 
+def test_pooled_connection_closed_as_the_request_arrives_is_retried_on_a_fresh_one(
+    start_sluicegate,
+):
+    """The idle-close race: the upstream closes a pooled connection just as our request
+    reaches it. Nothing was answered, so a GET goes again on a new connection, without
+    spending one of its tries (tries: 1 here, so a real failure would be a 502)."""
+    answered: list[socket.socket] = []  # kept alive, so no id() is ever reused
+
+    def respond(request: RawRequest, sock: socket.socket) -> bool:
+        if any(sock is seen for seen in answered):
+            return False  # this connection served one already: drop it, unanswered
+        answered.append(sock)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+        return True
+
+    with RawUpstream(respond) as upstream:
+        daemon = start_sluicegate(proxy_config(upstream.url, retry={"tries": 1}))
+        with RawClient(daemon.port) as client:
+            for _ in range(3):
+                response = client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                assert (response.status, response.body) == (200, b"fresh")
+        assert upstream.connections == 3
+        assert len(upstream.requests) == 5  # 3 answered, 2 dropped by their connection
+
+
 def test_upstream_connection_close_is_not_reused(start_sluicegate):
     def respond(request: RawRequest, sock: socket.socket) -> bool:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
