@@ -188,7 +188,13 @@ class Exchange:
             if attempt.judge(response) is not None or response.upgrade:
                 self._hand_over(response)  # a failed status to hold and retry, or a tunnel
                 return
-            _start_relay(self, response, attempt.upstream, listener=self)
+            upstream = attempt.upstream
+            if upstream.complete:  # the whole response came with its head: no relay needed
+                _send_buffered(self, response, upstream.take_held())
+                attempt.release_upstream()
+                self._finish_fast()
+                return
+            _start_relay(self, response, upstream, listener=self)
         except Exception:
             self._crashed()
 
@@ -931,17 +937,23 @@ def _header(headers: list[tuple[bytes, bytes]], lowered_name: bytes) -> bytes | 
 
 
 def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
+    """A complete response held in full: sent with its length, in one system call."""
     conn = ex.conn
     request = ex.request
-    close = not request.keep_alive
-    response.content_length = len(payload) if response.has_body else response.content_length
-    head = _response_head(
-        response, request, _with_trace(ex, ex.extra_headers), close=close, chunked=False
-    )
+    close = not request.keep_alive or conn.listener.shutting_down
+    if response.has_body:
+        response.content_length = len(payload)  # also re-frames a chunked one
+    extra = ex.extra_headers if ex.trace is None else _with_trace(ex, ex.extra_headers)
+    head = _response_head(response, request, extra, close=close, chunked=False)
     conn.response_started = True
-    conn.write(head + payload if response.has_body else head)
+    if response.has_body and payload:
+        conn.write_after(head, payload)
+    else:
+        conn.write(head)
     ex.status = response.status
     ex.bytes_out += len(payload)
+    if close:
+        request.keep_alive = False
 
 
 def _send_error(ex: Exchange, status: int, reason: str, extra_headers: bytes = b"") -> None:

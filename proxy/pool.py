@@ -316,6 +316,14 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         elif self.failure is not None:
             sink.on_abort(self.failure)
 
+    def take_held(self) -> bytes:
+        """The body bytes held so far (all of it, once ``complete``), handed over once."""
+        held, self._held = self._held, []
+        self._held_bytes = 0
+        if self._reading_paused_for:
+            self.resume_reading("held")
+        return b"".join(held)
+
     async def wait_done(self) -> None:
         """Until the response body has ended; raises the UpstreamError that ended it early."""
         if self.complete:
