@@ -24,6 +24,7 @@ from typing import Any
 
 from proxy.http1 import REASONS, ClientConnection, Request, error_response
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
+from proxy.ratelimit.bucket import Decision
 from proxy.retry import status_word
 from proxy.routing import cookie_value
 
@@ -74,6 +75,7 @@ class Exchange:
         "group",
         "head_bytes",
         "key",
+        "limit_key",
         "prepared",
         "rate_limited",
         "replayable",
@@ -115,6 +117,7 @@ class Exchange:
         self.replayable = request.body is None  # a body becomes replayable once held in full
         self.retry_started = self.started  # the retry time budget counts from here
         self.key: str | None = None
+        self.limit_key = ""  # the rate-limit bucket's client key
         self.head_bytes = b""
         self.attempt: Attempt | None = None  # the fast path's try in progress
 
@@ -223,6 +226,43 @@ class Exchange:
         work = _serve_slowly(self, tried={attempt.server}, attempt=attempt, got=got)
         self.conn.serve_async(self.request, work)
 
+    def proceed(self) -> Any:
+        """Past routing and limits: the fast path when it can serve, else the coroutine."""
+        if self.request.body is None and self.trace is None:
+            self.join_group(self.route_runtime.group)
+            return self.serve_fast()
+        return _serve_slowly(self)
+
+    def limited(self, decision: Decision) -> Any:
+        """Go on with the rate limit's decision (``proceed``), or answer it."""
+        if _passes_limit(self, decision):
+            return self.proceed()
+        self.answered()
+        return None
+
+    def limit_decided(self, pending: Any) -> None:
+        """The Redis check (``begin_check``) is done: go on from the callback."""
+        try:
+            route = self.route_runtime
+            decision = self.runtime.limiter.decided(
+                pending, route.name, self.limit_key, route.rate_limit
+            )
+            if self.conn.closed:
+                self.status = 499
+                self.error = "client went away"
+                self.answered()
+                return
+            work = self.limited(decision)
+            if work is not None:
+                self.conn.serve_async(self.request, work)
+        except Exception:
+            self._crashed()
+
+    def answered(self) -> None:
+        """Answered without an upstream (404, 429...): the request is over."""
+        self.close_books()
+        self.conn.request_done(self.request)
+
     def _finish_fast(self) -> None:
         attempt, self.attempt = self.attempt, None
         attempt.settle()
@@ -250,15 +290,19 @@ def handle(conn: ClientConnection, request: Request) -> Any:
         ex.trace = {"route": route.name if route is not None else None, "retries": []}
     if route is None:
         _send_error(ex, 404, "no route matched")
-        ex.close_books()
-        conn.request_done(request)
+        ex.answered()
         return None
     ex.route = route.name
     ex.route_runtime = route
-    if route.rate_limit is None and request.body is None and ex.trace is None:
-        ex.join_group(route.group)
-        return ex.serve_fast()
-    return _serve_slowly(ex)
+    rule = route.rate_limit
+    if rule is None:
+        return ex.proceed()
+    ex.limit_key = _limit_key(route, request, runtime)
+    pending = runtime.limiter.begin_check(route.name, ex.limit_key, rule)
+    if isinstance(pending, Decision):
+        return ex.limited(pending)
+    pending.add_done_callback(ex.limit_decided)  # Redis answers the batch a tick later
+    return None
 
 
 async def _serve_slowly(
@@ -268,46 +312,41 @@ async def _serve_slowly(
     and the try it had begun with what came of it)."""
     try:
         if tried is None:
-            await _serve_route(ex)
-        else:
-            await _forward(ex, tried, attempt, got)
+            ex.join_group(ex.route_runtime.group)
+            tried = set()
+        await _forward(ex, tried, attempt, got)
     finally:
         ex.close_books()
 
 
-async def _serve_route(ex: Exchange) -> None:
-    route = ex.route_runtime
-    request = ex.request
-    runtime = ex.runtime
-    if route.rate_limit is not None:
-        decision = await runtime.limiter.check(
-            route.name, _limit_key(route, request, runtime), route.rate_limit
-        )
-        if ex.trace is not None:
-            ex.trace["rate_limit"] = {
-                "allowed": decision.allowed,
-                "remaining": decision.remaining,
-                "limit": decision.limit,
-                "mode": route.rate_limit.mode,
-                "backend_failed": decision.backend_failed,
-            }
-        if decision.backend_failed:
-            # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
-            # a `deny` is the limiter being down (503), not the client over its limit.
-            if not decision.allowed and route.rate_limit.mode == "enforce":
-                _send_error(ex, 503, "rate limiter unavailable")
-                return
-        else:
-            ex.extra_headers = _rate_limit_headers(decision)
-            if not decision.allowed:
-                ex.rate_limited = True
-                route.metrics.rate_limited()
-                if route.rate_limit.mode == "enforce":
-                    retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
-                    _send_error(ex, 429, "rate limited", ex.extra_headers + retry_after)
-                    return
-    ex.join_group(route.group)
-    await _forward(ex, set())
+def _passes_limit(ex: Exchange, decision: Decision) -> bool:
+    """Apply a rate-limit decision: True to go on, False when the client has been answered
+    (429 over the limit, 503 when Redis is down and the rule says deny)."""
+    rule = ex.route_runtime.rate_limit
+    if ex.trace is not None:
+        ex.trace["rate_limit"] = {
+            "allowed": decision.allowed,
+            "remaining": decision.remaining,
+            "limit": decision.limit,
+            "mode": rule.mode,
+            "backend_failed": decision.backend_failed,
+        }
+    if decision.backend_failed:
+        # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
+        # a `deny` is the limiter being down (503), not the client over its limit.
+        if not decision.allowed and rule.mode == "enforce":
+            _send_error(ex, 503, "rate limiter unavailable")
+            return False
+        return True
+    ex.extra_headers = _rate_limit_headers(decision)
+    if not decision.allowed:
+        ex.rate_limited = True
+        ex.route_runtime.metrics.rate_limited()
+        if rule.mode == "enforce":
+            retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
+            _send_error(ex, 429, "rate limited", ex.extra_headers + retry_after)
+            return False
+    return True
 
 
 def _limit_key(route: Any, request: Request, runtime: Any) -> str:

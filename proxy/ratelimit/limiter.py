@@ -45,6 +45,10 @@ class RateLimitBackend(Protocol):
 
     async def allow(self, key: str, rate: float, burst: int, cost: int = 1) -> Decision: ...
 
+    def allow_soon(
+        self, key: str, rate: float, burst: int, cost: int = 1
+    ) -> asyncio.Future[Decision]: ...
+
 
 class RateLimitRule(Protocol):
     """The attributes of a route's ``rate_limit`` config the limiter reads."""
@@ -136,15 +140,42 @@ class RateLimiter:
 
     async def check(self, route: str, key: str, rule: RateLimitRule, cost: int = 1) -> Decision:
         """Take ``cost`` tokens from ``key``'s bucket on ``route``; never raises for Redis."""
+        pending = self.begin_check(route, key, rule, cost)
+        if isinstance(pending, Decision):
+            return pending
+        try:
+            await pending
+        except RateLimitBackendError:
+            pass  # decided() falls back
+        return self.decided(pending, route, key, rule, cost)
+
+    def begin_check(
+        self, route: str, key: str, rule: RateLimitRule, cost: int = 1
+    ) -> Decision | asyncio.Future[Decision]:
+        """``check`` for callers without a coroutine: the Decision when it is known now
+        (in-process buckets, a fallback), else a future to hand to ``decided`` once done."""
         bucket_key = compose_key(route, key)
         if self._redis is None:
             return self._memory.allow_now(bucket_key, rule.rate, rule.burst, cost)
         if self.breaker.is_closed:
-            try:
-                return await self._redis.allow(bucket_key, rule.rate, rule.burst, cost)
-            except RateLimitBackendError as exc:
-                self._redis_failed(exc)
+            return self._redis.allow_soon(bucket_key, rule.rate, rule.burst, cost)
         return self._fallback(bucket_key, rule, cost)
+
+    def decided(
+        self,
+        pending: asyncio.Future[Decision],
+        route: str,
+        key: str,
+        rule: RateLimitRule,
+        cost: int = 1,
+    ) -> Decision:
+        """The Decision of a finished ``begin_check`` future; the fallback's when Redis
+        failed (the same arguments as ``begin_check``)."""
+        try:
+            return pending.result()
+        except RateLimitBackendError as exc:
+            self._redis_failed(exc)
+        return self._fallback(compose_key(route, key), rule, cost)
 
     async def close(self) -> None:
         """Stop the probe and release the Redis pool. The limiter is unusable afterwards."""

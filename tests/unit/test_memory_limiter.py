@@ -167,11 +167,17 @@ class ScriptedRedis:
         self.pinged = asyncio.Event()
         self.closed = False
 
-    async def allow(self, key, rate, burst, cost=1):
+    def allow_soon(self, key, rate, burst, cost=1):
         self.allow_calls += 1
-        if not self.up:
-            raise RateLimitBackendError("scripted outage")
-        return Decision(True, burst, burst - cost, cost / rate, 0.0)
+        answer = asyncio.get_running_loop().create_future()
+        if self.up:
+            answer.set_result(Decision(True, burst, burst - cost, cost / rate, 0.0))
+        else:
+            answer.set_exception(RateLimitBackendError("scripted outage"))
+        return answer
+
+    async def allow(self, key, rate, burst, cost=1):
+        return await self.allow_soon(key, rate, burst, cost)
 
     async def ping(self):
         self.pinged.set()
