@@ -1,9 +1,18 @@
 """The request pipeline: route -> rate limit -> select -> breaker -> attempt -> retry -> relay.
 
-``handle(conn, request)`` is the one coroutine per request. It reads the config generation
-(``Runtime``) once, so a reload never changes a request half-way. Every decision that can be
-made from the config was made when the ``Runtime`` was built (routes, header sets, metric
-children); here we only look things up.
+``handle(conn, request)`` starts each request. It reads the config generation (``Runtime``)
+once, so a reload never changes a request half-way. Every decision that can be made from
+the config was made when the ``Runtime`` was built (routes, header sets, metric children);
+here we only look things up.
+
+Two ways through, one state. The common request (no body, no trace, and a pooled
+connection to the chosen server) is served by callbacks: its ``Exchange`` waits for the
+rate limiter's decision (a Redis batch answers a tick later), is the waiter of its upstream
+exchange, and sends a response that came whole with its head in one write. Everything
+else, or anything unusual on the way (no idle connection, a failed try, a listed failure
+status to hold, a tunnel), runs as a coroutine that takes over the same ``Exchange`` and
+the ``Attempt`` already begun. An ``Attempt`` keeps the books of one try (counters,
+metrics, the breaker's verdict) for both ways, and settles them exactly once.
 
 Retry safety (nginx ``proxy_next_upstream`` semantics): an attempt that failed is tried again
 on a server not yet tried while the failure word is listed in ``retry.on``, tries and the
