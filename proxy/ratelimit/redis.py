@@ -7,15 +7,17 @@ Invariants:
 - Keys are ``{prefix}{key}``; the caller composes ``key`` (the limiter uses
   ``{route}:{client key}``), so Redis holds ``sluicegate:rl:{route}:{client key}``.
 - A bucket key expires once the bucket would be full again (PEXPIRE, ms, rounded up).
-- Every call is bounded by ``timeout`` (``asyncio.timeout`` around the whole call, plus
-  socket timeouts on the connection) and redis-py's own retries are off: a dead or slow
-  Redis costs at most ``timeout``. Any failure raises ``RateLimitBackendError``. A call
-  that timed out may still have reached Redis and run later: its token may be taken even
-  though the caller fell back (at most once per abandoned call, never more).
-- Checks that arrive in the same event-loop tick share one pipeline (one round trip, one
-  pooled connection): each is still its own EVALSHA, atomic on its own, so the maths is
-  exactly that of one call per check, while the client's per-call cost (most of a
-  check's CPU) is paid once per tick. A batch is bounded by ``timeout`` as a whole.
+- Every call is bounded by ``timeout`` (``asyncio.timeout`` around the whole call; the
+  connect has its own) and redis-py's own retries are off: a dead or slow Redis costs at
+  most ``timeout``. Any failure raises ``RateLimitBackendError``. A call that timed out
+  may still have reached Redis and run later: its token may be taken even though the
+  caller fell back (at most once per abandoned call, never more).
+- Checks share pipelines (one round trip, one pooled connection): those of one event-loop
+  tick go together, and while a batch is in flight the next checks wait for it and then
+  go together. Each is still its own EVALSHA, atomic on its own, so the maths is exactly
+  that of one call per check, while the client's per-batch cost (most of a check's CPU)
+  is shared. A batch is bounded by ``timeout`` as a whole; the checks queued behind one
+  that failed fail with it, so none waits more than about one ``timeout``.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class RedisBackend:
         )
         self._script = self._client.register_script(TOKEN_BUCKET_LUA)
         self._batch: list[tuple[str, float, int, int, asyncio.Future[Decision]]] = []
-        self._batches: set[asyncio.Task[None]] = set()
+        self._batches: set[asyncio.Task[None]] = set()  # in flight
 
     async def allow(self, key: str, rate: float, burst: int, cost: int = 1) -> Decision:
         """Check and update the shared bucket ``{prefix}{key}`` (batched per loop tick)."""
@@ -90,10 +92,12 @@ class RedisBackend:
         future: asyncio.Future[Decision] = loop.create_future()
         batch = self._batch
         batch.append((self.prefix + key, rate, burst, cost, future))
-        if len(batch) == 1:
+        if len(batch) == 1 and not self._batches:
             loop.call_soon(self._send_batch)
         elif len(batch) >= MAX_BATCH:
             self._send_batch()
+        # else a batch is in flight: this check goes with the next, sent when it returns.
+        # Under load the batches grow, and what a batch costs is shared by more checks.
         return future
 
     def _send_batch(self) -> None:
@@ -101,7 +105,12 @@ class RedisBackend:
         if batch:
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(self._batch_returned)
+
+    def _batch_returned(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        if self._batch and not self._batches:
+            self._send_batch()
 
     async def _run_batch(
         self, batch: list[tuple[str, float, int, int, asyncio.Future[Decision]]]
@@ -118,7 +127,10 @@ class RedisBackend:
                         replies[i] = reply
         except Exception as exc:  # whatever went wrong, no caller may be left waiting
             error = RateLimitBackendError(_describe(exc, self.timeout))
-            for *_, future in batch:
+            # The checks queued behind this batch have waited as long as it did: they fail
+            # with it (to the route's fallback) rather than wait another timeout.
+            waiting, self._batch = self._batch, []
+            for *_, future in batch + waiting:
                 if not future.done():
                     future.set_exception(error)
             return

@@ -186,3 +186,27 @@ async def test_slow_redis_does_not_stall_the_check(redis_server, make_limiter):
     # The timed-out call was already on the wire: Redis may run it once it wakes up, so the
     # abandoned request may have taken its token too.
     assert not decision.backend_failed and decision.remaining in (2, 3)
+
+
+async def test_checks_queued_behind_a_stalled_batch_fail_with_it(redis_server, make_limiter):
+    """While a batch is in flight the next checks wait for it, to go out together. If it
+    times out, they fall back with it instead of waiting a timeout of their own."""
+    timeout = 0.2
+    limiter = make_limiter(redis_server.url, timeout=timeout)
+    rule = Rule(burst=5, on_redis_error="allow")
+    assert not (await limiter.check("api", "k", rule)).backend_failed
+
+    other = redis.asyncio.from_url(redis_server.url)
+    sleeper = asyncio.create_task(other.execute_command("DEBUG", "SLEEP", "0.6"))
+    try:
+        await asyncio.sleep(0.03)  # let the DEBUG SLEEP reach the server first
+        first = asyncio.create_task(timed_check(limiter, "api", "k", rule))
+        await asyncio.sleep(timeout / 2)  # the first batch is on the wire, stalled
+        queued, took = await timed_check(limiter, "api", "other", rule)
+        assert queued.allowed and queued.backend_failed
+        assert took < timeout  # about timeout / 2: it never waited a timeout of its own
+        stalled, _ = await first
+        assert stalled.backend_failed
+    finally:
+        await sleeper
+        await other.aclose()
