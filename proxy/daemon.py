@@ -271,6 +271,8 @@ class ProxyProcess:
             self.admin_sock or config.admin.address,
             extra={"event": "start"},
         )
+        if metrics.multiprocess_enabled():
+            self._flush_metrics_later(loop)
         # Long-lived objects built so far never need the cycle collector again.
         gc.collect()
         gc.freeze()
@@ -410,6 +412,12 @@ class ProxyProcess:
     def render_metrics(self) -> tuple[bytes, str]:
         return metrics.render()
 
+    def _flush_metrics_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Workers count hot series in memory: to their files at least every second."""
+        metrics.flush()
+        if not self._stopped.done():  # type: ignore[union-attr]
+            loop.call_later(metrics.FLUSH_SECONDS, self._flush_metrics_later, loop)
+
     # -- shutdown ----------------------------------------------------------------------------
 
     def request_shutdown(self) -> None:
@@ -458,6 +466,7 @@ class ProxyProcess:
         self.access_log.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        metrics.flush()  # what this worker counted last (a no-op in one process)
         log.info("stopped", extra={"event": "shutdown"})
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)

@@ -22,6 +22,7 @@ module; ``render()`` then merges every process's files. The supervisor calls
 from __future__ import annotations
 
 import os
+import threading
 from bisect import bisect_left
 
 from prometheus_client import (
@@ -184,27 +185,39 @@ OPEN_CONNECTIONS = Gauge(
 )
 
 
-class _WriteThrough:
-    """Multiprocess mode: ``_value += n`` on a file-backed value, written to its file.
+class _BufferedValue(_LoopValue):
+    """Multiprocess mode: a hot value counted in memory and flushed to its file.
 
     The request path adds with ``value._value += n``: on a ``_LoopValue`` that is plain
-    attribute arithmetic, no call at all (3 to 8 of them per request). This adapter gives
-    the file-backed values of multiprocess mode the same shape; each process owns its
-    entries, so ``set(old + n)`` is the ``inc(n)`` it replaces.
+    attribute arithmetic, no call at all (3 to 8 of them per request). A file-backed value
+    costs a lock and an mmap write per update instead (11 us per request, measured), so
+    in multiprocess mode the hot values count here and ``flush()`` hands the difference
+    to the file: periodically, when this worker renders, and when the supervisor asks.
     """
 
-    __slots__ = ("_target",)
+    __slots__ = ("_flushed", "_target")
 
     def __init__(self, target: object) -> None:
+        super().__init__()
         self._target = target
+        self._flushed = 0.0
 
-    @property
-    def _value(self) -> float:
-        return self._target.get()  # type: ignore[attr-defined]
 
-    @_value.setter
-    def _value(self, value: float) -> None:
-        self._target.set(value)  # type: ignore[attr-defined]
+# By id() of the file-backed value: one buffer per series however many config generations
+# resolve it (label children live as long as the process in multiprocess mode).
+_buffered: dict[int, _BufferedValue] = {}
+_flush_lock = threading.Lock()
+FLUSH_SECONDS = 1.0  # how stale a worker's series may be in the files between renders
+
+
+def flush() -> None:
+    """Write what the hot values counted since the last flush to the multiprocess files."""
+    with _flush_lock:  # the loop's timer and a render thread may both flush
+        for value in list(_buffered.values()):
+            delta = value._value - value._flushed
+            if delta:
+                value._target.inc(delta)  # type: ignore[attr-defined]
+                value._flushed += delta
 
 
 def _hot(child: object) -> object:
@@ -214,6 +227,15 @@ def _hot(child: object) -> object:
     the request path only ever adds known-good amounts.
     """
     return _hot_value(child._value)  # type: ignore[attr-defined]
+
+
+def _hot_value(value: object) -> object:
+    if type(value) is _LoopValue:
+        return value
+    buffered = _buffered.get(id(value))
+    if buffered is None:
+        buffered = _buffered[id(value)] = _BufferedValue(value)
+    return buffered
 
 
 class _HotHistogram:
@@ -226,10 +248,6 @@ class _HotHistogram:
         buckets = child._buckets  # type: ignore[attr-defined]
         self.buckets = [_hot_value(bucket) for bucket in buckets]
         self.total = _hot_value(child._sum)  # type: ignore[attr-defined]
-
-
-def _hot_value(value: object) -> object:
-    return value if type(value) is _LoopValue else _WriteThrough(value)
 
 
 class RouteMetrics:
@@ -410,6 +428,7 @@ def render() -> tuple[bytes, str]:
     registry would only show this process (and process_* collectors that lie there).
     """
     if multiprocess_enabled():
+        flush()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -90,7 +90,9 @@ class Supervisor:
 
     # -- talking to workers --------------------------------------------------------------
 
-    async def _ask(self, worker: Worker, method: str, path: str) -> tuple[int, Any]:
+    async def _ask(
+        self, worker: Worker, method: str, path: str, parse: bool = True
+    ) -> tuple[int, Any]:
         import aiohttp
 
         connector = aiohttp.UnixConnector(path=worker.admin_sock)
@@ -100,11 +102,12 @@ class Supervisor:
                 method, f"http://worker{path}", timeout=aiohttp.ClientTimeout(total=5)
             ) as reply,
         ):
-            return reply.status, await reply.json(content_type=None)
+            body = await reply.json(content_type=None) if parse else await reply.read()
+            return reply.status, body
 
-    async def _ask_all(self, method: str, path: str) -> list[tuple[int, Any]]:
+    async def _ask_all(self, method: str, path: str, parse: bool = True) -> list[tuple[int, Any]]:
         replies = await asyncio.gather(
-            *(self._ask(worker, method, path) for worker in self.workers),
+            *(self._ask(worker, method, path, parse) for worker in self.workers),
             return_exceptions=True,
         )
         return [r for r in replies if not isinstance(r, BaseException)]
@@ -177,7 +180,13 @@ class Supervisor:
         ok = [body for status, body in replies if status == 200]
         return ok[0] if ok else None
 
-    def render_metrics(self) -> tuple[bytes, str]:
+    async def render_metrics(self) -> tuple[bytes, str]:
+        # Workers count their hot series in memory: each flushes to its files as it renders
+        # its own /metrics, so the aggregate below is exact, not up to a second old.
+        await self._ask_all("GET", "/metrics", parse=False)
+        return await asyncio.to_thread(self._render_files)
+
+    def _render_files(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector
 

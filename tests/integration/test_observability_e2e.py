@@ -908,6 +908,21 @@ def test_two_workers_merge_status_with_rolling_stats(start_sluicegate, spawn_bac
         assert server["error_rate"] == 1.0 and server["p50_ms"] > 0
 
 
+def test_two_workers_metrics_are_exact_right_after_the_traffic(start_sluicegate, spawn_backend):
+    """Workers count request series in memory and flush them every second; a scrape of the
+    supervisor makes every worker flush first, so it never shows a stale count."""
+    _, a = spawn_backend("a")
+    daemon = start_sluicegate(config({"app": upstream(a)}, workers=2), timeout=30)
+    for _ in range(30):  # new connections: SO_REUSEPORT spreads them over both workers
+        assert daemon.get("/")[0] == 200
+    text = daemon.metrics()
+    assert value(text, "sluicegate_requests_total", route="all", method="GET", status="200") == 30
+    assert value(text, "sluicegate_request_duration_seconds_count", route="all") == 30
+    server = {"upstream": "app", "server": f"127.0.0.1:{a}"}
+    assert value(text, "sluicegate_upstream_requests_total", status="200", **server) == 30
+    assert value(text, "sluicegate_upstream_in_flight", **server) == 0
+
+
 def test_two_workers_count_a_failed_reload(start_sluicegate, spawn_backend):
     _, a = spawn_backend("a")
     daemon = start_sluicegate(config({"app": upstream(a)}, workers=2), timeout=30)
