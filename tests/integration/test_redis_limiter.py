@@ -5,6 +5,7 @@ asserts leave room for scheduling: counts are exact only where no whole token ca
 """
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -51,6 +52,19 @@ async def wait_until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def stalled(redis_server, seconds: float):
+    """Redis busy for ``seconds`` (DEBUG SLEEP from another client) inside the block."""
+    other = redis.asyncio.from_url(redis_server.url)
+    sleeper = asyncio.create_task(other.execute_command("DEBUG", "SLEEP", str(seconds)))
+    try:
+        await asyncio.sleep(0.03)  # let the DEBUG SLEEP reach the server first
+        yield
+    finally:
+        await sleeper
+        await other.aclose()
 
 
 async def timed_check(limiter, route, key, rule):
@@ -169,18 +183,12 @@ async def test_slow_redis_does_not_stall_the_check(redis_server, make_limiter):
     rule = Rule(burst=5, on_redis_error="allow")
     assert not (await limiter.check("api", "k", rule)).backend_failed
 
-    other = redis.asyncio.from_url(redis_server.url)
-    sleeper = asyncio.create_task(other.execute_command("DEBUG", "SLEEP", "0.3"))
-    try:
-        await asyncio.sleep(0.03)  # let the DEBUG SLEEP reach the server first
+    async with stalled(redis_server, 0.3):
         decision, took = await timed_check(limiter, "api", "k", rule)
         assert decision.allowed and decision.backend_failed
         # Bounded by the timeout (with room for scheduling), well before Redis wakes up.
         assert took < 3 * timeout
         assert len(errors) == 1 and "did not answer" in str(errors[0])
-    finally:
-        await sleeper
-        await other.aclose()
     await wait_until(lambda: limiter.shared)
     decision = await limiter.check("api", "k", rule)
     # The timed-out call was already on the wire: Redis may run it once it wakes up, so the
@@ -196,17 +204,11 @@ async def test_checks_queued_behind_a_stalled_batch_fail_with_it(redis_server, m
     rule = Rule(burst=5, on_redis_error="allow")
     assert not (await limiter.check("api", "k", rule)).backend_failed
 
-    other = redis.asyncio.from_url(redis_server.url)
-    sleeper = asyncio.create_task(other.execute_command("DEBUG", "SLEEP", "0.6"))
-    try:
-        await asyncio.sleep(0.03)  # let the DEBUG SLEEP reach the server first
+    async with stalled(redis_server, 0.6):
         first = asyncio.create_task(timed_check(limiter, "api", "k", rule))
         await asyncio.sleep(timeout / 2)  # the first batch is on the wire, stalled
         queued, took = await timed_check(limiter, "api", "other", rule)
         assert queued.allowed and queued.backend_failed
         assert took < timeout  # about timeout / 2: it never waited a timeout of its own
-        stalled, _ = await first
-        assert stalled.backend_failed
-    finally:
-        await sleeper
-        await other.aclose()
+        first_decision, _ = await first
+        assert first_decision.backend_failed
