@@ -273,6 +273,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         self._pending_reject: tuple[int, str, Request | None] | None = None
         self._client_eof = False
+        self._dispatching = False  # inside _start's handler loop
+        self._deferred: Request | None = None  # started meanwhile, for that loop to run
         self._fed = 0
         self._head_began_at = -1
 
@@ -548,13 +550,26 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self._current = request
         self.response_started = False
-        try:
-            work = self.handler(self, request)
-        except Exception:
-            self.request_crashed(request)
+        if self._dispatching:
+            # A request answered at once (a 404, a 429) started this one from inside its
+            # handler: the loop below runs it, so a long pipeline never nests deeper.
+            self._deferred = request
             return
-        if work is not None:
-            self.serve_async(request, work)
+        self._dispatching = True
+        try:
+            next_request: Request | None = request
+            while next_request is not None:
+                self._deferred = None
+                try:
+                    work = self.handler(self, next_request)
+                except Exception:
+                    self.request_crashed(next_request)
+                    return
+                if work is not None:
+                    self.serve_async(next_request, work)
+                next_request = self._deferred
+        finally:
+            self._dispatching = False
 
     def serve_async(self, request: Request, work: Any) -> None:
         """Answer ``request`` by running the coroutine ``work`` to its end."""

@@ -375,6 +375,24 @@ def test_pipelined_requests_answered_in_order(echo_daemon):
     assert third.json()["path"] == "/echo?third"
 
 
+def test_a_long_pipeline_of_requests_answered_at_once(start_sluicegate, backend):
+    """Requests answered without an upstream (404 here) complete as they start. Thousands
+    queued behind a slow one must not nest one call deeper each."""
+    config = proxy_config(backend)
+    config["routes"] = [{"name": "slow", "match": {"path_prefix": "/delay"}, "upstream": "u"}]
+    daemon = start_sluicegate(config)
+    count = 3000
+    with RawClient(daemon.port) as client:
+        client.send(
+            b"GET /delay/100 HTTP/1.1\r\nHost: h\r\n\r\n"
+            + b"GET /nothing HTTP/1.1\r\nHost: h\r\n\r\n" * count
+        )
+        assert client.read_response().status == 200
+        statuses = [client.read_response().status for _ in range(count)]
+        assert statuses == [404] * count
+        assert client.request(b"GET /delay/1 HTTP/1.1\r\nHost: h\r\n\r\n").status == 200
+
+
 def test_content_length_body_reframed(echo_daemon):
     body = bytes(range(256)) * 40
     with RawClient(echo_daemon.port) as client:
