@@ -72,7 +72,7 @@ class Runtime:
         self.metrics = metrics
         self._resolver = ClientAddressResolver(config.trusted_proxies)
         self._trusts_proxies = bool(config.trusted_proxies)
-        self._id_prefix = os.urandom(5).hex()
+        self._id_prefix = os.urandom(5).hex().encode()
         token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
         # Decision traces are for whoever holds the admin token; without one, none are given.
         self.trace_token = token.encode() if token else None
@@ -123,7 +123,7 @@ class Runtime:
     # -- per request -----------------------------------------------------------------------
 
     def new_request_id(self) -> bytes:
-        return f"{self._id_prefix}{next(self._id_counter):08x}".encode()
+        return b"%s%08x" % (self._id_prefix, next(self._id_counter))
 
     def wants_trace(self, request: Any) -> bool:
         presented = request.trace
