@@ -150,16 +150,22 @@ class Exchange:
         """May this request go to another server after ``word``? None when it may, else
         why not (a ``NoRetry``). Asked after a failed try and before holding a failed
         response; most requests never ask."""
-        request = self.request
+        method, has_idempotency_key = self.method_facts()
         return self.group.retry_policy.should_retry(
             word,
             attempts_done=self.tries,
             started_at=self.retry_started,
-            method=request.method.decode("latin-1"),
-            has_idempotency_key=b"idempotency-key" in request.lowered,
+            method=method,
+            has_idempotency_key=has_idempotency_key,
             body_replayable=self.replayable,
             response_started=response_started,
         )
+
+    def method_facts(self) -> tuple[str, bool]:
+        """What decides whether the request may be repeated: its method, and whether it
+        carries an Idempotency-Key."""
+        request = self.request
+        return request.method.decode("latin-1"), b"idempotency-key" in request.lowered
 
     def close_books(self) -> None:
         """The request is over: budget, metrics and the access log line."""
@@ -476,8 +482,7 @@ async def _take_body(ex: Exchange) -> bool | None:
     if request.expect_continue:
         conn.write(CONTINUE)
     retry = ex.group.retry_policy
-    method = request.method.decode("latin-1")
-    has_key = request.header(b"idempotency-key") is not None
+    method, has_key = ex.method_facts()
     fits = request.content_length is None or request.content_length <= retry.max_body_bytes
     if retry.tries > 1 and fits and retry.may_retry_method(method, has_key):
         try:
@@ -898,7 +903,7 @@ def _start_relay(
             chunked_out = True
         else:
             close = True  # an HTTP/1.0 client reads to the end of the connection
-    extra = ex.extra_headers if ex.trace is None else _with_trace(ex, ex.extra_headers)
+    extra = _with_trace(ex, ex.extra_headers)
     head = _response_head(response, request, extra, close=close, chunked=chunked_out)
     relay = _ResponseRelay(conn, chunked_out, head, close, listener)
     conn.response_started = True
@@ -991,7 +996,7 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
     close = not request.keep_alive or conn.listener.shutting_down
     if response.has_body:
         response.content_length = len(payload)  # also re-frames a chunked one
-    extra = ex.extra_headers if ex.trace is None else _with_trace(ex, ex.extra_headers)
+    extra = _with_trace(ex, ex.extra_headers)
     head = _response_head(response, request, extra, close=close, chunked=False)
     conn.response_started = True
     if response.has_body and payload:

@@ -209,7 +209,7 @@ _JSON_LINE = (
     '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
     '"error":%s%s}'
 )
-_ONE_ATTEMPT = ',"attempts":[{"server":%s,"outcome":%d,"ms":%r}]'
+_ATTEMPT = '{"server":%s,"outcome":%s,"ms":%r%s}'  # one entry of "attempts"
 # JSON forms of the strings that repeat line after line: methods, and route, upstream and
 # server names (all from the config or llhttp's method table, so a bounded set).
 _json_names: dict[str | bytes, str] = {}
@@ -236,11 +236,9 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
     names = _json_names
     if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:
         attempt = attempts[0]  # the common case: one try that got a response
-        attempts_json = _ONE_ATTEMPT % (
-            names.get(attempt["server"]) or _json_name(attempt["server"]),
-            attempt["outcome"],
-            attempt["ms"],
-        )
+        server = names.get(attempt["server"]) or _json_name(attempt["server"])
+        entry = _ATTEMPT % (server, attempt["outcome"], attempt["ms"], "")
+        attempts_json = ',"attempts":[' + entry + "]"
     else:
         attempts_json = ',"attempts":' + _attempts_json(attempts) if attempts else ""
     return _JSON_LINE % (
@@ -276,10 +274,8 @@ def _attempts_json(attempts: list[dict[str, Any]]) -> str:
         outcome_json = outcome if type(outcome) is int else _escape(str(outcome))
         status = attempt.get("status")
         status_json = "" if status is None else f',"status":{status:d}'
-        parts.append(
-            f'{{"server":{_escape(attempt["server"])},"outcome":{outcome_json},'
-            f'"ms":{attempt["ms"]!r}{status_json}}}'
-        )
+        server = _json_name(attempt["server"])
+        parts.append(_ATTEMPT % (server, outcome_json, attempt["ms"], status_json))
     return "[" + ",".join(parts) + "]"
 
 
