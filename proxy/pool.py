@@ -361,10 +361,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.close()
 
     def _fail(self, error: UpstreamError) -> None:
-        """The exchange failed before a usable head."""
+        """The exchange failed before a usable head: the waiter hears the first failure."""
+        first = self.failure is None and not self.complete
         self._abort(error)
-        if self.waiter is not None and not self._head_done:
-            self._head_done = True  # told once
+        if first and self.waiter is not None and not self._head_done:
             self.waiter.head_failed(error)
 
     def _abort(self, error: UpstreamError) -> None:
