@@ -224,7 +224,9 @@ def _hot(child: object) -> object:
     """The value of a counter or gauge child, to add to with ``._value += n``.
 
     prometheus-client's ``inc`` validates its argument and observability on every call;
-    the request path only ever adds known-good amounts.
+    the request path only ever adds known-good amounts. This reads the library's value
+    objects (``_value``, a histogram's ``_buckets``/``_sum``), hence the upper bound on its
+    version in pyproject.toml; the unit tests read every series back through the registry.
     """
     return _hot_value(child._value)  # type: ignore[attr-defined]
 
