@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import statistics
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Daemon, wait_for
+from tests.support.rawupstream import RawUpstream, simple_response
 
 REDIS_TIMEOUT = 0.05  # redis.timeout in these configs: 50ms
 # What one request may cost on top of an unlimited one while Redis is dead or slow:
@@ -531,3 +534,36 @@ def test_redis_limited_request_latency_over_an_unlimited_one(
         f"\n  extra          median {extra_median:.3f}ms  p99 {extra_p99:.3f}ms"
     )
     assert extra_median < 20, ms  # a sanity bound only: a Redis round trip is ~0.1ms
+
+
+def test_a_client_gone_while_redis_decides_is_not_forwarded(start_sluicegate, redis_server):
+    """The limited request waits for Redis in a callback, not a task: when the answer
+    comes and the client has reset the connection, nothing goes upstream (499 logged)."""
+    with RawUpstream(simple_response(b"ok")) as upstream:
+        port = int(upstream.url.rsplit(":", 1)[1])
+        daemon = start_sluicegate(
+            _config(
+                port,
+                _limited("api", rate="100/s", burst=100, key="route", on_redis_error="allow"),
+                redis=_redis(redis_server),
+            )
+        )
+        assert _get(daemon, "/api")[0] == 200
+        assert len(upstream.requests) == 1
+        sleeper = threading.Thread(
+            target=lambda: redis_server.client().execute_command("DEBUG", "SLEEP", "0.5")
+        )
+        sleeper.start()
+        try:
+            time.sleep(0.1)  # let the DEBUG SLEEP reach the server first
+            with socket.create_connection(("127.0.0.1", daemon.port)) as client:
+                client.sendall(b"GET /api HTTP/1.1\r\nHost: h\r\n\r\n")
+                time.sleep(0.01)
+                # A reset, not a FIN: a half-closed client would still be answered.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            time.sleep(REDIS_TIMEOUT * 4)  # the check times out and decides (allow)
+        finally:
+            sleeper.join()
+        assert _get(daemon, "/free")[0] == 200
+        assert len(upstream.requests) == 2  # the first /api and /free: not the abandoned one
+        wait_for(lambda: '"status":499' in daemon.logs(), message="a 499 access line")
