@@ -84,6 +84,16 @@ def upstream(*ports: int, **extra) -> dict:
     return cfg
 
 
+# /limited on upstream "app": one request a second, the burst of one used by the first.
+LIMITED_ROUTE = {
+    "name": "limited",
+    "match": {"path_prefix": "/limited"},
+    "upstream": "app",
+    "strip_prefix": True,
+    "rate_limit": {"rate": "1/s", "burst": 1},
+}
+
+
 def config(upstreams: dict, routes: list | None = None, **extra) -> dict:
     name = next(iter(upstreams))
     cfg = {
@@ -562,13 +572,7 @@ def test_rate_limited_total_counts_per_route(start_sluicegate, spawn_backend):
     cfg = config(
         {"app": upstream(a)},
         routes=[
-            {
-                "name": "limited",
-                "match": {"path_prefix": "/limited"},
-                "upstream": "app",
-                "strip_prefix": True,
-                "rate_limit": {"rate": "1/s", "burst": 1},
-            },
+            LIMITED_ROUTE,
             {"name": "free", "match": {"path_prefix": "/"}, "upstream": "app"},
         ],
     )
@@ -708,13 +712,7 @@ def test_access_log_has_one_line_per_request_with_every_field(start_sluicegate, 
             )
         },
         routes=[
-            {
-                "name": "limited",
-                "match": {"path_prefix": "/limited"},
-                "upstream": "app",
-                "strip_prefix": True,
-                "rate_limit": {"rate": "1/s", "burst": 1},
-            },
+            LIMITED_ROUTE,
             {"name": "all", "match": {"path_prefix": "/"}, "upstream": "app"},
         ],
     )
