@@ -5,10 +5,11 @@ once, so a reload never changes a request half-way. Every decision that can be m
 the config was made when the ``Runtime`` was built (routes, header sets, metric children);
 here we only look things up.
 
-Two ways through, one state. The common request (no body, no trace, and a pooled
-connection to the chosen server) is served by callbacks: its ``Exchange`` waits for the
-rate limiter's decision (a Redis batch answers a tick later), is the waiter of its upstream
-exchange, and sends a response that came whole with its head in one write. Everything
+Two ways through, one state. The common request (no trace, no body a retry would need held
+in full, and a pooled connection to the chosen server) is served by callbacks: its
+``Exchange`` waits for the rate limiter's decision (a Redis batch answers a tick later), is
+the waiter of its upstream exchange, and sends a response that came whole with its head in
+one write. Everything
 else, or anything unusual on the way (no idle connection, a failed try, a listed failure
 status to hold, a tunnel), runs as a coroutine that takes over the same ``Exchange`` and
 the ``Attempt`` already begun. An ``Attempt`` keeps the books of one try (counters,
@@ -76,6 +77,7 @@ class Exchange:
     __slots__ = (
         "attempt",
         "attempts",
+        "body_chunked",
         "budget",
         "bytes_out",
         "conn",
@@ -128,6 +130,7 @@ class Exchange:
         self.key: str | None = None
         self.limit_key = ""  # the rate-limit bucket's client key
         self.head_bytes = b""
+        self.body_chunked = False
         self.attempt: Attempt | None = None  # the fast path's try in progress
 
     # -- shared by both paths ------------------------------------------------------------
@@ -144,7 +147,15 @@ class Exchange:
         self.prepared = True
         if self.group.hash_key is not None:
             self.key = _hash_key(self.group, request, self.runtime)
-        self.head_bytes = _request_head(self.conn, request, self.route_runtime)
+        body = request.body
+        # Chunked to the upstream when the length is not known yet; decided once, with the
+        # head, for every try (a body that completes meanwhile is still sent chunked).
+        self.body_chunked = (
+            body is not None and not body.complete and request.content_length is None
+        )
+        self.head_bytes = _request_head(
+            self.conn, request, self.route_runtime, chunked=self.body_chunked
+        )
 
     def retry_refusal(self, word: str, response_started: bool) -> Any:
         """May this request go to another server after ``word``? None when it may, else
@@ -183,9 +194,10 @@ class Exchange:
     # -- the fast path: callbacks, no task ------------------------------------------------
 
     def serve_fast(self) -> Any:
-        """The common case by callbacks: first try on a pooled connection, no body, no
-        limit, no trace. None when underway (the connection hears ``request_done``), else
-        the coroutine that takes over (no idle connection, no eligible server)."""
+        """The common case by callbacks: the first try, on a pooled connection, of a request
+        past its limit with no body to hold and no trace. None when underway (the
+        connection hears ``request_done``), else the coroutine that takes over (no idle
+        connection, no eligible server)."""
         self.prepare()
         group = self.group
         server = group.select(self.key, ())
@@ -242,11 +254,30 @@ class Exchange:
         self.conn.serve_async(self.request, work)
 
     def proceed(self) -> Any:
-        """Past routing and limits: the fast path when it can serve, else the coroutine."""
-        if self.request.body is None and self.trace is None:
-            self.join_group(self.route_runtime.group)
-            return self.serve_fast()
+        """Past routing and limits: the fast path when it can serve, else the coroutine.
+        A body the fast path streams as it comes; one a retry may have to replay is held
+        in full first, by the coroutine."""
+        self.join_group(self.route_runtime.group)
+        request = self.request
+        if self.trace is None:
+            if request.body is None:
+                return self.serve_fast()
+            if not self.holds_body():
+                if request.expect_continue:
+                    self.conn.write(CONTINUE)
+                return self.serve_fast()
         return _serve_slowly(self)
+
+    def holds_body(self) -> bool:
+        """Is the body held in full before the first try, so that a retry can replay it?"""
+        request = self.request
+        retry = self.group.retry_policy
+        if retry.tries <= 1:
+            return False
+        if request.content_length is not None and request.content_length > retry.max_body_bytes:
+            return False
+        method, has_idempotency_key = self.method_facts()
+        return retry.may_retry_method(method, has_idempotency_key)
 
     def limited(self, decision: Decision) -> Any:
         """Go on with the rate limit's decision (``proceed``), or answer it."""
@@ -326,10 +357,7 @@ async def _serve_slowly(
     """The coroutine path: from the start, or taking over from the fast path (``tried``,
     and the try it had begun with what came of it)."""
     try:
-        if tried is None:
-            ex.join_group(ex.route_runtime.group)
-            tried = set()
-        await _forward(ex, tried, attempt, got)
+        await _forward(ex, set() if tried is None else tried, attempt, got)
     finally:
         ex.close_books()
 
@@ -478,15 +506,11 @@ async def _take_body(ex: Exchange) -> bool | None:
     body = request.body
     if body is None:
         return True
-    conn = ex.conn
     if request.expect_continue:
-        conn.write(CONTINUE)
-    retry = ex.group.retry_policy
-    method, has_key = ex.method_facts()
-    fits = request.content_length is None or request.content_length <= retry.max_body_bytes
-    if retry.tries > 1 and fits and retry.may_retry_method(method, has_key):
+        ex.conn.write(CONTINUE)
+    if ex.holds_body():
         try:
-            return await body.buffer_up_to(retry.max_body_bytes)
+            return await body.buffer_up_to(ex.group.retry_policy.max_body_bytes)
         except (ConnectionError, OSError):
             ex.status = 499
             ex.error = "client went away"
@@ -550,7 +574,7 @@ class Attempt:
         self.upstream = upstream
         upstream.begin(request.method == b"HEAD", waiter)
         conn.on_lost = upstream.abort
-        _send_request(upstream, request, ex.head_bytes, conn)
+        _send_request(upstream, request, ex.head_bytes, conn, chunked=ex.body_chunked)
 
     def judge(self, response: Any) -> str | None:
         """Book the response head. Its failure word when it is a listed status the request
@@ -756,7 +780,7 @@ class _Collector:
         pass
 
 
-def _request_head(conn: ClientConnection, request: Request, route: Any) -> bytes:
+def _request_head(conn: ClientConnection, request: Request, route: Any, *, chunked: bool) -> bytes:
     target = request.target
     prefix = route.strip_prefix
     if prefix and target.startswith(prefix):
@@ -787,30 +811,35 @@ def _request_head(conn: ClientConnection, request: Request, route: Any) -> bytes
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
     body = request.body
     if body is not None:
-        if body.complete:
-            parts.append(b"Content-Length: %d\r\n" % body.received)
-        elif request.content_length is not None:
-            parts.append(b"Content-Length: %d\r\n" % request.content_length)
-        else:
+        if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif body.complete:
+            parts.append(b"Content-Length: %d\r\n" % body.received)
+        else:
+            parts.append(b"Content-Length: %d\r\n" % request.content_length)
     parts.append(b"\r\n")
     return b"".join(parts)
 
 
 def _send_request(
-    upstream: UpstreamConnection, request: Request, head_bytes: bytes, conn: ClientConnection
+    upstream: UpstreamConnection,
+    request: Request,
+    head_bytes: bytes,
+    conn: ClientConnection,
+    *,
+    chunked: bool,
 ) -> None:
     body = request.body
     if body is None:
         upstream.transport.write(head_bytes)  # type: ignore[union-attr]
         upstream.request_complete = True
         return
-    if body.complete:
+    if body.complete and not chunked:  # held in full (kept for a replay), or just complete
         upstream.write(head_bytes + b"".join(body.chunks))
         upstream.request_complete = True
         return
     upstream.write(head_bytes)
-    writer = _BodyWriter(upstream, chunked=request.content_length is None)
+    writer = _BodyWriter(upstream, chunked=chunked)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
     upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     body.stream_to(writer)
