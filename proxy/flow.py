@@ -1,4 +1,5 @@
-"""What both sides' protocols share: reading paused for named reasons, close and abort.
+"""What both sides' protocols share: reading paused for named reasons, a head written with
+the first body bytes, close and abort.
 
 Several things may each want a connection to stop reading at once (a full write buffer on
 the other side, a held body, pipelined requests waiting their turn). The transport reads
@@ -40,6 +41,15 @@ class ProxyConnection:
             self._reading_paused_for.clear()
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+
+    def write_after(self, head: bytes, data: bytes) -> None:
+        """``head`` then ``data`` in one system call (small ones joined, large ones writev):
+        a head waits for its first body bytes, on both sides."""
+        if not self.closed:
+            if len(data) <= 4096:
+                self.transport.write(head + data)  # type: ignore[union-attr]
+            else:
+                self.transport.writelines((head, data))  # type: ignore[union-attr]
 
     def close(self) -> None:
         """Close after what is buffered has been written."""

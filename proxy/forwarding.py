@@ -838,34 +838,48 @@ def _send_request(
         upstream.write(head_bytes + b"".join(body.chunks))
         upstream.request_complete = True
         return
-    upstream.write(head_bytes)
-    writer = _BodyWriter(upstream, chunked=chunked)
+    writer = _BodyWriter(upstream, head_bytes, chunked=chunked)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
     upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     body.stream_to(writer)
 
 
 class _BodyWriter:
-    """Client body chunks to the upstream as they arrive, re-framed, with backpressure."""
+    """Client body chunks to the upstream as they arrive, re-framed, with backpressure.
 
-    __slots__ = ("chunked", "upstream")
+    The request head waits for the first body bytes, so that a body that came with its head
+    (most do) leaves with it in one system call.
+    """
 
-    def __init__(self, upstream: UpstreamConnection, *, chunked: bool) -> None:
+    __slots__ = ("chunked", "head", "upstream")
+
+    def __init__(self, upstream: UpstreamConnection, head: bytes, *, chunked: bool) -> None:
         self.upstream = upstream
+        self.head: bytes | None = head
         self.chunked = chunked
 
     def on_body(self, chunk: bytes) -> None:
-        if self.upstream.closed:
+        upstream = self.upstream
+        if upstream.closed:
             return
-        if self.chunked:
-            self.upstream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk
+        head = self.head
+        if head is None:
+            upstream.write(data)
         else:
-            self.upstream.write(chunk)
+            self.head = None
+            upstream.write_after(head, data)
 
     def on_end(self) -> None:
-        if self.chunked and not self.upstream.closed:
-            self.upstream.write(CHUNK_END)
-        self.upstream.request_complete = True
+        upstream = self.upstream
+        if not upstream.closed:
+            head, self.head = self.head, None
+            tail = CHUNK_END if self.chunked else b""
+            if head is not None:
+                upstream.write(head + tail)
+            elif tail:
+                upstream.write(tail)
+        upstream.request_complete = True
 
 
 class _ResponseRelay:

@@ -650,14 +650,6 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         if not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]
 
-    def write_after(self, head: bytes, data: bytes) -> None:
-        """``head`` then ``data`` in one system call (small ones joined, large ones writev)."""
-        if not self.closed:
-            if len(data) <= 4096:
-                self.transport.write(head + data)  # type: ignore[union-attr]
-            else:
-                self.transport.writelines((head, data))  # type: ignore[union-attr]
-
     async def drain(self) -> None:
         if self._writing_paused and not self.closed:
             self._drain_waiter = self.loop.create_future()
