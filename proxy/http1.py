@@ -137,15 +137,6 @@ class RequestBody:
         if self.complete:
             consumer.on_end()
 
-    def replay_to(self, consumer: Any) -> None:
-        """Send a fully buffered body again (a retry), keeping it for further tries."""
-        for chunk in self.chunks:
-            consumer.on_body(chunk)
-        consumer.on_end()
-
-    def release_consumer(self) -> None:
-        self.consumer = None
-
 
 class Request:
     __slots__ = (
