@@ -25,6 +25,7 @@ from tests.support.faulty import (
     lb_config,
     refused_port,
 )
+from tests.support.rawupstream import read_until_closed
 
 REFUSED = "refused"
 
@@ -183,17 +184,9 @@ def exchange(port: int, scenario: Scenario, path: str) -> tuple[int | str, float
         f"{name}: {value}\r\n" for name, value in headers.items()
     )
     started = time.monotonic()
-    received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(head.encode() + b"\r\n" + scenario.body)
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        received, _ = read_until_closed(sock)
     seconds = time.monotonic() - started
     response_head, _, body = received.partition(b"\r\n\r\n")
     status = int(response_head.split(b" ", 2)[1])

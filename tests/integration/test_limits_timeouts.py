@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.test_hostile_input import RawUpstream, exchange, parse_response
 from tests.support.daemon import http_request, wait_for
+from tests.support.rawupstream import read_until_closed
 
 LIMITS = {
     "max_header_bytes": 4096,
@@ -110,22 +111,6 @@ def assert_error(data: bytes, status: int) -> None:
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
-
-
-def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, float]:
-    """Everything until the peer closes; returns (bytes, seconds it took)."""
-    started = time.monotonic()
-    sock.settimeout(timeout)
-    chunks = []
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks), time.monotonic() - started
 
 
 def read_response(sock: socket.socket) -> bytes:

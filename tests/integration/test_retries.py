@@ -20,6 +20,7 @@ from tests.support.faulty import (
     refused_port,
     timed_request,
 )
+from tests.support.rawupstream import read_until_closed
 
 
 @pytest.mark.parametrize("mode", ["refused", "reset", "close", "reset_head"])
@@ -250,15 +251,7 @@ def test_never_retried_after_response_bytes_reached_the_client(start_sluicegate,
 
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            received += chunk
+        received, _ = read_until_closed(sock)
 
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")

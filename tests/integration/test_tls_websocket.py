@@ -68,6 +68,12 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
     return context
 
 
+def tls_listen(port: int, tls_files: tuple[str, str]) -> dict[str, Any]:
+    """A listen entry serving TLS on ``port`` with the test certificate."""
+    cert, key = tls_files
+    return {"address": f"127.0.0.1:{port}", "tls": {"cert": cert, "key": key}}
+
+
 def https_get(port: int, path: str, context: ssl.SSLContext) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
     try:
@@ -82,13 +88,9 @@ def test_tls_listener_answers_https_and_sets_forwarded_proto(
     start_sluicegate, spawn_backend, tls_files, client_context
 ):
     _, backend = spawn_backend("tls")
-    cert, key = tls_files
     tls_port, plain_port = free_port(), free_port()
     config = proxy_config(backend)
-    config["listen"] = [
-        {"address": f"127.0.0.1:{tls_port}", "tls": {"cert": cert, "key": key}},
-        {"address": f"127.0.0.1:{plain_port}"},
-    ]
+    config["listen"] = [tls_listen(tls_port, tls_files), {"address": f"127.0.0.1:{plain_port}"}]
     start_sluicegate(config)
 
     status, headers, body = https_get(tls_port, "/echo", client_context)
@@ -117,10 +119,9 @@ def test_tls_listener_refuses_plain_http_and_untrusted_clients(
     start_sluicegate, spawn_backend, tls_files, client_context
 ):
     _, backend = spawn_backend("tls")
-    cert, key = tls_files
     port = free_port()
     config = proxy_config(backend)
-    config["listen"] = [{"address": f"127.0.0.1:{port}", "tls": {"cert": cert, "key": key}}]
+    config["listen"] = [tls_listen(port, tls_files)]
     daemon = start_sluicegate(config)
     # Plain HTTP on the TLS port: no HTTP answer, the connection ends.
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -297,10 +298,9 @@ async def test_busy_websocket_outlives_the_read_timeout(ws_proxy):
 
 async def test_websocket_over_tls(start_sluicegate, spawn_backend, tls_files, client_context):
     _, backend = spawn_backend("wss")
-    cert, key = tls_files
     port = free_port()
     config = proxy_config(backend)
-    config["listen"] = [{"address": f"127.0.0.1:{port}", "tls": {"cert": cert, "key": key}}]
+    config["listen"] = [tls_listen(port, tls_files)]
     start_sluicegate(config)
     async with (
         aiohttp.ClientSession() as session,
@@ -316,10 +316,9 @@ def test_stalled_tls_handshake_is_bounded_by_client_header_timeout(
     start_sluicegate, spawn_backend, tls_files, client_context
 ):
     _, backend = spawn_backend("tls")
-    cert, key = tls_files
     port = free_port()
     config = proxy_config(backend)
-    config["listen"] = [{"address": f"127.0.0.1:{port}", "tls": {"cert": cert, "key": key}}]
+    config["listen"] = [tls_listen(port, tls_files)]
     config["limits"] = {"client_header_timeout": "500ms"}
     start_sluicegate(config)
     for partial in (b"", b"\x16\x03\x01\x00"):  # silent, then half a ClientHello record

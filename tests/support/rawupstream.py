@@ -15,21 +15,22 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 
-class RawRequest:
+class _RawMessage:
+    """A head as it came on the wire: its first line, and its fields in order."""
+
     def __init__(self, head: bytes) -> None:
         self.head = head
         lines = head.split(b"\r\n")
-        self.method, self.target, self.version = lines[0].split(b" ", 2)
+        self.first_line = lines[0]
         self.headers: list[tuple[str, str]] = []
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             self.headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-        self.body = b""
-        self.body_length = 0
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -39,6 +40,14 @@ class RawRequest:
 
     def header_names(self) -> set[str]:
         return {key.lower() for key, _ in self.headers}
+
+
+class RawRequest(_RawMessage):
+    def __init__(self, head: bytes) -> None:
+        super().__init__(head)
+        self.method, self.target, self.version = self.first_line.split(b" ", 2)
+        self.body = b""
+        self.body_length = 0
 
 
 class _Reader:
@@ -180,26 +189,12 @@ def simple_response(
     return respond
 
 
-class RawResponse:
+class RawResponse(_RawMessage):
     def __init__(self, head: bytes, body: bytes) -> None:
-        self.head = head
-        lines = head.split(b"\r\n")
-        self.status_line = lines[0]
-        self.status = int(lines[0].split(b" ")[1])
-        self.headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            self.headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+        super().__init__(head)
+        self.status_line = self.first_line
+        self.status = int(self.first_line.split(b" ")[1])
         self.body = body
-
-    def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key.lower() == name.lower():
-                return value
-        return None
-
-    def header_names(self) -> set[str]:
-        return {key.lower() for key, _ in self.headers}
 
     def json(self) -> Any:
         import json
@@ -270,3 +265,19 @@ class RawClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, float]:
+    """Everything until the peer closes (or resets); returns (bytes, seconds it took)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks), time.monotonic() - started
