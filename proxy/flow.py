@@ -1,5 +1,5 @@
-"""What both sides' protocols share: reading paused for named reasons, a head written with
-the first body bytes, close and abort.
+"""What both sides' protocols share: reading paused for named reasons, writes (a head with
+the first body bytes), close and abort.
 
 Several things may each want a connection to stop reading at once (a full write buffer on
 the other side, a held body, pipelined requests waiting their turn). The transport reads
@@ -41,6 +41,10 @@ class ProxyConnection:
             self._reading_paused_for.clear()
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
 
     def write_after(self, head: bytes, data: bytes) -> None:
         """``head`` then ``data`` in one system call (small ones joined, large ones writev):

@@ -831,74 +831,32 @@ def _send_request(
 ) -> None:
     body = request.body
     if body is None:
-        upstream.transport.write(head_bytes)  # type: ignore[union-attr]
+        upstream.write(head_bytes)
         upstream.request_complete = True
         return
     if body.complete and not chunked:  # held in full (kept for a replay), or just complete
         upstream.write(head_bytes + b"".join(body.chunks))
         upstream.request_complete = True
         return
-    writer = _BodyWriter(upstream, head_bytes, chunked=chunked)
+    writer = _BodyWriter(upstream, head_bytes, chunked)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
     upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     body.stream_to(writer)
 
 
-class _BodyWriter:
-    """Client body chunks to the upstream as they arrive, re-framed, with backpressure.
+class _Reframed:
+    """Body chunks to ``out`` as they arrive, re-framed: chunked, or as they are.
 
-    The request head waits for the first body bytes, so that a body that came with its head
-    (most do) leaves with it in one system call.
+    The head waits for the first body bytes, so that a body that came with its head (most
+    do) leaves with it in one system call. Both directions stream through one of these.
     """
 
-    __slots__ = ("chunked", "head", "upstream")
+    __slots__ = ("bytes_out", "chunked", "head", "out")
 
-    def __init__(self, upstream: UpstreamConnection, head: bytes, *, chunked: bool) -> None:
-        self.upstream = upstream
+    def __init__(self, out: Any, head: bytes, chunked: bool) -> None:
+        self.out = out
         self.head: bytes | None = head
         self.chunked = chunked
-
-    def on_body(self, chunk: bytes) -> None:
-        upstream = self.upstream
-        if upstream.closed:
-            return
-        data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk
-        head = self.head
-        if head is None:
-            upstream.write(data)
-        else:
-            self.head = None
-            upstream.write_after(head, data)
-
-    def on_end(self) -> None:
-        upstream = self.upstream
-        if not upstream.closed:
-            head, self.head = self.head, None
-            tail = CHUNK_END if self.chunked else b""
-            if head is not None:
-                upstream.write(head + tail)
-            elif tail:
-                upstream.write(tail)
-        upstream.request_complete = True
-
-
-class _ResponseRelay:
-    """Upstream body chunks to the client, re-framed, with backpressure the other way.
-
-    The response head waits for the first body bytes so that a small response leaves in
-    one system call; ``flush_head`` sends it alone when the body is not there yet.
-    """
-
-    __slots__ = ("bytes_out", "chunked", "close", "conn", "head", "listener")
-
-    def __init__(
-        self, conn: ClientConnection, chunked: bool, head: bytes, close: bool, listener: Any
-    ) -> None:
-        self.conn = conn
-        self.chunked = chunked
-        self.head: bytes | None = head
-        self.close = close  # the client connection closes after this response
-        self.listener = listener  # relay_ended() / relay_failed(error), or None
         self.bytes_out = 0
 
     def on_body(self, chunk: bytes) -> None:
@@ -906,25 +864,55 @@ class _ResponseRelay:
         data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if self.chunked else chunk
         head = self.head
         if head is None:
-            self.conn.write(data)
+            self.out.write(data)
         else:
             self.head = None
-            self.conn.write_after(head, data)
+            self.out.write_after(head, data)
 
-    def on_end(self) -> None:
+    def write_end(self) -> None:
+        """The body is over: what is still owed (the head, the last chunk) goes out."""
         head, self.head = self.head, None
         tail = CHUNK_END if self.chunked else b""
         if head is not None:
-            self.conn.write(head + tail)
+            self.out.write(head + tail)
         elif tail:
-            self.conn.write(tail)
+            self.out.write(tail)
+
+
+class _BodyWriter(_Reframed):
+    """The client's body to the upstream, with backpressure (see ``_send_request``)."""
+
+    __slots__ = ()
+
+    def on_end(self) -> None:
+        self.write_end()
+        self.out.request_complete = True
+
+
+class _ResponseRelay(_Reframed):
+    """The upstream's body to the client, with backpressure the other way.
+
+    ``flush_head`` sends the head alone when the body is not there yet.
+    """
+
+    __slots__ = ("close", "listener")
+
+    def __init__(
+        self, conn: ClientConnection, chunked: bool, head: bytes, close: bool, listener: Any
+    ) -> None:
+        super().__init__(conn, head, chunked)
+        self.close = close  # the client connection closes after this response
+        self.listener = listener  # relay_ended() / relay_failed(error), or None
+
+    def on_end(self) -> None:
+        self.write_end()
         if self.listener is not None:
             self.listener.relay_ended(self)
 
     def flush_head(self) -> None:
         head, self.head = self.head, None
         if head is not None:
-            self.conn.write(head)
+            self.out.write(head)
 
     def on_abort(self, error: Exception) -> None:
         if self.listener is not None:

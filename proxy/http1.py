@@ -637,10 +637,6 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
 
     # -- output --------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)  # type: ignore[union-attr]
-
     async def drain(self) -> None:
         if self._writing_paused and not self.closed:
             self._drain_waiter = self.loop.create_future()

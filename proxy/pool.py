@@ -298,9 +298,6 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         # timeout early.
         self.deadline = self.loop.time() + self.read_timeout
 
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[union-attr]
-
     def attach(self, sink: Any) -> None:
         """Hand the response body to ``sink`` (on_body/on_end/on_abort), held bytes first."""
         self.sink = sink
