@@ -2,8 +2,8 @@
 
 Starts one fast origin (a raw-asyncio HTTP/1.1 server in this file, so the origin is not
 the bottleneck), then Sluicegate (`python -m proxy run -c <generated yaml>`) and nginx
-(generated nginx.conf, upstream keepalive), each pinned to CPU 0, and drives each in turn
-with `wrk -t1 -c50` pinned to CPU 1. Scenarios:
+(generated nginx.conf, upstream keepalive) side by side, each pinned to CPU 0, and drives
+them in turn with `wrk -t1 -c50` pinned to CPU 1. Scenarios:
 
 - ``small``: GET of a 6-byte body, keep-alive
 - ``64k``: GET of a 64 KiB body
@@ -14,10 +14,14 @@ with `wrk -t1 -c50` pinned to CPU 1. Scenarios:
 
 Each run records requests/s, p50 and p99 latency (wrk --latency) and the proxy's CPU
 seconds per request (utime+stime of the proxy and all its descendants, /proc, before and
-after). Prints one table with the ratio sluicegate / nginx and writes bench-results/bench.json.
+after). Every scenario runs ``--rounds`` times per proxy, the proxies taking turns, and
+each ratio is the median of the per-round ratios of adjacent runs: on a shared machine
+the drift between two runs minutes apart is larger than the differences being measured.
+Prints one table with the ratio sluicegate / nginx and its range over the rounds, and
+writes every run to bench-results/bench.json.
 Everything started here is stopped at the end, whatever happens.
 
-    python loadtests/bench.py [--duration 10] [--connections 50]
+    python loadtests/bench.py [--duration 10] [--rounds 3] [--connections 50]
     python loadtests/bench.py --origin PORT     # only the origin server (used internally)
 """
 
@@ -33,6 +37,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -427,7 +432,7 @@ class Bench:
         self.redis_port: int | None = None
         self.post_lua = workdir / "post16k.lua"
         self.post_lua.write_text(POST_LUA)
-        self.runs: dict[str, dict[str, Run]] = {}
+        self.runs: dict[str, dict[str, list[Run]]] = {}
 
     def _start(self, cmd: list[str], name: str, cpu: int | None, port: int) -> subprocess.Popen:
         log = self.workdir / f"{name}.log"
@@ -503,7 +508,7 @@ class Bench:
             wrk_cpu=wrk_cpu,
             **kw,
         )
-        self.runs.setdefault(scenario, {})[target] = run
+        self.runs.setdefault(scenario, {}).setdefault(target, []).append(run)
         print(
             f"  {scenario:<10} {target:<22} {run.rps:>10.0f} req/s  p50 {run.p50_ms:7.2f} ms"
             f"  p99 {run.p99_ms:7.2f} ms  non-2xx {run.non_2xx}"
@@ -514,85 +519,142 @@ class Bench:
     def warm(self, url: str) -> None:
         run_wrk(url, 1, self.args.connections, None, 1 if self.pin else None)
 
-    def proxy_round(self, target: str, workers: int) -> None:
-        """Every scenario against one proxy configuration, then stop it."""
-        start = self.start_sluicegate if target == "sluicegate" else self.start_nginx
+    def compare(self, targets: list[str], workers: int) -> None:
+        """Start every proxy with ``workers`` workers side by side, then measure each
+        scenario in rounds, the proxies taking turns (the order flips every round).
+
+        Shared machines drift by tens of percent over minutes; runs seconds apart see the
+        same machine, so each round's ratio pairs adjacent runs and the report takes the
+        median over rounds. The idle proxy costs nothing meanwhile.
+        """
+        scenarios = ["workers2"] if workers == 2 else ["small", "64k", "post16k"]
+        started: dict[str, tuple[subprocess.Popen, int]] = {}
         try:
-            proc, port = start(workers)
-        except RuntimeError as exc:
-            print(f"  {target} (workers {workers}) did not start: {exc}", file=sys.stderr)
-            scenarios = ["workers2"] if workers == 2 else ["small", "64k", "post16k"]
-            for scenario in scenarios:
-                run = Run(target=target, url="", error=f"did not start: {exc}")
-                self.runs.setdefault(scenario, {})[target] = run
-            return
-        base = f"http://127.0.0.1:{port}"
-        try:
-            self.warm(base + "/small")
-            if workers == 2:
-                self._measure("workers2", target, proc.pid, base + "/small", pinned=False)
-                return
-            self._measure("small", target, proc.pid, base + "/small")
-            if target == "sluicegate" and self.redis_port:
-                # Right after its reference (the same route unlimited): shared machines
-                # drift over a run, and this ratio compares two runs of the same proxy.
-                self._measure("ratelimit", "sluicegate+redis", proc.pid, base + "/limited/small")
-            self._measure("64k", target, proc.pid, base + "/64k")
-            self._measure("post16k", target, proc.pid, base + "/post", script=self.post_lua)
+            for target in targets:
+                start = self.start_sluicegate if target == "sluicegate" else self.start_nginx
+                try:
+                    started[target] = start(workers)
+                except RuntimeError as exc:
+                    print(f"  {target} (workers {workers}) did not start: {exc}", file=sys.stderr)
+                    for scenario in scenarios:
+                        run = Run(target=target, url="", error=f"did not start: {exc}")
+                        self.runs.setdefault(scenario, {}).setdefault(target, []).append(run)
+            for _, port in started.values():
+                self.warm(f"http://127.0.0.1:{port}/small")
+            order = list(started)
+            for round_number in range(1, self.args.rounds + 1):
+                print(f" round {round_number}/{self.args.rounds}, workers {workers}", flush=True)
+                for scenario in scenarios:
+                    for target in order:
+                        self._measure_scenario(scenario, target, *started[target])
+                order.reverse()
         finally:
-            self.procs.remove(proc)
-            stop_process(proc)
+            for proc, _ in started.values():
+                self.procs.remove(proc)
+                stop_process(proc)
+
+    def _measure_scenario(
+        self, scenario: str, target: str, proc: subprocess.Popen, port: int
+    ) -> None:
+        base = f"http://127.0.0.1:{port}"
+        if scenario == "workers2":
+            self._measure(scenario, target, proc.pid, base + "/small", pinned=False)
+        elif scenario == "small":
+            self._measure(scenario, target, proc.pid, base + "/small")
+            if target == "sluicegate" and self.redis_port:
+                # Its reference is the run just before: the same route without the limit.
+                self._measure("ratelimit", "sluicegate+redis", proc.pid, base + "/limited/small")
+        elif scenario == "64k":
+            self._measure(scenario, target, proc.pid, base + "/64k")
+        else:
+            self._measure(scenario, target, proc.pid, base + "/post", script=self.post_lua)
 
 
 def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if a and b else None
 
 
-def report(bench: Bench, args: argparse.Namespace) -> dict:
+def round_ratios(subjects: list[Run], references: list[Run], attribute: str) -> list[float]:
+    """One ratio per round, subject over reference, for the rounds where both measured."""
+    ratios = []
+    for subject, reference in zip(subjects, references, strict=False):
+        if subject.error or reference.error:
+            continue
+        value = ratio(getattr(subject, attribute), getattr(reference, attribute))
+        if value is not None:
+            ratios.append(value)
+    return ratios
+
+
+def median_run(runs: list[Run]) -> dict | None:
+    """Each figure's median over the runs that completed (one Run-shaped dict)."""
+    good = [run for run in runs if not run.error]
+    if not good:
+        return asdict(runs[-1]) if runs else None
+    summary = asdict(good[0])
+    for name in ("rps", "p50_ms", "p99_ms", "cpu_s_per_req", "requests", "non_2xx"):
+        summary[name] = statistics.median(getattr(run, name) for run in good)
+    summary["rounds"] = len(good)
+    return summary
+
+
+def scenario_rows(runs: dict[str, dict[str, list[Run]]]) -> list[dict]:
     rows = []
     for scenario in ("small", "64k", "post16k", "ratelimit", "workers2"):
-        runs = bench.runs.get(scenario, {})
         if scenario == "ratelimit":
-            subject = runs.get("sluicegate+redis")
-            reference = bench.runs.get("small", {}).get("sluicegate")
+            subjects = runs.get("ratelimit", {}).get("sluicegate+redis", [])
+            if not subjects:  # no redis-server, or --only nginx
+                continue
+            references = runs.get("small", {}).get("sluicegate", [])
             reference_name = "sluicegate (no limit)"
         else:
-            subject = runs.get("sluicegate")
-            reference = runs.get("nginx")
+            subjects = runs.get(scenario, {}).get("sluicegate", [])
+            references = runs.get(scenario, {}).get("nginx", [])
             reference_name = "nginx"
-        if subject is None and reference is None:
+        if not subjects and not references:
             continue
+        per_round = {
+            "rps": round_ratios(subjects, references, "rps"),
+            "p50": round_ratios(subjects, references, "p50_ms"),
+            "p99": round_ratios(subjects, references, "p99_ms"),
+            "cpu_per_req": round_ratios(subjects, references, "cpu_s_per_req"),
+        }
         rows.append(
             {
                 "scenario": scenario,
                 "reference": reference_name,
-                "sluicegate": asdict(subject) if subject else None,
-                reference_name: asdict(reference) if reference else None,
-                "ratio": {
-                    "rps": ratio(subject.rps, reference.rps) if subject and reference else None,
-                    "p50": ratio(subject.p50_ms, reference.p50_ms)
-                    if subject and reference
-                    else None,
-                    "p99": ratio(subject.p99_ms, reference.p99_ms)
-                    if subject and reference
-                    else None,
-                    "cpu_per_req": ratio(subject.cpu_s_per_req, reference.cpu_s_per_req)
-                    if subject and reference
-                    else None,
+                "sluicegate": median_run(subjects),
+                reference_name: median_run(references),
+                "ratio": {k: statistics.median(v) if v else None for k, v in per_round.items()},
+                "ratio_per_round": per_round,
+                "runs": {
+                    "sluicegate": [asdict(run) for run in subjects],
+                    reference_name: [asdict(run) for run in references],
                 },
             }
         )
+    return rows
+
+
+def report(bench: Bench, args: argparse.Namespace) -> dict:
+    rows = scenario_rows(bench.runs)
 
     def fmt(value: float | None, spec: str) -> str:
         return format(value, spec) if value else "-"
 
+    def spread(values: list[float]) -> str:
+        return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
     header = (
         f"{'scenario':<10} {'vs':<22} {'sg req/s':>9} {'ref req/s':>9} {'rps x':>6}"
-        f" {'sg p50':>8} {'ref p50':>8} {'sg p99':>8} {'ref p99':>8} {'p99 x':>6}"
-        f" {'sg us/req':>9} {'ref us/req':>10} {'cpu x':>6}"
+        f" {'range':>9} {'sg p50':>7} {'ref p50':>7} {'sg p99':>7} {'ref p99':>7}"
+        f" {'p99 x':>6} {'sg us/req':>9} {'ref us/req':>10} {'cpu x':>6}"
     )
     print()
-    print("sluicegate vs reference (x = sluicegate / reference; latency in ms, CPU in us/request)")
+    print(
+        f"sluicegate vs reference, median of {args.rounds} rounds (x = sluicegate / reference,"
+        " paired within each round; latency in ms, CPU in us/request)"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -601,9 +663,9 @@ def report(bench: Bench, args: argparse.Namespace) -> dict:
         print(
             f"{row['scenario']:<10} {row['reference']:<22}"
             f" {fmt(s.get('rps'), '.0f'):>9} {fmt(r.get('rps'), '.0f'):>9}"
-            f" {fmt(row['ratio']['rps'], '.2f'):>6}"
-            f" {fmt(s.get('p50_ms'), '.2f'):>8} {fmt(r.get('p50_ms'), '.2f'):>8}"
-            f" {fmt(s.get('p99_ms'), '.2f'):>8} {fmt(r.get('p99_ms'), '.2f'):>8}"
+            f" {fmt(row['ratio']['rps'], '.2f'):>6} {spread(row['ratio_per_round']['rps']):>9}"
+            f" {fmt(s.get('p50_ms'), '.2f'):>7} {fmt(r.get('p50_ms'), '.2f'):>7}"
+            f" {fmt(s.get('p99_ms'), '.2f'):>7} {fmt(r.get('p99_ms'), '.2f'):>7}"
             f" {fmt(row['ratio']['p99'], '.2f'):>6}"
             f" {fmt((s.get('cpu_s_per_req') or 0) * 1e6, '.1f'):>9}"
             f" {fmt((r.get('cpu_s_per_req') or 0) * 1e6, '.1f'):>10}"
@@ -619,6 +681,7 @@ def report(bench: Bench, args: argparse.Namespace) -> dict:
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {
             "duration_s": args.duration,
+            "rounds": args.rounds,
             "connections": args.connections,
             "wrk_threads": 1,
             "pinned": bench.pin,
@@ -640,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs per proxy and scenario, taking turns"
+    )
     parser.add_argument("--origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["sluicegate", "nginx"], help="benchmark one proxy only")
     args = parser.parse_args(argv)
@@ -668,8 +734,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             for workers in (1, 2):
-                for target in targets:
-                    bench.proxy_round(target, workers)
+                bench.compare(targets, workers)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -1,0 +1,71 @@
+"""`make bench` pairs runs by round: each ratio compares runs seconds apart, never the
+first proxy's block with the second's minutes later."""
+
+from loadtests.bench import Run, round_ratios, scenario_rows
+
+
+def run(target: str, rps: float, p99: float = 1.0, cpu: float = 1e-5, error: str | None = None):
+    return Run(
+        target=target, url="", rps=rps, p50_ms=p99 / 2, p99_ms=p99, cpu_s_per_req=cpu, error=error
+    )
+
+
+def test_each_round_is_its_own_ratio_and_the_report_takes_their_median():
+    # The machine slows down twice during the run, between the proxies' turns of round 2
+    # and before round 3: the ratio of the two medians (16,000 / 60,000) would be 0.27.
+    runs = {
+        "small": {
+            "sluicegate": [
+                run("sluicegate", 30_000),
+                run("sluicegate", 16_000),
+                run("sluicegate", 15_000),
+            ],
+            "nginx": [run("nginx", 60_000), run("nginx", 64_000), run("nginx", 30_000)],
+        }
+    }
+    [row] = scenario_rows(runs)
+    assert row["ratio_per_round"]["rps"] == [0.5, 0.25, 0.5]
+    assert row["ratio"]["rps"] == 0.5
+    assert row["sluicegate"]["rps"] == 16_000  # each figure's own median, for the table
+    assert row["nginx"]["rps"] == 60_000
+    assert row["sluicegate"]["rounds"] == 3
+    assert len(row["runs"]["nginx"]) == 3
+
+
+def test_a_failed_run_drops_its_round_only():
+    subjects = [run("sluicegate", 30_000), run("sluicegate", 0, error="no requests completed")]
+    references = [run("nginx", 60_000), run("nginx", 70_000)]
+    assert round_ratios(subjects, references, "rps") == [0.5]
+    assert round_ratios(subjects, references, "p99_ms") == [1.0]
+
+
+def test_the_redis_limit_is_compared_with_the_unlimited_run_of_the_same_round():
+    runs = {
+        "small": {
+            "sluicegate": [
+                run("sluicegate", 30_000, cpu=30e-6),
+                run("sluicegate", 20_000, cpu=30e-6),
+            ],
+            "nginx": [run("nginx", 60_000), run("nginx", 40_000)],
+        },
+        "ratelimit": {
+            "sluicegate+redis": [
+                run("sluicegate+redis", 24_000, cpu=36e-6),
+                run("sluicegate+redis", 15_000, cpu=36e-6),
+            ]
+        },
+    }
+    rows = {row["scenario"]: row for row in scenario_rows(runs)}
+    limited = rows["ratelimit"]
+    assert limited["reference"] == "sluicegate (no limit)"
+    assert limited["ratio_per_round"]["rps"] == [0.8, 0.75]
+    assert limited["ratio"]["rps"] == 0.775
+    assert limited["ratio"]["cpu_per_req"] == 1.2
+    assert rows["small"]["ratio"]["rps"] == 0.5
+
+
+def test_a_proxy_that_never_ran_leaves_no_ratio():
+    runs = {"64k": {"sluicegate": [run("sluicegate", 20_000)]}}
+    [row] = scenario_rows(runs)
+    assert row["ratio"]["rps"] is None
+    assert row["nginx"] is None
