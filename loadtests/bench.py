@@ -709,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--origin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--only", choices=["sluicegate", "nginx"], help="benchmark one proxy only")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.origin:
         run_origin(args.origin)
         return 0
