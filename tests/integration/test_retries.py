@@ -19,6 +19,7 @@ from tests.support.faulty import (
     metric_sum,
     refused_port,
     timed_request,
+    unanswered_port,
 )
 from tests.support.rawupstream import read_until_closed
 
@@ -57,6 +58,37 @@ def test_timeout_goes_to_next_server(start_sluicegate, fault_server):
     assert 0.3 <= seconds < 2.0
     (line,) = access_lines(daemon, 1)
     assert [a["outcome"] for a in line["attempts"]] == ["timeout", 200]
+
+
+def test_connect_timeout_goes_to_next_server(start_sluicegate, fault_server):
+    good = fault_server("good")
+    with unanswered_port() as port:
+        silent = f"127.0.0.1:{port}"
+        daemon = start_sluicegate(lb_config([f"http://{silent}", good], connect="300ms", read="5s"))
+
+        status, _, body, seconds = timed_request(daemon)
+
+        assert (status, body) == (200, b"good\n")
+        assert 0.3 <= seconds < 2.0  # the connect timeout, not the read timeout
+        (line,) = access_lines(daemon, 1)
+        assert [a["outcome"] for a in line["attempts"]] == ["timeout", 200]
+        assert line["server"] == good.address
+        metrics = daemon.metrics()
+        name = "sluicegate_upstream_requests_total"
+        assert metric_sum(metrics, name, server=silent, status="timeout") == 1
+        assert metric_sum(metrics, "sluicegate_retries_total", reason="timeout") == 1
+
+
+def test_connect_timeout_on_the_last_try_is_504(start_sluicegate):
+    with unanswered_port() as port:
+        daemon = start_sluicegate(lb_config([f"http://127.0.0.1:{port}"], connect="300ms"))
+
+        status, _, body, seconds = timed_request(daemon)
+
+        assert status == 504, body
+        assert 0.3 <= seconds < 2.0
+        (line,) = access_lines(daemon, 1)
+        assert [a["outcome"] for a in line["attempts"]] == ["timeout"]
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ how a test makes a failing server "recover":
 ``malformed``       answers with a head that is not HTTP (-> ``invalid_header``)
 ==================  ==========================================================================
 
-``refused_port()`` gives a port nobody listens on (connect refused). ``health_status``
+``refused_port()`` gives a port nobody listens on (connect refused), ``unanswered_port()``
+one whose connects hang until the connect timeout. ``health_status``
 (default 200) is what ``GET <health_path>`` answers, independently of ``mode``.
 """
 
@@ -95,6 +96,30 @@ def refused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A 127.0.0.1 port whose connects hang: the TCP handshake never completes.
+
+    A listener with a backlog of 0 whose one queue slot is taken by a connection nobody
+    accepts: Linux then drops further SYNs (unless ``tcp_abort_on_overflow`` is set), as
+    a host that is down or firewalled would. Only the connect timeout ends such a try.
+    """
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        filler.connect(("127.0.0.1", port))
+        with socket.socket() as probe:
+            probe.settimeout(0.2)
+            try:
+                probe.connect(("127.0.0.1", port))
+            except TimeoutError:
+                pass
+            else:
+                raise RuntimeError("connects to a full listen queue are answered here")
+        yield port
 
 
 def _rst(writer: asyncio.StreamWriter) -> None:
