@@ -636,8 +636,41 @@ def scenario_rows(runs: dict[str, dict[str, list[Run]]]) -> list[dict]:
     return rows
 
 
+# The performance targets (issue 8): (scenario, ratio, bound, "min" or "max").
+TARGETS = (
+    ("small", "rps", 0.6, "min"),
+    ("small", "cpu_per_req", 1.7, "max"),
+    ("small", "p99", 2.0, "max"),
+    ("64k", "rps", 0.85, "min"),
+    ("64k", "p99", 2.0, "max"),
+    ("ratelimit", "rps", 0.7, "min"),
+    ("workers2", "rps", 0.7, "min"),
+)
+
+
+def target_verdicts(rows: list[dict]) -> list[dict]:
+    """Each target against the median ratio measured: met, not met, or not measured."""
+    ratios = {row["scenario"]: row["ratio"] for row in rows}
+    verdicts = []
+    for scenario, name, bound, kind in TARGETS:
+        value = ratios.get(scenario, {}).get(name)
+        met = None if value is None else (value >= bound if kind == "min" else value <= bound)
+        verdicts.append(
+            {
+                "scenario": scenario,
+                "ratio": name,
+                "bound": bound,
+                "kind": kind,
+                "value": value,
+                "met": met,
+            }
+        )
+    return verdicts
+
+
 def report(bench: Bench, args: argparse.Namespace) -> dict:
     rows = scenario_rows(bench.runs)
+    verdicts = target_verdicts(rows)
 
     def fmt(value: float | None, spec: str) -> str:
         return format(value, spec) if value else "-"
@@ -671,6 +704,15 @@ def report(bench: Bench, args: argparse.Namespace) -> dict:
             f" {fmt((r.get('cpu_s_per_req') or 0) * 1e6, '.1f'):>10}"
             f" {fmt(row['ratio']['cpu_per_req'], '.2f'):>6}"
         )
+    print("\ntargets (ratio sluicegate / reference, median over the rounds):")
+    for verdict in verdicts:
+        sign = ">=" if verdict["kind"] == "min" else "<="
+        value = verdict["value"]
+        outcome = {True: "met", False: "NOT met", None: "not measured"}[verdict["met"]]
+        print(
+            f"  {verdict['scenario']:<10} {verdict['ratio']:<12} {sign} {verdict['bound']:<5}"
+            f" {'-' if value is None else f'{value:.2f}':>5}  {outcome}"
+        )
     nginx_version = subprocess.run(
         [shutil.which("nginx") or "/usr/sbin/nginx", "-v"],
         capture_output=True,
@@ -696,6 +738,7 @@ def report(bench: Bench, args: argparse.Namespace) -> dict:
             "nginx": nginx_version,
         },
         "results": rows,
+        "targets": verdicts,
     }
 
 

@@ -1,7 +1,7 @@
 """`make bench` pairs runs by round: each ratio compares runs seconds apart, never the
 first proxy's block with the second's minutes later."""
 
-from loadtests.bench import Run, round_ratios, scenario_rows
+from loadtests.bench import Run, round_ratios, scenario_rows, target_verdicts
 
 
 def run(target: str, rps: float, p99: float = 1.0, cpu: float = 1e-5, error: str | None = None):
@@ -69,3 +69,24 @@ def test_a_proxy_that_never_ran_leaves_no_ratio():
     [row] = scenario_rows(runs)
     assert row["ratio"]["rps"] is None
     assert row["nginx"] is None
+
+
+def test_targets_are_judged_on_the_median_ratios():
+    runs = {
+        "small": {
+            "sluicegate": [run("sluicegate", 45_000, p99=2.0, cpu=20e-6)],
+            "nginx": [run("nginx", 60_000, p99=1.0, cpu=12e-6)],
+        },
+        "64k": {
+            "sluicegate": [run("sluicegate", 20_000, p99=4.2)],
+            "nginx": [run("nginx", 30_000, p99=2.0)],
+        },
+    }
+    verdicts = {(v["scenario"], v["ratio"]): v for v in target_verdicts(scenario_rows(runs))}
+    assert verdicts[("small", "rps")]["met"] is True  # 0.75 >= 0.6
+    assert verdicts[("small", "cpu_per_req")]["met"] is True  # 1.67 <= 1.7
+    assert verdicts[("small", "p99")]["met"] is True  # exactly 2.0 is within "<= 2x"
+    assert verdicts[("64k", "rps")]["met"] is False  # 0.67 < 0.85
+    assert verdicts[("64k", "p99")]["met"] is False  # 2.1 > 2
+    assert verdicts[("workers2", "rps")]["met"] is None  # not measured
+    assert verdicts[("ratelimit", "rps")]["value"] is None
