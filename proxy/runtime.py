@@ -203,13 +203,16 @@ class Runtime:
 
 
 _escape = json.encoder.encode_basestring_ascii  # C; quotes and escapes one string
-_JSON_LINE = (
+_JSON_FIELDS = (
     '{"time":"%s","request_id":%s,"client_ip":%s,"method":%s,"host":%s,"path":%s,'
     '"route":%s,"upstream":%s,"server":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
     '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
-    '"error":%s%s}'
+    '"error":%s'
 )
 _ATTEMPT = '{"server":%s,"outcome":%s,"ms":%r%s}'  # one entry of "attempts"
+_JSON_LINE = _JSON_FIELDS + "%s}"  # then "attempts" formatted apart, or nothing
+# The common case, one try that got a response, in the same single format operation.
+_JSON_LINE_ONE_TRY = _JSON_FIELDS + ',"attempts":[{"server":%s,"outcome":%d,"ms":%r}]}'
 # JSON forms of the strings that repeat line after line: methods, and route, upstream and
 # server names (all from the config or llhttp's method table, so a bounded set).
 _json_names: dict[str | bytes, str] = {}
@@ -232,16 +235,8 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
     and the text format's records).
     """
     body = request.body
-    attempts = outcome.attempts
     names = _json_names
-    if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:
-        attempt = attempts[0]  # the common case: one try that got a response
-        server = names.get(attempt["server"]) or _json_name(attempt["server"])
-        entry = _ATTEMPT % (server, attempt["outcome"], attempt["ms"], "")
-        attempts_json = ',"attempts":[' + entry + "]"
-    else:
-        attempts_json = ',"attempts":' + _attempts_json(attempts) if attempts else ""
-    return _JSON_LINE % (
+    fields = (
         format_time(time.time()),
         _escape(request.request_id.decode("latin-1")) if request.request_id else '""',
         _escape(client_ip),
@@ -259,8 +254,13 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
         outcome.tries,
         "true" if outcome.rate_limited else "false",
         _escape(outcome.error) if outcome.error else '""',
-        attempts_json,
     )
+    attempts = outcome.attempts
+    if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:
+        attempt = attempts[0]
+        server = names.get(attempt["server"]) or _json_name(attempt["server"])
+        return _JSON_LINE_ONE_TRY % (*fields, server, attempt["outcome"], attempt["ms"])
+    return _JSON_LINE % (*fields, ',"attempts":' + _attempts_json(attempts) if attempts else "")
 
 
 def _attempts_json(attempts: list[dict[str, Any]]) -> str:

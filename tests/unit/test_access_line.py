@@ -38,6 +38,7 @@ def _exchange(path: bytes, error: str, attempts: list) -> tuple:
     ("path", "error", "attempts"),
     [
         (b"/", "", []),
+        (b"/one-try", "", [{"server": "10.0.0.1:80", "outcome": 200, "ms": 3.36}]),
         (b'/we"ird\\path\x01\xff', 'said "no"\nthen left', []),
         (
             b"/v1/items",
