@@ -294,8 +294,7 @@ class Exchange:
                 pending, route.name, self.limit_key, route.rate_limit
             )
             if self.conn.closed:
-                self.status = 499
-                self.error = "client went away"
+                self.client_gone()
                 self.answered()
                 return
             work = self.limited(decision)
@@ -303,6 +302,11 @@ class Exchange:
                 self.conn.serve_async(self.request, work)
         except Exception:
             self._crashed()
+
+    def client_gone(self) -> None:
+        """The client left before its answer: logged 499, as nginx does."""
+        self.status = 499
+        self.error = "client went away"
 
     def answered(self) -> None:
         """Answered without an upstream (404, 429...): the request is over."""
@@ -512,8 +516,7 @@ async def _take_body(ex: Exchange) -> bool | None:
         try:
             return await body.buffer_up_to(ex.group.retry_policy.max_body_bytes)
         except (ConnectionError, OSError):
-            ex.status = 499
-            ex.error = "client went away"
+            ex.client_gone()
             return None
     return False
 
@@ -618,8 +621,7 @@ class Attempt:
         else:  # failed mid-body: still one attempt (and one upstream request), now failed
             entry.update(status=entry["outcome"], outcome=error.kind, ms=round(seconds * 1000, 2))
         if conn.closed:
-            ex.status = 499
-            ex.error = "client went away"
+            ex.client_gone()
             return None
         if entry is None:
             self.metrics.response(error.kind, None)
@@ -726,7 +728,7 @@ async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | N
             upstream = await pool.connect()
         if conn.closed:
             upstream.close()
-            ex.status = 499
+            ex.client_gone()
             return None
         waiter = HeadFuture(loop=conn.loop)
         attempt.send(upstream, waiter)

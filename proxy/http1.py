@@ -357,7 +357,13 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             self.tunnel.client_closed()
             return False
         self._client_eof = True
-        return self._current is not None
+        current = self._current
+        if current is not None and current.body is not None and not current.body.complete:
+            # Its body can never arrive now: the client left mid-request. Closing ends
+            # it as a reset would (499, upstream exchange aborted), not at
+            # client_body_timeout.
+            return False
+        return current is not None
 
     # -- httptools callbacks -------------------------------------------------------------
 

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from tests.support.backends import free_port
-from tests.support.daemon import http_request
+from tests.support.daemon import http_request, wait_for
 from tests.support.rawupstream import (
     RawClient,
     RawRequest,
     RawResponse,
     RawUpstream,
     _Reader,
+    read_until_closed,
     simple_response,
 )
 
@@ -675,6 +676,34 @@ def test_client_gone_mid_request_aborts_the_upstream_exchange(start_sluicegate):
                 assert client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").body == b"fast"
         # the abandoned exchange's connection was closed, not pooled: a fresh one served
         assert upstream.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "reaches_upstream"),
+    [(b"POST", True), (b"PUT", False)],  # streamed as it comes / held for a replay first
+)
+def test_client_closing_its_side_mid_body_ends_the_request_at_once(
+    start_sluicegate, method, reaches_upstream
+):
+    """A FIN before the whole body arrived: that body can never complete, so the request
+    ends now (499, the upstream exchange aborted), not when client_body_timeout fires."""
+    with RawUpstream(simple_response(b"ok")) as upstream:
+        config = proxy_config(upstream.url)
+        config["limits"] = {"client_body_timeout": "10s"}
+        daemon = start_sluicegate(config)
+        with RawClient(daemon.port) as client:
+            client.send(method + b" / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n")
+            client.send(b"x" * 10)
+            client.sock.shutdown(socket.SHUT_WR)
+            answer, seconds = read_until_closed(client.sock, timeout=8)
+            assert (answer, seconds < 2) == (b"", True)
+        (line,) = wait_for(lambda: daemon.access_log(), message="the access log line")
+        assert (line["status"], line["error"], line["bytes_in"]) == (499, "client went away", 10)
+        with RawClient(daemon.port) as client:
+            assert client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").body == b"ok"
+        # A request cut short is never completed upstream: its connection is not reused.
+        assert upstream.connections == (2 if reaches_upstream else 1)
+        assert [r.method for r in upstream.requests] == [b"GET"]
 
 
 def test_head_responses_keep_the_upstream_connection_in_step(start_sluicegate):
