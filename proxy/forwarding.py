@@ -304,9 +304,10 @@ class Exchange:
             self._crashed()
 
     def client_gone(self) -> None:
-        """The client left before its answer: logged 499, as nginx does."""
-        self.status = 499
-        self.error = "client went away"
+        """The client connection ended before the answer: the client left (logged 499, as
+        nginx does), or the connection answered it itself (408 stalled body, 413)."""
+        rejected = self.conn.rejected_with
+        self.status, self.error = rejected if rejected is not None else (499, "client went away")
 
     def answered(self) -> None:
         """Answered without an upstream (404, 429...): the request is over."""

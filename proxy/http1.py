@@ -263,6 +263,9 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._upgrading: Request | None = None
         self.on_lost: Callable[[], None] | None = None
         self._pending_reject: tuple[int, str, Request | None] | None = None
+        # What reject() answered before closing (408 stalled body, 413 too large): the
+        # request in flight then ends with that answer, not as a client gone away.
+        self.rejected_with: tuple[int, str] | None = None
         self._client_eof = False
         self._dispatching = False  # inside _start's handler loop
         self._deferred: Request | None = None  # started meanwhile, for that loop to run
@@ -672,6 +675,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
                 request.request_id if request is not None else None
             ) or self.listener.new_request_id()
             self.write(error_response(status, reason, rid, close=True))
+            self.rejected_with = (status, reason)
             self.listener.record_rejection(self, request, status, reason)
         if request is not None and request.body is not None and not request.body.complete:
             request.body.fail(ConnectionAbortedError(reason))

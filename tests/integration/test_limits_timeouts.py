@@ -41,6 +41,12 @@ def config(upstream_port: int, **limits: Any) -> dict[str, Any]:
     }
 
 
+def assert_logged(proxy: Any, status: int, error: str) -> None:
+    """The request's access line (the only one) records the answer the proxy gave."""
+    (line,) = wait_for(proxy.access_log, message="the access log line")
+    assert (line["status"], line["error"]) == (status, error)
+
+
 @pytest.fixture
 def backend(spawn_backend):
     _, port = spawn_backend("limits")
@@ -187,6 +193,7 @@ def test_chunked_body_over_max_body_bytes_is_413_and_nothing_past_the_limit_is_s
             time.sleep(0.02)
         data, _ = read_until_closed(sock)
     assert_error(data, 413)
+    assert_logged(proxy, 413, "request body too large")
     time.sleep(0.1)
     body = bytes(recorder.received).split(b"\r\n\r\n", 1)[1] if recorder.requests else b""
     assert body.count(b"z") <= 1024, "bytes past max_body_bytes reached the upstream"
@@ -216,6 +223,7 @@ def test_chunked_body_over_limit_when_buffered_for_retry_never_reaches_the_upstr
     assert_error(data, 413)
     assert closed
     assert recorder.connections == 0
+    assert_logged(proxy, 413, "request body too large")
 
 
 # -- timeouts ----------------------------------------------------------------------------------
@@ -274,6 +282,8 @@ def test_slow_body_gets_408(start_sluicegate, backend):
         data, seconds = read_until_closed(sock)
     assert_error(data, 408)
     assert 0.35 <= seconds < 1.5
+    # The body was streaming to the upstream: the log says what the client got.
+    assert_logged(proxy, 408, "client timed out")
 
 
 def test_body_deadline_is_renewed_by_progress(start_sluicegate, backend):
