@@ -35,7 +35,7 @@ from proxy.errors import ConfigError, StartupError
 from proxy.forwarding import handle
 from proxy.http1 import ClientConnection
 from proxy.ratelimit import RateLimiter, RedisBackend
-from proxy.runtime import Runtime
+from proxy.runtime import Refusal, Runtime
 from proxy.timers import sweeper_for
 
 log = logging.getLogger("sluicegate")
@@ -150,11 +150,22 @@ class Listener:
         self.proxy.maybe_all_closed()
 
     def record_rejection(
-        self, conn: ClientConnection, request: Any, status: int, reason: str
+        self,
+        conn: ClientConnection,
+        request: Any,
+        status: int,
+        reason: str,
+        *,
+        bytes_out: int,
+        seconds: float,
+        handed_on: bool,
     ) -> None:
         log.info(
             "rejected request from %s: %d %s", conn.peer, status, reason, extra={"event": "reject"}
         )
+        runtime = self.runtime
+        if not handed_on and runtime.access_log is not None:
+            runtime.log_access(conn, request, Refusal(status, reason, bytes_out), seconds)
 
     def log_exception(self, message: str) -> None:
         log.exception(message)

@@ -307,7 +307,11 @@ class Exchange:
         """The client connection ended before the answer: the client left (logged 499, as
         nginx does), or the connection answered it itself (408 stalled body, 413)."""
         rejected = self.conn.rejected_with
-        self.status, self.error = rejected if rejected is not None else (499, "client went away")
+        if rejected is None:
+            self.status, self.error = 499, "client went away"
+        else:
+            self.status, self.error, sent = rejected
+            self.bytes_out += sent
 
     def answered(self) -> None:
         """Answered without an upstream (404, 429...): the request is over."""

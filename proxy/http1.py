@@ -265,7 +265,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._pending_reject: tuple[int, str, Request | None] | None = None
         # What reject() answered before closing (408 stalled body, 413 too large): the
         # request in flight then ends with that answer, not as a client gone away.
-        self.rejected_with: tuple[int, str] | None = None
+        self.rejected_with: tuple[int, str, int] | None = None  # status, reason, bytes sent
         self._client_eof = False
         self._dispatching = False  # inside _start's handler loop
         self._deferred: Request | None = None  # started meanwhile, for that loop to run
@@ -671,12 +671,23 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             return
         request = self._parsing or current
         if not self.response_started:
-            rid = (
-                request.request_id if request is not None else None
-            ) or self.listener.new_request_id()
-            self.write(error_response(status, reason, rid, close=True))
-            self.rejected_with = (status, reason)
-            self.listener.record_rejection(self, request, status, reason)
+            if request is None:
+                request = Request(self)  # nothing parsed yet: still a request, for the log
+            if request.request_id is None:
+                request.request_id = self.listener.new_request_id()
+            answer = error_response(status, reason, request.request_id, close=True)
+            self.write(answer)
+            self.rejected_with = (status, reason, len(answer))
+            # A request already handed on is logged by its handler, with this answer.
+            self.listener.record_rejection(
+                self,
+                request,
+                status,
+                reason,
+                bytes_out=len(answer),
+                seconds=self._sweeper.now - self._head_started_at,
+                handed_on=request is current,
+            )
         if request is not None and request.body is not None and not request.body.complete:
             request.body.fail(ConnectionAbortedError(reason))
         self.close()

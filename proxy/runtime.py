@@ -56,6 +56,24 @@ class RouteRuntime:
         self.metrics = metrics.RouteMetrics(cfg.name)
 
 
+class Refusal:
+    """The outcome, for the access log, of a request the connection answered itself
+    before any route saw it (400 malformed, 413 declared too large, 431, 408): nginx
+    logs those too. Same fields as a forwarded request's ``Exchange``."""
+
+    __slots__ = ("bytes_out", "error", "status")
+    route = upstream = server = ""
+    upstream_seconds = 0.0
+    tries = 0
+    rate_limited = False
+    attempts: tuple[()] = ()
+
+    def __init__(self, status: int, reason: str, bytes_out: int) -> None:
+        self.status = status
+        self.error = reason
+        self.bytes_out = bytes_out
+
+
 class Runtime:
     def __init__(
         self,

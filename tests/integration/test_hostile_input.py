@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from tests.support.backends import spawn_backend_process, stop_process
-from tests.support.daemon import http_request, start_daemon
+from tests.support.daemon import http_request, start_daemon, wait_for
 
 MAX_HEADER_BYTES = 8192
 
@@ -488,9 +488,20 @@ REJECTED: list[tuple[str, Callable[[Any], bytes], int]] = [
 def test_rejected_and_nothing_forwarded(proxy, backend_port, build, status):
     before = upstream_count(backend_port)
     data, closed = exchange(proxy.port, build(proxy))
-    assert_rejected(data, closed, status)
+    answer = assert_rejected(data, closed, status)
     time.sleep(0.05)  # anything wrongly forwarded would have arrived by now
     assert upstream_count(backend_port) == before, "a rejected request reached the upstream"
+    # Still one access line per request, as nginx writes one, with the answer it got.
+    (line,) = wait_for(
+        lambda: [x for x in proxy.access_log() if x["request_id"] == answer["request_id"]],
+        message="the rejected request's access line",
+    )
+    assert (line["status"], line["error"]) == (status, answer["error"])
+    assert (line["client_ip"], line["bytes_out"]) == ("127.0.0.1", len(data))
+    if line["route"]:  # a bad body found while streaming, after routing: the exchange's line
+        assert (line["route"], line["upstream"], line["tries"]) == ("all", "app", 1)
+    else:  # refused with its head: no route, no upstream
+        assert (line["upstream"], line["server"], line["tries"]) == ("", "", 0)
 
 
 def test_rejection_ends_a_keepalive_connection_midway(proxy, backend_port):

@@ -172,6 +172,7 @@ def test_content_length_over_max_body_bytes_is_413_before_any_upstream_contact(
     assert_error(data, 413)
     assert closed
     assert recorder.connections == 0
+    assert_logged(proxy, 413, "request body too large")
     status, _, _ = http_request(proxy.port, "POST", "/", body=b"y" * 1024)
     assert status == 200
     assert recorder.body_bytes() == 1024

@@ -77,6 +77,7 @@ class FakeListener:
         self.handler = handler
         self.runtime = None
         self.rejections: list[tuple[int, str]] = []
+        self.rejection_details: list[dict[str, Any]] = []
         self.opened = 0
         self.closed = 0
         self._ids = 0
@@ -91,8 +92,11 @@ class FakeListener:
         self._ids += 1
         return b"rid-%d" % self._ids
 
-    def record_rejection(self, conn: Any, request: Any, status: int, reason: str) -> None:
+    def record_rejection(
+        self, conn: Any, request: Any, status: int, reason: str, **details: Any
+    ) -> None:
         self.rejections.append((status, reason))
+        self.rejection_details.append(details)
 
     def log_exception(self, message: str) -> None:
         raise AssertionError(message)
