@@ -495,7 +495,11 @@ async def _forward(
         if attempt is not None:  # taken over but never run (an exception on the way)
             attempt.settle()
 
-    if conn.response_started or conn.closed:
+    if conn.closed:
+        if not ex.status:  # gone before anything could answer it
+            ex.client_gone()
+        return
+    if conn.response_started:
         return
     if last_response is not None:
         head, payload = last_response

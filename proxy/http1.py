@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -654,22 +655,27 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             finally:
                 self._drain_waiter = None
 
-    def reject(self, status: int, reason: str) -> None:
-        """Answer a request we will not forward, then close: the stream cannot be trusted."""
+    def reject(self, status: int, reason: str, failed: Request | None = None) -> None:
+        """Answer a request we will not forward, then close: the stream cannot be trusted.
+        ``failed``: the request refused, when not the one being parsed."""
         if self.closed:
             return
         current = self._current
-        if current is not None and self._parsing is not current:
+        failed = failed or self._parsing
+        if current is not None and failed is not current:
             # The bad bytes follow a request still being answered: answering now would
             # put our error in that request's place. Stop reading; answer in order.
             if self._pending_reject is None:
-                failed = self._parsing
                 self._pending_reject = (status, reason, failed)
                 self.pause_reading("rejected")
-                if failed is not None and failed.body is not None and not failed.body.complete:
-                    failed.body.fail(ConnectionAbortedError(reason))
+                if failed is not None:
+                    # Its answer is this rejection, in its turn: it never starts.
+                    with contextlib.suppress(ValueError):
+                        self._queue.remove(failed)
+                    if failed.body is not None and not failed.body.complete:
+                        failed.body.fail(ConnectionAbortedError(reason))
             return
-        request = self._parsing or current
+        request = failed or current
         if not self.response_started:
             if request is None:
                 request = Request(self)  # nothing parsed yet: still a request, for the log
@@ -712,7 +718,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self.pause_reading("upgrade")
         self._early_tunnel_bytes = tail
         if request is not self._current:
-            self.reject(400, "upgrade while a request is in flight")
+            self.reject(400, "upgrade while a request is in flight", request)
 
     def take_early_tunnel_bytes(self) -> bytes:
         data, self._early_tunnel_bytes = self._early_tunnel_bytes, b""

@@ -33,6 +33,7 @@ import pytest
 
 from tests.support.backends import spawn_backend_process, stop_process
 from tests.support.daemon import http_request, start_daemon, wait_for
+from tests.support.faulty import refused_port
 
 MAX_HEADER_BYTES = 8192
 
@@ -522,6 +523,50 @@ def test_rejection_ends_a_keepalive_connection_midway(proxy, backend_port):
     assert_rejected(second, closed, 400)
     time.sleep(0.05)
     assert upstream_count(backend_port) == before + 1
+
+
+@pytest.mark.parametrize(
+    "queued",
+    [
+        # An Upgrade offer may not wait behind a request in flight (its tunnel would race).
+        b"GET /ws HTTP/1.1\r\nHost: %b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        # A good head, queued, and then its body turns out malformed.
+        b"POST /echo HTTP/1.1\r\nHost: %b\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["upgrade", "bad_chunk"],
+)
+def test_a_request_refused_while_queued_is_answered_once_and_never_forwarded(
+    proxy, backend_port, queued
+):
+    """Refused while the request before it is in flight, it is answered in order: the first
+    request's response, then this one's 400, and nothing else."""
+    before = upstream_count(backend_port)
+    first = b"GET /delay/200 HTTP/1.1\r\nHost: %b\r\n\r\n" % host(proxy)
+    data, closed = exchange(proxy.port, first + queued % host(proxy))
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), data[:300]
+    length = int(parse_response(data)[1]["content-length"])
+    assert_rejected(rest[length:], closed, 400)
+    time.sleep(0.05)
+    assert upstream_count(backend_port) == before + 1, "the refused request was forwarded"
+
+
+def test_a_body_refused_before_any_server_was_tried_is_logged_with_its_answer(start_sluicegate):
+    """No eligible server, and the body turns out malformed in the same read: the 400 is
+    the answer the access line shows (it used to say status 0)."""
+    daemon = start_sluicegate(
+        {
+            "upstreams": {"app": {"servers": [{"url": f"http://127.0.0.1:{refused_port()}"}]}},
+            "routes": [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "app"}],
+        }
+    )
+    assert daemon.admin("POST", "/upstreams/app/servers/0/drain")[0] == 200
+    bad = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    answer = assert_rejected(*exchange(daemon.port, bad), 400)
+    (line,) = wait_for(daemon.access_log, message="the access line")
+    assert (line["request_id"], line["status"]) == (answer["request_id"], 400)
+    assert line["error"] == answer["error"]
 
 
 # -- what is accepted: the proxy re-frames, so the upstream never sees the client's framing ----
