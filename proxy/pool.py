@@ -60,6 +60,11 @@ class _HeadResponseDone(Exception):
     """Raised from the parser callback to stop after a HEAD response's head (see below)."""
 
 
+class _ResponseAfterResponse(Exception):
+    """Raised from the parser callback when a second response follows a complete one in
+    the same read: we never pipeline, so the upstream is out of step."""
+
+
 class ResponseHead:
     __slots__ = (
         "chunked",
@@ -109,6 +114,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.read_timeout = pool.read_timeout
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.out_of_step = False  # it sent what no request of ours asked for: never reused
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -188,11 +194,16 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             offset = upgrade.args[0]
             self.tunnel_data = data[offset:]
         except httptools.HttpParserCallbackError as error:
-            if isinstance(error.__context__, _HeadResponseDone):
+            cause = error.__context__
+            if isinstance(cause, _HeadResponseDone):
                 # HEAD: httptools cannot be told to skip the announced body, so we stop the
                 # parser after the head and start a fresh one for the next exchange.
                 self._parser = httptools.HttpResponseParser(self)
                 self._finish()
+            elif isinstance(cause, _ResponseAfterResponse):
+                # The complete response before it stands; what followed is dropped, never
+                # relayed (it would desynchronise the client) nor left for the next request.
+                self.out_of_step = True
             else:
                 self._parser_failed(error)
         except httptools.HttpParserError as error:
@@ -227,6 +238,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            raise _ResponseAfterResponse
         self._response = ResponseHead()
 
     def on_status(self, reason: bytes) -> None:
@@ -405,6 +418,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             and not self._held
             # an upstream that answered before reading our whole body is out of step
             and self.request_complete
+            and not self.out_of_step
         )
 
 

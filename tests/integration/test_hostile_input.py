@@ -34,6 +34,7 @@ import pytest
 from tests.support.backends import spawn_backend_process, stop_process
 from tests.support.daemon import http_request, start_daemon, wait_for
 from tests.support.faulty import refused_port
+from tests.support.rawupstream import RawClient
 
 MAX_HEADER_BYTES = 8192
 
@@ -734,6 +735,27 @@ def test_bad_chunk_in_upstream_body_cuts_and_is_not_reused(proxy_to_raw, raw_ups
     assert closed
     status, _, body = http_request(proxy_to_raw.port, "GET", "/y")
     assert (status, body) == (200, b"ok")
+    assert raw_upstream.connections == 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTALE",  # a second, unasked response
+        b"STALE",  # bytes past the announced length
+    ],
+    ids=["second_response", "excess_body"],
+)
+def test_bytes_after_a_complete_response_never_reach_a_client(proxy_to_raw, raw_upstream, extra):
+    """An upstream sends more than the response our request asked for, in the same read:
+    the response stands, the rest is dropped, and the connection is not reused (the next
+    request would otherwise get the stale bytes as its answer)."""
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+    raw_upstream.script = [first + extra]
+    with RawClient(proxy_to_raw.port) as client:  # one client connection, kept alive
+        for expected in (b"first", b"ok", b"ok"):
+            response = client.request(b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n")
+            assert (response.status, response.body) == (200, expected)
     assert raw_upstream.connections == 2
 
 
