@@ -635,6 +635,10 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         else:
             self._deadline_kind = "idle"
             self.deadline = now + self.limits.keepalive_timeout
+        if self.tunnel is None and "upgrade" in self._reading_paused_for:
+            # The upstream declined the upgrade (no 101): the connection goes on as HTTP.
+            self.resume_reading("upgrade")
+            self._continue_as_http(self.take_early_tunnel_bytes())
 
     def on_deadline(self) -> None:
         kind = self._deadline_kind
@@ -711,14 +715,19 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if request.has_body:
                 self.reject(400, "upgrade offer with a request body")
                 return
-            self._parser = httptools.HttpRequestParser(self)
-            if tail and "closing" not in self._reading_paused_for:
-                self.data_received(tail)
+            self._continue_as_http(tail)
             return
         self.pause_reading("upgrade")
         self._early_tunnel_bytes = tail
         if request is not self._current:
             self.reject(400, "upgrade while a request is in flight", request)
+
+    def _continue_as_http(self, tail: bytes) -> None:
+        """No tunnel after all: llhttp stops for good at an upgrade, so a fresh parser
+        reads on, from what the client sent after that head."""
+        self._parser = httptools.HttpRequestParser(self)
+        if tail and "closing" not in self._reading_paused_for:
+            self.data_received(tail)
 
     def take_early_tunnel_bytes(self) -> bytes:
         data, self._early_tunnel_bytes = self._early_tunnel_bytes, b""

@@ -488,6 +488,20 @@ def test_204_and_304_have_no_body(start_sluicegate):
         assert upstream.connections == 1
 
 
+def test_an_upgrade_the_upstream_declines_leaves_an_http_connection(echo_daemon):
+    """No 101: the response is an ordinary one, and the connection goes on as HTTP, with
+    the request the client pipelined behind the offer and the ones after it."""
+    offer = b"GET /echo HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    with RawClient(echo_daemon.port) as client:
+        client.send(offer + b"GET /echo?second HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert client.read_response().json()["path"] == "/echo"
+        assert client.read_response().json()["path"] == "/echo?second"
+        third = client.request(b"GET /echo?third HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert third.json()["path"] == "/echo?third"
+        client.sock.shutdown(socket.SHUT_WR)  # done: the proxy closes at once
+        assert read_until_closed(client.sock, timeout=3)[0] == b""
+
+
 def test_expect_100_continue(echo_daemon):
     with RawClient(echo_daemon.port) as client:
         client.send(
