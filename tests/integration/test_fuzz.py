@@ -27,7 +27,6 @@ from typing import Any
 import httptools
 import pytest
 
-from tests.integration.test_hostile_input import RawUpstream
 from tests.support.backends import spawn_backend_process, stop_process
 from tests.support.daemon import http_request, wait_for
 
@@ -310,40 +309,24 @@ def read_answer(sock: socket.socket) -> tuple[int, bytes] | None:
     return answer.messages[0] if answer.messages else None
 
 
-def test_upstream_side_fuzz(start_sluicegate):
-    upstream = RawUpstream().start()
-    try:
-        daemon = start_sluicegate(
-            {
-                "upstreams": {
-                    "u": {
-                        "servers": [{"url": f"http://127.0.0.1:{upstream.port}"}],
-                        "retry": {"tries": 1},
-                        "timeouts": {"read": "2s"},
-                        "circuit_breaker": {"failure_threshold": 1_000_000},
-                    }
-                },
-                "routes": [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
-            }
-        )
-        grammar = ResponseGrammar(seed=20261128)
-        problems: list[Any] = []
-        for case in range(300):
-            script = [grammar.response() for _ in range(grammar.rnd.choice([1, 2, 3]))]
-            upstream.script = [(raw, "close") if close else raw for raw, _, close in script]
-            with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
-                for number, (raw, expected, closes) in enumerate(script):
-                    sock.sendall(b"GET /case-%d-%d HTTP/1.1\r\nHost: h\r\n\r\n" % (case, number))
-                    answer = read_answer(sock)
-                    if expected is not None and (answer is None or answer[1] != expected):
-                        problems.append((case, number, "good response not relayed", raw[:120]))
-                    if expected is None and answer is not None and answer[0] != 502:
-                        problems.append((case, number, "bad response relayed", answer[0]))
-                    if answer is None or answer[0] == 502 or closes:
-                        break  # the proxy may close the client connection after these
-        assert problems == [], problems[:5]
-        upstream.script = []
-        assert http_request(daemon.port, "GET", "/")[:1] == (200,)
-        assert "Traceback" not in daemon.logs()
-    finally:
-        upstream.stop()
+def test_upstream_side_fuzz(proxy_to_raw, raw_upstream):
+    daemon, upstream = proxy_to_raw, raw_upstream
+    grammar = ResponseGrammar(seed=20261128)
+    problems: list[Any] = []
+    for case in range(300):
+        script = [grammar.response() for _ in range(grammar.rnd.choice([1, 2, 3]))]
+        upstream.script = [(raw, "close") if close else raw for raw, _, close in script]
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
+            for number, (raw, expected, closes) in enumerate(script):
+                sock.sendall(b"GET /case-%d-%d HTTP/1.1\r\nHost: h\r\n\r\n" % (case, number))
+                answer = read_answer(sock)
+                if expected is not None and (answer is None or answer[1] != expected):
+                    problems.append((case, number, "good response not relayed", raw[:120]))
+                if expected is None and answer is not None and answer[0] != 502:
+                    problems.append((case, number, "bad response relayed", answer[0]))
+                if answer is None or answer[0] == 502 or closes:
+                    break  # the proxy may close the client connection after these
+    assert problems == [], problems[:5]
+    upstream.script = []
+    assert http_request(daemon.port, "GET", "/")[:1] == (200,)
+    assert "Traceback" not in daemon.logs()

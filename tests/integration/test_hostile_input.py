@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -631,31 +630,6 @@ def test_accepted_and_reframed(proxy, backend_port, build, body):
 
 
 # -- upstream side: malformed responses ---------------------------------------------------------
-
-
-@pytest.fixture
-def raw_upstream():
-    upstream = RawUpstream().start()
-    yield upstream
-    upstream.stop()
-
-
-@pytest.fixture
-def proxy_to_raw(tmp_path: Path, raw_upstream: RawUpstream):
-    config = {
-        "upstreams": {
-            "raw": {
-                "servers": [{"url": f"http://127.0.0.1:{raw_upstream.port}"}],
-                "retry": {"tries": 1},
-                "timeouts": {"read": "2s"},
-                "circuit_breaker": {"failure_threshold": 1000},
-            }
-        },
-        "routes": [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "raw"}],
-    }
-    daemon = start_daemon(tmp_path, config)
-    yield daemon
-    daemon.stop()
 
 
 BAD_RESPONSES = [
