@@ -396,7 +396,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request.lowered.append(lowered)
         first = lowered[:1]
         if first == b"h" and lowered == b"host":
-            if not value or value.translate(None, _HOST_BYTES):  # _valid_host, inlined
+            if not _valid_host(value):
                 raise RequestRejected(400, "invalid Host header")
             request.host = value
             request.host_count += 1
@@ -454,7 +454,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._check_request(request)
         if request.content_length is not None and request.chunked:
             raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
-        if request.chunked or request.content_length:  # has_body
+        if request.has_body:
             if (request.content_length or 0) > self.limits.max_body_bytes:
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
