@@ -189,9 +189,7 @@ class CircuitBreaker:
         """May a new request be sent to this server now? Changes nothing but lazy expiry."""
         if self._state is _CLOSED:  # every request asks: the common answer first
             return True
-        state = self.state
-        if state is BreakerState.CLOSED:
-            return True
+        state = self.state  # OPEN may have expired into HALF_OPEN; never into CLOSED
         if state is BreakerState.HALF_OPEN:
             return self._trials_in_flight < self.half_open_requests
         return False
@@ -203,8 +201,6 @@ class CircuitBreaker:
         if self._state is _CLOSED:
             return True
         state = self.state
-        if state is BreakerState.CLOSED:
-            return True
         if state is BreakerState.HALF_OPEN and self._trials_in_flight < self.half_open_requests:
             self._trials_in_flight += 1
             return True
