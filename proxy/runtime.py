@@ -230,20 +230,23 @@ _JSON_FIELDS = (
 _ATTEMPT = '{"server":%s,"outcome":%s,"ms":%r%s}'  # one entry of "attempts"
 _JSON_LINE = _JSON_FIELDS + "%s}"  # then "attempts" formatted apart, or nothing
 # The common case, one try that got a response, in the same single format operation.
-_JSON_LINE_ONE_TRY = _JSON_FIELDS + ',"attempts":[{"server":%s,"outcome":%d,"ms":%r}]}'
-# JSON forms of the strings that repeat line after line: methods, and route, upstream and
-# server names (all from the config or llhttp's method table, so a bounded set).
-_json_names: dict[str | bytes, str] = {}
+_JSON_LINE_ONE_TRY = _JSON_FIELDS + ',"attempts":[' + _ATTEMPT + "]}"
 
 
-def _json_name(name: str | bytes) -> str:
-    encoded = _json_names.get(name)
-    if encoded is None:
-        if len(_json_names) >= 4096:  # a bound, should a config ever have that many names
-            _json_names.clear()
+class _JsonNames(dict[str | bytes, str]):
+    """JSON forms of the strings that repeat line after line: methods, and route, upstream
+    and server names (all from the config or llhttp's method table, so a bounded set),
+    each encoded the first time it is asked for."""
+
+    def __missing__(self, name: str | bytes) -> str:
+        if len(self) >= 4096:  # a bound, should a config ever have that many names
+            self.clear()
         text = name.decode("latin-1") if isinstance(name, bytes) else name
-        encoded = _json_names[name] = _escape(text)
-    return encoded
+        encoded = self[name] = _escape(text)
+        return encoded
+
+
+_json_names = _JsonNames()
 
 
 def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
@@ -258,12 +261,12 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
         format_time(time.time()),
         _escape(request.request_id.decode("latin-1")) if request.request_id else '""',
         _escape(client_ip),
-        names.get(request.method) or _json_name(request.method),
+        names[request.method],
         _escape(request.host.decode("latin-1")) if request.host else '""',
         _escape(request.path.decode("latin-1")),
-        names.get(outcome.route) or _json_name(outcome.route),
-        names.get(outcome.upstream) or _json_name(outcome.upstream),
-        names.get(outcome.server) or _json_name(outcome.server),
+        names[outcome.route],
+        names[outcome.upstream],
+        names[outcome.server],
         outcome.status,
         body.received if body is not None else 0,
         outcome.bytes_out,
@@ -276,8 +279,8 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
     attempts = outcome.attempts
     if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:
         attempt = attempts[0]
-        server = names.get(attempt["server"]) or _json_name(attempt["server"])
-        return _JSON_LINE_ONE_TRY % (*fields, server, attempt["outcome"], attempt["ms"])
+        server = names[attempt["server"]]
+        return _JSON_LINE_ONE_TRY % (*fields, server, attempt["outcome"], attempt["ms"], "")
     return _JSON_LINE % (*fields, ',"attempts":' + _attempts_json(attempts) if attempts else "")
 
 
@@ -292,7 +295,7 @@ def _attempts_json(attempts: list[dict[str, Any]]) -> str:
         outcome_json = outcome if type(outcome) is int else _escape(str(outcome))
         status = attempt.get("status")
         status_json = "" if status is None else f',"status":{status:d}'
-        server = _json_name(attempt["server"])
+        server = _json_names[attempt["server"]]
         parts.append(_ATTEMPT % (server, outcome_json, attempt["ms"], status_json))
     return "[" + ",".join(parts) + "]"
 
