@@ -315,12 +315,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         """Hand the response body to ``sink`` (on_body/on_end/on_abort), held bytes first."""
         self.sink = sink
         if self._held:
-            held, self._held = self._held, []
-            self._held_bytes = 0
-            for chunk in held:
+            for chunk in self._take_held_chunks():
                 sink.on_body(chunk)
-            if self._reading_paused_for:
-                self.resume_reading("held")
         if self.complete:
             self._tell_end()
         elif self.failure is not None:
@@ -328,11 +324,14 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     def take_held(self) -> bytes:
         """The body bytes held so far (all of it, once ``complete``), handed over once."""
+        return b"".join(self._take_held_chunks())
+
+    def _take_held_chunks(self) -> list[bytes]:
         held, self._held = self._held, []
         self._held_bytes = 0
         if self._reading_paused_for:
-            self.resume_reading("held")
-        return b"".join(held)
+            self.resume_reading("held")  # a full hold stopped reading: it is empty now
+        return held
 
     async def wait_done(self) -> None:
         """Until the response body has ended; raises the UpstreamError that ended it early."""
