@@ -45,10 +45,6 @@ class RateLimitBackend(Protocol):
 
     async def allow(self, key: str, rate: float, burst: int, cost: int = 1) -> Decision: ...
 
-    def allow_soon(
-        self, key: str, rate: float, burst: int, cost: int = 1
-    ) -> asyncio.Future[Decision]: ...
-
 
 class RateLimitRule(Protocol):
     """The attributes of a route's ``rate_limit`` config the limiter reads."""
