@@ -192,8 +192,28 @@ class Listener:
 # -- the process -----------------------------------------------------------------------------
 
 
+class _SharedWithListeners:
+    """A ProxyProcess attribute that every Listener reads per request. Each listener keeps
+    its own copy, a plain attribute read on the hot path; setting it here updates them."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.own = "_" + name
+
+    def __get__(self, process: Any, owner: type | None = None) -> Any:
+        return self if process is None else getattr(process, self.own)
+
+    def __set__(self, process: Any, value: Any) -> None:
+        setattr(process, self.own, value)
+        for listener in process.listeners.values():
+            setattr(listener, self.name, value)
+
+
 class ProxyProcess:
     """Runs one config file in this process (a worker, or the whole daemon)."""
+
+    runtime = _SharedWithListeners()  # the config generation new requests use
+    shutting_down = _SharedWithListeners()
 
     def __init__(
         self,
@@ -226,26 +246,6 @@ class ProxyProcess:
             limiter=self.limiter,
             access_log=self.access_log if config.logging.access_log else None,
         )
-
-    @property
-    def runtime(self) -> Runtime:
-        return self._runtime
-
-    @runtime.setter
-    def runtime(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-        for listener in self.listeners.values():
-            listener.runtime = runtime
-
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down
-
-    @shutting_down.setter
-    def shutting_down(self, value: bool) -> None:
-        self._shutting_down = value
-        for listener in self.listeners.values():
-            listener.shutting_down = value
 
     @staticmethod
     def _new_limiter(config: Config) -> RateLimiter:
