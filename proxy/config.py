@@ -12,6 +12,7 @@ import difflib
 import functools
 import ipaddress
 import math
+import os
 import re
 import ssl
 import types
@@ -39,6 +40,8 @@ from proxy.units import parse_duration, parse_rate, parse_size
 __all__ = [
     "AdminConfig",
     "BreakerConfig",
+    "CacheConfig",
+    "CompressConfig",
     "Config",
     "ConfigError",
     "FlapDampingConfig",
@@ -50,11 +53,14 @@ __all__ = [
     "RateLimitConfig",
     "RedisConfig",
     "RetryConfig",
+    "RouteCacheConfig",
     "RouteConfig",
     "ServerConfig",
+    "StickyConfig",
     "TLSConfig",
     "Timeouts",
     "UpstreamConfig",
+    "ZoneAffinityConfig",
     "load_config",
     "parse_config",
 ]
@@ -77,6 +83,16 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 ON_REDIS_ERROR = ("local", "allow", "deny")
 RATE_LIMIT_MODES = ("enforce", "shadow")
+REDIS_MODES = ("single", "sentinel", "cluster")
+CACHE_STORES = ("memory", "redis")
+COMPRESSION_ALGORITHMS = ("zstd", "br", "gzip")
+DEFAULT_COMPRESS_TYPES = (
+    "text/*",
+    "application/json",
+    "application/javascript",
+    "application/xml",
+    "image/svg+xml",
+)
 
 # An HTTP token (RFC 9110): what method and header names may be made of.
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -202,6 +218,20 @@ def _stringify_scalar(value: Any) -> Any:
 
 MatchValue = Annotated[str, BeforeValidator(_stringify_scalar)]
 
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand_env(value: Any) -> Any:
+    """`${NAME}` parts replaced by the environment's value (unset: empty); an empty result
+    means "not set", so `zone: ${SLUICEGATE_ZONE}` without the variable is no zone."""
+    if not isinstance(value, str):
+        return value
+    expanded = _ENV_RE.sub(lambda m: os.environ.get(m.group(1), ""), value).strip()
+    return expanded or None
+
+
+ZoneName = Annotated[str | None, BeforeValidator(_expand_env)]
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -276,18 +306,53 @@ class AdminConfig(_Bound):
 
 
 class RedisConfig(_Model):
-    url: str
+    mode: Annotated[str, _one_of(*REDIS_MODES)] = "single"
+    url: str | None = None  # mode single
+    nodes: tuple[Address, ...] = ()  # mode sentinel (the sentinels) or cluster (any members)
+    master: str | None = None  # mode sentinel: the monitored master's name
+    db: Annotated[int, Field(ge=0)] = 0  # mode sentinel
+    password_env: str | None = None  # the password is read from this environment variable
     timeout: PositiveDuration = 0.05
     instances: Annotated[int, Field(ge=1)] = 1
 
     @field_validator("url")
     @classmethod
-    def _redis_url(cls, url: str) -> str:
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
                 f"invalid redis URL {url!r} (use redis://host:port/db, rediss:// or unix://)"
             )
         return url
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> RedisConfig:
+        if self.mode == "single":
+            if self.url is None:
+                raise ValueError("mode single needs url (e.g. redis://127.0.0.1:6379/0)")
+            if self.nodes or self.master:
+                raise ValueError("nodes and master are for mode sentinel or cluster")
+        else:
+            if self.url is not None:
+                raise ValueError(f"mode {self.mode} takes nodes, not url")
+            if not self.nodes:
+                raise ValueError(f"mode {self.mode} needs nodes: [host:port, ...]")
+            if self.mode == "sentinel" and not self.master:
+                raise ValueError("mode sentinel needs master (the monitored master's name)")
+            if self.mode == "cluster" and self.master:
+                raise ValueError("master is for mode sentinel")
+        return self
+
+    @property
+    def password(self) -> str | None:
+        """Read at each connect, never stored in the config or shown."""
+        return os.environ.get(self.password_env) if self.password_env else None
+
+
+class CacheConfig(_Model):
+    store: Annotated[str, _one_of(*CACHE_STORES)] = "memory"
+    max_size: Annotated[Size, Field(ge=1)] = 256 * 1024 * 1024
+    max_object_size: Annotated[Size, Field(ge=1)] = 8 * 1024 * 1024
+    lock_timeout: Duration = 5.0
 
 
 class Limits(_Model):
@@ -309,6 +374,8 @@ class ServerConfig(_Model):
     url: str
     weight: Annotated[int, Field(ge=1)] = 1
     backup: bool = False
+    zone: ZoneName = None
+    resolve: PositiveDuration | None = None  # DNS discovery: re-resolve the host this often
 
     @field_validator("url")
     @classmethod
@@ -414,6 +481,22 @@ class RetryConfig(_Model):
     budget: Annotated[float, Field(gt=0, le=1)] = 0.2
 
 
+class StickyConfig(_Model):
+    cookie: Annotated[str, Field(min_length=1)] = "sg_srv"
+    ttl: PositiveDuration = 3600.0
+
+    @field_validator("cookie")
+    @classmethod
+    def _cookie_name(cls, name: str) -> str:
+        if not _TOKEN_RE.match(name):
+            raise ValueError(f"invalid cookie name {name!r}")
+        return name
+
+
+class ZoneAffinityConfig(_Model):
+    min_healthy_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+
+
 class UpstreamConfig(_Model):
     name: str  # filled from the key under `upstreams:`
     policy: Annotated[str, _one_of(*POLICIES)] = "round_robin"
@@ -428,6 +511,10 @@ class UpstreamConfig(_Model):
     min_healthy_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
     circuit_breaker: BreakerConfig = BreakerConfig()
     retry: RetryConfig = RetryConfig()
+    resolvers: tuple[Address, ...] = ()  # DNS servers for `resolve`; empty: the system's
+    slow_start: Duration = 0.0  # 0: off
+    sticky: StickyConfig | None = None
+    zone_affinity: ZoneAffinityConfig | None = None
 
     @field_validator("servers")
     @classmethod
@@ -504,12 +591,35 @@ class RateLimitConfig(_Model):
         return self
 
 
+def _cache_key_part(value: str) -> str:
+    kind, sep, name = value.partition(":")
+    if sep and kind in ("header", "cookie") and _TOKEN_RE.match(name):
+        return f"{kind}:{name.lower()}" if kind == "header" else value
+    raise ValueError(f"must be header:NAME or cookie:NAME (got {_show(value)})")
+
+
+class RouteCacheConfig(_Model):
+    key: tuple[Annotated[str, AfterValidator(_cache_key_part)], ...] = ()
+    heuristic: bool = False
+
+
+class CompressConfig(_Model):
+    algorithms: Annotated[
+        tuple[Annotated[str, _one_of(*COMPRESSION_ALGORITHMS)], ...], _non_empty("algorithm")
+    ] = COMPRESSION_ALGORITHMS
+    min_size: Size = 1024
+    types: tuple[str, ...] = DEFAULT_COMPRESS_TYPES
+    level: Annotated[int, Field(ge=1, le=9)] | None = None  # None: each algorithm's default
+
+
 class RouteConfig(_Model):
     name: Annotated[str, Field(min_length=1)]
     match: MatchConfig = MatchConfig()
     upstream: str
     strip_prefix: bool = False
     rate_limit: RateLimitConfig | None = None
+    cache: RouteCacheConfig | None = None
+    compress: CompressConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -547,7 +657,12 @@ class Config(_Model):
     workers: Annotated[int, Field(ge=0)] = 1  # 0 = one per CPU, resolved by the daemon
     trusted_proxies: tuple[Network, ...] = ()
     shutdown_timeout: Duration = 30.0
+    # SIGTERM: keep serving (readiness 503, answers `Connection: close`) this long before
+    # the listeners close, so an L4 balancer or a Kubernetes Service stops sending first.
+    drain_time: Duration = 0.0
     redis: RedisConfig | None = None
+    zone: ZoneName = None
+    cache: CacheConfig | None = None
     limits: Limits = Limits()
     logging: LoggingConfig = LoggingConfig()
     upstreams: Annotated[dict[str, UpstreamConfig], _non_empty("upstream")]
@@ -573,6 +688,17 @@ class Config(_Model):
             }
             data = {**data, "upstreams": upstreams}
         return data
+
+    @model_validator(mode="after")
+    def _cache_needs_section(self) -> Config:
+        for index, route in enumerate(self.routes):
+            if route.cache is not None and self.cache is None:
+                raise ValueError(
+                    f"routes[{index}].cache: needs the top-level cache section"
+                )
+        if self.cache is not None and self.cache.store == "redis" and self.redis is None:
+            raise ValueError("cache.store: redis needs the top-level redis section")
+        return self
 
     def summary(self) -> str:
         """'3 routes, 2 upstreams, 3 servers' (servers counted over all upstreams)."""

@@ -29,6 +29,7 @@ LATENCY_EWMA_WEIGHT = 0.2
 
 class Server:
     __slots__ = (
+        "address",
         "backup",
         "breaker",
         "config",
@@ -46,6 +47,7 @@ class Server:
         "upstream",
         "url",
         "weight",
+        "zone",
     )
 
     def __init__(
@@ -61,6 +63,9 @@ class Server:
         self.upstream = upstream
         self.url = server_cfg.url
         self.label = f"{server_cfg.host}:{server_cfg.port}"
+        # The host:port connected to: differs from the URL's for a server found by DNS.
+        self.address = self.label
+        self.zone = server_cfg.zone
         self.config = server_cfg
         self.weight = server_cfg.weight
         self.backup = server_cfg.backup
