@@ -119,6 +119,7 @@ def test_every_bind_mounted_path_exists():
 def test_stack_has_every_service():
     services = compose()["services"]
     assert set(services) >= {
+        "lb",
         "proxy",
         "backend1",
         "backend2",
@@ -136,6 +137,37 @@ def test_stack_has_every_service():
     published = {p for s in services.values() for p in s.get("ports", [])}
     for port in ("8080:8080", "9901:9901", "9090:9090", "3000:3000", "8089:8089"):
         assert port in published
+    assert {"8080:8080", "9901:9901"} <= set(services["lb"]["ports"])
+
+
+def test_proxy_scales_behind_the_l4_balancer():
+    """`docker-compose up --scale proxy=3`: replicas publish no host port (they would
+    clash), HAProxy finds each through Docker's DNS and health-checks its /readyz, and
+    Prometheus scrapes every replica."""
+    services = compose()["services"]
+    proxy = services["proxy"]
+    assert "ports" not in proxy and "container_name" not in proxy
+    assert {"8080", "9901"} <= {str(port) for port in proxy["expose"]}
+    haproxy_cfg = (REPO_ROOT / "config/haproxy.cfg").read_text()
+    assert re.search(r"^\s*mode tcp", haproxy_cfg, flags=re.MULTILINE)
+    assert re.search(r"server-template \S+ \d+ proxy:8080", haproxy_cfg)
+    assert "option httpchk GET /readyz" in haproxy_cfg
+    assert "resolvers docker" in haproxy_cfg
+    if shutil.which("haproxy") is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is required in CI (scripts/ensure-tools.sh installs it)")
+        pytest.skip("haproxy not installed")
+    check = subprocess.run(
+        ["haproxy", "-c", "-f", str(REPO_ROOT / "config/haproxy.cfg")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    scrape = yaml.safe_load((REPO_ROOT / "config/prometheus.yml").read_text())["scrape_configs"]
+    (dns,) = scrape[0]["dns_sd_configs"]
+    assert dns["names"] == ["proxy"] and dns["port"] == 9901
 
 
 def test_compose_proxy_config_loads_and_points_at_the_stack():
@@ -150,6 +182,8 @@ def test_compose_proxy_config_loads_and_points_at_the_stack():
     hosts = sorted(s.host for up in config.upstreams.values() for s in up.servers)
     assert hosts == ["backend1", "backend2", "backend3"]
     assert any(route.rate_limit is not None for route in config.routes)
+    # Replicas drain before HAProxy's next /readyz check moves traffic away.
+    assert config.drain_time >= 2
 
 
 def _dashboard_exprs() -> list[str]:
