@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench loadtest venv clean
+.PHONY: run test lint bench bench-instr loadtest venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ bench: $(STAMP)
 	@scripts/ensure-tools.sh bench
 	$(PY) loadtests/bench.py
 	$(PY) loadtests/idle_memory.py --connections 10000
+
+# User-space instructions per request under callgrind: nginx, the featureless forwarder
+# (loadtests/forwarder.py) and Sluicegate. Repeats within about 1 %, unlike req/s.
+bench-instr: $(STAMP)
+	@scripts/ensure-tools.sh bench-instr
+	$(PY) loadtests/bench_instr.py --scenario small
+	$(PY) loadtests/bench_instr.py --scenario 64k
 
 loadtest: $(STAMP)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[load]'

@@ -1,0 +1,239 @@
+"""`make bench-instr`: user-space instructions per request, counted by callgrind.
+
+Throughput on a shared machine drifts by tens of percent from one hour to the next, and
+Python more than nginx; instruction counts do not. Each proxy runs under
+`valgrind --tool=callgrind` (one process: nginx with `master_process off`, Sluicegate with
+one worker, the featureless forwarder of loadtests/forwarder.py), in front of the same
+origin (outside valgrind). A warm-up fills caches and pools, `callgrind_control --zero`
+resets the counters, a fixed number of requests is sent over keep-alive connections,
+`callgrind_control --dump` writes the counts, and the total divided by the requests is the
+figure. It repeats within about 1 % from run to run whatever else the machine is doing.
+
+    python loadtests/bench_instr.py [--requests 3000] [--connections 10] [--scenario small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # the origin, configs and process helpers are shared
+
+REPO_ROOT = bench.REPO_ROOT
+SCENARIOS = {"small": "/", "64k": "/64k"}
+
+
+# --- a fixed-count keep-alive client ----------------------------------------------------
+
+
+async def _one_connection(port: int, path: str, count: int, statuses: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench-instr\r\n\r\n".encode()
+    try:
+        for _ in range(count):
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+            if match:
+                await reader.readexactly(int(match.group(1)))
+            else:  # chunked: read to the last chunk
+                while True:
+                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+            statuses.append(status)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def drive(port: int, path: str, requests: int, connections: int) -> int:
+    """Send exactly ``requests`` GETs; returns how many were answered 200."""
+    statuses: list[int] = []
+    per_connection = [requests // connections] * connections
+    for index in range(requests % connections):
+        per_connection[index] += 1
+
+    async def run() -> None:
+        await asyncio.gather(
+            *(_one_connection(port, path, n, statuses) for n in per_connection if n)
+        )
+
+    asyncio.run(run())
+    return sum(1 for status in statuses if status == 200)
+
+
+# --- callgrind --------------------------------------------------------------------------
+
+
+def callgrind(cmd: list[str], outdir: Path) -> list[str]:
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--quiet",
+        f"--callgrind-out-file={outdir}/callgrind.out.%p",
+        "--dump-instr=no",
+        "--trace-children=no",
+        *cmd,
+    ]
+
+
+def control(action: str, pid: int) -> None:
+    subprocess.run(
+        ["callgrind_control", action, str(pid)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def dumped_instructions(outdir: Path, pid: int, before: set[Path]) -> int:
+    """The Ir total of the dump made since ``before``."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = sorted(set(outdir.glob(f"callgrind.out.{pid}.*")) - before)
+        for path in new:
+            text = path.read_text(errors="replace")
+            match = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.MULTILINE)
+            if match:
+                return int(match.group(1))
+        time.sleep(0.2)
+    raise RuntimeError("callgrind wrote no dump")
+
+
+def measure(
+    name: str, cmd: list[str], port: int, workdir: Path, args: argparse.Namespace, path: str
+) -> dict:
+    outdir = workdir / f"cg-{name}"
+    outdir.mkdir()
+    proc = bench.spawn(callgrind(cmd, outdir), workdir / f"{name}.log")
+    try:
+        bench.wait_port(port, proc, name, timeout=120)
+        drive(port, path, args.warmup, args.connections)
+        before = set(outdir.glob(f"callgrind.out.{proc.pid}.*"))
+        control("--zero", proc.pid)
+        ok = drive(port, path, args.requests, args.connections)
+        control("--dump", proc.pid)
+        total = dumped_instructions(outdir, proc.pid, before)
+    finally:
+        bench.stop_process(proc, timeout=60)
+    if ok != args.requests:
+        raise RuntimeError(f"{name}: {args.requests - ok} of {args.requests} requests not 200")
+    return {"target": name, "requests": ok, "instructions": total, "per_request": total / ok}
+
+
+def targets(workdir: Path, origin_port: int, access_log: bool) -> list[tuple[str, list, int]]:
+    py = sys.executable
+    sg_port, admin_port, fw_port, nginx_port = (bench.free_port() for _ in range(4))
+    config = bench.sluicegate_config(sg_port, admin_port, origin_port, None, 1)
+    if not access_log:
+        config = config.replace("access_log: true", "access_log: false")
+    (workdir / "sluicegate.yaml").write_text(config)
+    nginx_conf = bench.nginx_config(workdir, nginx_port, origin_port, 1).replace(
+        "master_process on;", "master_process off;"
+    )
+    if not access_log:
+        nginx_conf = re.sub(r"access_log [^;]+;", "access_log off;", nginx_conf)
+    (workdir / "nginx.conf").write_text(nginx_conf)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return [
+        ("nginx", [nginx, "-c", str(workdir / "nginx.conf"), "-p", str(workdir)], nginx_port),
+        (
+            "forwarder",
+            [
+                py,
+                str(REPO_ROOT / "loadtests" / "forwarder.py"),
+                "--listen",
+                f"127.0.0.1:{fw_port}",
+                "--origin",
+                f"127.0.0.1:{origin_port}",
+            ],
+            fw_port,
+        ),
+        (
+            "sluicegate",
+            [py, "-m", "proxy", "run", "-c", str(workdir / "sluicegate.yaml")],
+            sg_port,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=600)
+    parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="small")
+    parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument("--only", help="comma-separated targets (nginx,forwarder,sluicegate)")
+    args = parser.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: apt-get install valgrind", file=sys.stderr)
+            return 1
+    path = SCENARIOS[args.scenario]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sg-instr-") as tmp:
+        workdir = Path(tmp)
+        origin_port = bench.free_port()
+        origin = bench.spawn(
+            [sys.executable, str(Path(bench.__file__)), "--origin", str(origin_port)],
+            workdir / "origin.log",
+        )
+        try:
+            bench.wait_port(origin_port, origin, "origin")
+            chosen = set(args.only.split(",")) if args.only else None
+            for name, cmd, port in targets(workdir, origin_port, not args.no_access_log):
+                if chosen is None or name in chosen:
+                    results.append(measure(name, cmd, port, workdir, args, path))
+                    print(f"{name:>11}: {results[-1]['per_request']:>10,.0f} instructions/request")
+        finally:
+            bench.stop_process(origin)
+    by_name = {r["target"]: r["per_request"] for r in results}
+    print()
+    log = "off" if args.no_access_log else "on"
+    print(
+        f"scenario {args.scenario}, {args.requests} requests over {args.connections} "
+        f"keep-alive connections, access log {log}"
+    )
+    print("| target | instructions/request | x forwarder | x nginx |")
+    print("|---|---|---|---|")
+    for name, value in by_name.items():
+        fw = by_name.get("forwarder")
+        ng = by_name.get("nginx")
+        print(
+            f"| {name} | {value:,.0f} | {value / fw:.2f} | {value / ng:.2f} |"
+            if fw and ng
+            else f"| {name} | {value:,.0f} | | |"
+        )
+    if "sluicegate" in by_name and "forwarder" in by_name:
+        ratio = by_name["sluicegate"] / by_name["forwarder"]
+        verdict = "met" if ratio <= 1.5 else "not met"
+        print(f"\ntarget: Sluicegate <= 1.5 x the featureless forwarder: {ratio:.2f}x ({verdict})")
+    out = bench.RESULTS_DIR
+    out.mkdir(exist_ok=True)
+    (out / f"instr-{args.scenario}.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    os._exit(130)
