@@ -396,7 +396,7 @@ class ProxyProcess:
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
             "config_file": self.path,
             "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(runtime.loaded_at)),
-            "upstreams": runtime.status(),
+            **runtime.status(),
         }
 
     def readiness(self) -> tuple[bool, list[str]]:

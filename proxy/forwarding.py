@@ -187,6 +187,7 @@ class Exchange:
         route = self.route_runtime
         if route is not None:
             route.metrics.observe(self.request.method, self.status, duration)
+            route.counters.requests += 1
         runtime = self.runtime
         if runtime.access_log is not None:
             runtime.log_access(self.conn, self.request, self, duration)
@@ -394,6 +395,7 @@ def _passes_limit(ex: Exchange, decision: Decision) -> bool:
     if not decision.allowed:
         ex.rate_limited = True
         ex.route_runtime.metrics.rate_limited()
+        ex.route_runtime.counters.rate_limited += 1
         if rule.mode == "enforce":
             retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
             _send_error(ex, 429, "rate limited", ex.extra_headers + retry_after)
@@ -601,6 +603,7 @@ class Attempt:
         failed = word in group.failure_on
         self.verdict = not failed
         self.metrics.response(status, head_seconds)
+        server.status_classes[status // 100] += 1
         if failed:
             server.failures += 1
         entry = {"server": server.label, "outcome": status, "ms": round(head_seconds * 1000, 2)}
@@ -634,6 +637,7 @@ class Attempt:
             return None
         if entry is None:
             self.metrics.response(error.kind, None)
+            server.count_no_answer(error.kind)
         if error.kind in ex.group.failure_on:
             if self.verdict is not False:
                 server.failures += 1

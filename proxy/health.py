@@ -9,12 +9,15 @@ Pure parts (clock injected, no I/O):
   2 * window without one resets it to `hold_down`.
 - `ServerHealth` combines them: `status` is DOWN while held down, else the hysteresis
   status; `eligible` is True for UP and UNKNOWN (a server not yet checked takes traffic).
+  It also keeps the last check's `CheckResult` (passed, when, and why it failed) for
+  `/status`.
 
 `HealthChecker` runs one asyncio task per server: a first check after a random delay in
 [0, interval) (so servers and workers do not check in lockstep), then one every
 interval ± 10 %. A check is `GET url+path` on a session the checker owns; it passes when
 the status is within `expect_status` before `timeout`. The result goes to
-`server.health.observe(ok)` and to `on_result(server, ok, reason)`.
+`server.health.observe(ok, reason=..., at=...)` (`at`: wall-clock seconds) and to
+`on_result(server, ok, reason)`.
 
 Reload: a checker is bound to one server list. On reload, `await old.stop()` and
 `new.start()`; health state survives because it lives in each server's `ServerHealth`,
@@ -31,7 +34,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 
@@ -141,6 +144,28 @@ class FlapDamper:
         return self._next_hold
 
 
+class CheckResult(NamedTuple):
+    """One active check as `/status` shows it."""
+
+    ok: bool
+    reason: str  # "status 200", "timeout", "connect refused", ...
+    at: float | None  # wall-clock seconds (time.time()) the check ended
+
+    def status(self) -> dict[str, Any]:
+        """``result`` pass|fail, ``at`` (ISO 8601 UTC, ms), ``reason`` (only when it failed)."""
+        return {
+            "result": "pass" if self.ok else "fail",
+            "at": _iso_time(self.at) if self.at is not None else None,
+            "reason": None if self.ok else self.reason,
+        }
+
+
+def _iso_time(seconds: float) -> str:
+    whole = int(seconds)
+    millis = min(999, int((seconds - whole) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 class ServerHealth:
     """One server's health as seen by selection and `/status`."""
 
@@ -158,6 +183,7 @@ class ServerHealth:
             FlapDamper.from_config(flap_damping, clock=clock) if flap_damping is not None else None
         )
         self._reported = HealthStatus.UNKNOWN
+        self.last_check: CheckResult | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, **kwargs: Any) -> ServerHealth:
@@ -183,11 +209,16 @@ class ServerHealth:
     def eligible(self) -> bool:
         return self.status is not HealthStatus.DOWN
 
-    def observe(self, ok: bool) -> bool:
+    def last_check_status(self) -> dict[str, Any] | None:
+        return self.last_check.status() if self.last_check is not None else None
+
+    def observe(self, ok: bool, *, reason: str = "", at: float | None = None) -> bool:
         """Count one check result; True when `status` differs from the last observe.
 
+        `reason` and `at` (wall-clock seconds) are kept as the last check for `/status`.
         A hold-down that ended between two checks is reported by the next one.
         """
+        self.last_check = CheckResult(ok, reason, at)
         before = self.hysteresis.status
         if (
             self.hysteresis.observe(ok)
@@ -224,8 +255,10 @@ class HealthChecker:
         *,
         on_result: Callable[[Any, bool, str], None] | None = None,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """`cfg`: a `HealthCheckConfig`-like object (path, interval, timeout, expect_status)."""
+        """`cfg`: a `HealthCheckConfig`-like object (path, interval, timeout, expect_status).
+        `wall_clock`: stamps each result with the time of day `/status` shows."""
         self.upstream_name = upstream_name
         self.servers = tuple(servers)
         self.path = cfg.path if cfg.path.startswith("/") else "/" + cfg.path
@@ -234,6 +267,7 @@ class HealthChecker:
         self.expect_low, self.expect_high = cfg.expect_status
         self.on_result = on_result
         self._rng = rng if rng is not None else random.Random()
+        self._wall_clock = wall_clock
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -289,7 +323,7 @@ class HealthChecker:
         await asyncio.sleep(self._rng.uniform(0.0, self.interval))
         while True:
             ok, reason = await self.check(server)
-            server.health.observe(ok)
+            server.health.observe(ok, reason=reason, at=self._wall_clock())
             if self.on_result is not None:
                 try:
                     self.on_result(server, ok, reason)

@@ -28,10 +28,50 @@ from proxy.upstream import Server, UpstreamGroup
 log = logging.getLogger("sluicegate")
 
 
+class RouteCounters:
+    """What one route has seen, for ``/status``. Carried across reloads by route name, as
+    servers are, so a reload does not zero the page.
+
+    The response cache is the one writer of the ``cache_*`` fields: it counts the hits,
+    misses and stale answers it gives on the route, and keeps ``cache_objects`` and
+    ``cache_bytes`` equal to what it holds for the route. Until it does, they read zero.
+    """
+
+    __slots__ = (
+        "cache_bytes",
+        "cache_hits",
+        "cache_misses",
+        "cache_objects",
+        "cache_stale",
+        "rate_limited",
+        "requests",
+    )
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.rate_limited = 0  # over the limit, in either mode (shadow counts too)
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.cache_stale = 0
+        self.cache_objects = 0
+        self.cache_bytes = 0
+
+    def cache_status(self) -> dict[str, int]:
+        return {
+            "hits": self.cache_hits,
+            "misses": self.cache_misses,
+            "stale": self.cache_stale,
+            "objects": self.cache_objects,
+            "bytes": self.cache_bytes,
+        }
+
+
 class RouteRuntime:
     """A route as the pipeline needs it: resolved group, prepared bytes, metric children."""
 
     __slots__ = (
+        "cached",
+        "counters",
         "group",
         "limit_key_kind",
         "limit_key_name",
@@ -41,9 +81,11 @@ class RouteRuntime:
         "strip_prefix",
     )
 
-    def __init__(self, cfg: Any, group: UpstreamGroup) -> None:
+    def __init__(self, cfg: Any, group: UpstreamGroup, counters: RouteCounters) -> None:
         self.name = cfg.name
         self.group = group
+        self.counters = counters
+        self.cached = cfg.cache is not None
         prefix = cfg.match.path_prefix or "/"
         self.strip_prefix = prefix.rstrip("/").encode() if cfg.strip_prefix else b""
         self.rate_limit = cfg.rate_limit
@@ -54,6 +96,22 @@ class RouteRuntime:
             self.limit_key_kind = kind
             self.limit_key_name = name.lower().encode() if kind == "header" else name.encode()
         self.metrics = metrics.RouteMetrics(cfg.name)
+
+    def status(self) -> dict[str, Any]:
+        """The route's entry in ``/status``: ``limit`` and ``cache`` are null when the route
+        has none."""
+        limit = self.rate_limit
+        counters = self.counters
+        return {
+            "name": self.name,
+            "upstream": self.group.name,
+            "requests": counters.requests,
+            "rate_limited": counters.rate_limited,
+            "limit": None
+            if limit is None
+            else {"rate": limit.rate, "burst": limit.burst, "key": limit.key, "mode": limit.mode},
+            "cache": counters.cache_status() if self.cached else None,
+        }
 
 
 class Refusal:
@@ -129,7 +187,14 @@ class Runtime:
             self.groups[name] = UpstreamGroup(
                 upstream_cfg, group_servers, retry_policy=retry_policy, retry_budget=budget
             )
-        self.routes = [RouteRuntime(cfg, self.groups[cfg.upstream]) for cfg in config.routes]
+        carried_counters = previous.route_counters if previous is not None else {}
+        self.route_counters = {
+            cfg.name: carried_counters.get(cfg.name) or RouteCounters() for cfg in config.routes
+        }
+        self.routes = [
+            RouteRuntime(cfg, self.groups[cfg.upstream], self.route_counters[cfg.name])
+            for cfg in config.routes
+        ]
         self.router = Router(
             (route, cfg.match) for route, cfg in zip(self.routes, config.routes, strict=True)
         )
@@ -210,7 +275,12 @@ class Runtime:
     # -- admin views ---------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return {name: group.status() for name, group in self.groups.items()}
+        """The generation's part of ``/status``: ``zone``, ``routes`` and ``upstreams``."""
+        return {
+            "zone": self.config.zone,
+            "routes": [route.status() for route in self.routes],
+            "upstreams": {name: group.status() for name, group in self.groups.items()},
+        }
 
     def unready_reasons(self) -> list[str]:
         return [

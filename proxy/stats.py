@@ -3,13 +3,22 @@
 Theory of operation
 -------------------
 Prometheus keeps the long history; ``/status`` only needs "how is this server doing right
-now": request rate, error rate and p50/p99 latency over the last ``window`` seconds.
+now": error rate and p50/p99 latency over the last ``window`` seconds, and the request
+rate over the last ``rate_window`` seconds (shorter, so a chart of it follows the traffic).
 ``RollingStats`` keeps one bucket per second in a ring. A bucket holds a count, a failure
 count and a small fixed latency histogram (log-spaced bounds, 25% apart), so
 ``record()`` is O(1) with no allocation except when a new second starts, memory is fixed
 per server whatever the traffic, and quantiles come from merging the live buckets.
 A bucket is recognised as stale by the second it was last written for, so nothing needs
 to run in the background to expire old data.
+
+The rate divides what the live buckets counted by the time they cover: the whole seconds
+before this one plus the part of the current second gone by (or the server's age, if
+shorter). Dividing by the nominal window instead would count a partly filled current
+second as a whole one and draw a sawtooth under steady traffic.
+
+Attempts are counted when they end. The status page's chart sums these same per-server
+rates, so the chart and the table can never tell two different stories.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from collections.abc import Callable
 _MIN_LATENCY = 0.0001
 _GROWTH = 1.25
 _LATENCY_BOUNDS = tuple(_MIN_LATENCY * _GROWTH**i for i in range(61))
+
+RATE_WINDOW = 10.0  # seconds the request rate is averaged over
 
 
 class _Bucket:
@@ -45,15 +56,25 @@ class RollingStats:
     """Request rate, error rate and latency quantiles over a sliding window.
 
     ``window``: seconds covered (default 60, one-second resolution).
+    ``rate_window``: seconds the request rate covers (default 10, at most ``window``).
     ``clock``: monotonic seconds, injected so tests control time.
     """
 
-    def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        rate_window: float = RATE_WINDOW,
+    ):
         if window < 1:
             raise ValueError(f"window must be at least 1 second (got {window})")
+        if rate_window < 1:
+            raise ValueError(f"rate_window must be at least 1 second (got {rate_window})")
         self.window = float(window)
         self._clock = clock
         self._slots = math.ceil(window)
+        self._rate_slots = min(self._slots, math.ceil(rate_window))
         self._ring: list[_Bucket | None] = [None] * self._slots
         self._started = clock()
 
@@ -72,20 +93,27 @@ class RollingStats:
     def snapshot(self) -> dict[str, float | None]:
         """``request_rate`` (/s), ``error_rate`` (0..1), ``p50_ms``, ``p99_ms`` (None if idle)."""
         now = self._clock()
-        live = self._live_buckets(int(now))
+        now_second = int(now)
+        live = self._live_buckets(now_second)
         count = sum(bucket.count for bucket in live)
-        failures = sum(bucket.failures for bucket in live)
-        # A server younger than the window has not had the whole window to be asked.
-        span = max(1.0, min(self.window, now - self._started))
         if count == 0:
             return {"request_rate": 0.0, "error_rate": 0.0, "p50_ms": None, "p99_ms": None}
+        failures = sum(bucket.failures for bucket in live)
         merged = [sum(column) for column in zip(*(b.latency_counts for b in live), strict=True)]
         return {
-            "request_rate": round(count / span, 3),
+            "request_rate": round(self._rate(live, now, now_second), 3),
             "error_rate": round(failures / count, 4),
             "p50_ms": _to_ms(_quantile(merged, count, 0.50)),
             "p99_ms": _to_ms(_quantile(merged, count, 0.99)),
         }
+
+    def _rate(self, live: list[_Bucket], now: float, now_second: int) -> float:
+        oldest = now_second - self._rate_slots + 1
+        count = sum(bucket.count for bucket in live if bucket.second >= oldest)
+        # The time those buckets cover: the server cannot have been asked before it
+        # existed, and a rate over less than a second would be noise.
+        span = max(1.0, now - max(oldest, self._started))
+        return count / span
 
     def _live_buckets(self, now_second: int) -> list[_Bucket]:
         oldest = now_second - self._slots + 1

@@ -116,31 +116,15 @@ class Supervisor:
 
     async def status(self) -> dict[str, Any]:
         replies = [body for status, body in await self._ask_all("GET", "/status") if status == 200]
-        merged: dict[str, Any] = {}
-        for body in replies:
-            for name, upstream in body.get("upstreams", {}).items():
-                target = merged.setdefault(name, {"policy": upstream["policy"], "servers": []})
-                for index, server in enumerate(upstream["servers"]):
-                    if index >= len(target["servers"]):
-                        target["servers"].append(dict(server))
-                        continue
-                    into = target["servers"][index]
-                    _merge_rates(into, server)
-                    for field in ("in_flight", "requests", "failures", "request_rate"):
-                        if isinstance(server.get(field), (int, float)):
-                            into[field] = (into.get(field) or 0) + server[field]
-                    into["draining"] = into["draining"] or server["draining"]
-                    if server["health"] == "down":
-                        into["health"] = "down"
-                    if server["breaker"] != "closed" and into["breaker"] == "closed":
-                        into["breaker"] = server["breaker"]
+        cache = self.config.cache
+        shared_cache = cache is not None and cache.store != "memory"
         return {
             "version": __version__,
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
             "config_file": self.path,
             "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "workers": len(replies),
-            "upstreams": merged,
+            **merge_worker_status(replies, shared_cache=shared_cache),
         }
 
     async def readiness(self) -> tuple[bool, list[str]]:
@@ -308,6 +292,99 @@ class Supervisor:
             await asyncio.sleep(0.05)
         assert self._stopped is not None
         self._stopped.set()
+
+
+# -- one /status from the workers' -----------------------------------------------------------
+
+_SERVER_SUMS = ("in_flight", "requests", "failures", "request_rate")
+_ROUTE_SUMS = ("requests", "rate_limited")
+
+
+def merge_worker_status(replies: list[dict[str, Any]], *, shared_cache: bool) -> dict[str, Any]:
+    """``zone``, ``routes`` and ``upstreams`` of one ``/status`` from every worker's.
+
+    Counters and rates add up; a server is draining, down or not closed when any worker
+    says so; an upstream has an eligible server only if every worker has one (as
+    ``/readyz`` judges). Servers are matched by URL and address, not by position, because
+    servers found by DNS may be listed in a different order by each worker. Cache objects
+    and bytes add up for per-process stores; a shared store is the same one seen by every
+    worker, so the largest count is taken.
+    """
+    zone = None
+    routes: dict[str, dict[str, Any]] = {}
+    upstreams: dict[str, dict[str, Any]] = {}
+    for body in replies:
+        zone = zone or body.get("zone")
+        for route in body.get("routes", []):
+            into = routes.get(route["name"])
+            if into is None:
+                routes[route["name"]] = _copy(route)
+            else:
+                _merge_route(into, route, shared_cache)
+        for name, upstream in body.get("upstreams", {}).items():
+            target = upstreams.get(name)
+            if target is None:
+                target = upstreams[name] = {
+                    "policy": upstream["policy"],
+                    "has_eligible_server": upstream.get("has_eligible_server", True),
+                    "servers": [],
+                }
+            else:
+                target["has_eligible_server"] = target["has_eligible_server"] and upstream.get(
+                    "has_eligible_server", True
+                )
+            by_key = {_server_key(s): s for s in target["servers"]}
+            for server in upstream["servers"]:
+                into = by_key.get(_server_key(server))
+                if into is None:
+                    target["servers"].append(_copy(server))
+                else:
+                    _merge_server(into, server)
+    return {"zone": zone, "routes": list(routes.values()), "upstreams": upstreams}
+
+
+def _copy(entry: dict[str, Any]) -> dict[str, Any]:
+    """A copy whose nested objects may be added to without touching the reply."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in entry.items()}
+
+
+def _server_key(server: dict[str, Any]) -> tuple[Any, Any]:
+    return server.get("url"), server.get("address")
+
+
+def _add(into: dict[str, Any], other: dict[str, Any], fields: Any) -> None:
+    for field in fields:
+        if isinstance(other.get(field), (int, float)):
+            into[field] = (into.get(field) or 0) + other[field]
+
+
+def _merge_route(into: dict[str, Any], route: dict[str, Any], shared_cache: bool) -> None:
+    _add(into, route, _ROUTE_SUMS)
+    cache, theirs = into.get("cache"), route.get("cache")
+    if cache is None or theirs is None:
+        return
+    _add(cache, theirs, ("hits", "misses", "stale"))
+    for field in ("objects", "bytes"):
+        if shared_cache:
+            cache[field] = max(cache.get(field) or 0, theirs.get(field) or 0)
+        else:
+            _add(cache, theirs, (field,))
+
+
+def _merge_server(into: dict[str, Any], server: dict[str, Any]) -> None:
+    _merge_rates(into, server)  # before the sum: it weighs by each side's own rate
+    _add(into, server, _SERVER_SUMS)
+    if isinstance(into.get("outcomes"), dict) and isinstance(server.get("outcomes"), dict):
+        _add(into["outcomes"], server["outcomes"], tuple(server["outcomes"]))
+    into["draining"] = into["draining"] or server["draining"]
+    if server["health"] == "down":
+        into["health"] = "down"
+    if server["breaker"] != "closed" and into["breaker"] == "closed":
+        into["breaker"] = server["breaker"]
+    # Each worker runs its own checks: the most recent one is the news.
+    mine, theirs = into.get("last_check"), server.get("last_check")
+    if theirs is not None and (mine is None or (theirs.get("at") or "") > (mine.get("at") or "")):
+        into["last_check"] = dict(theirs)
 
 
 def _merge_rates(into: dict[str, Any], server: dict[str, Any]) -> None:

@@ -34,6 +34,7 @@ class Server:
         "breaker",
         "config",
         "draining",
+        "errors",
         "failures",
         "health",
         "in_flight",
@@ -44,6 +45,8 @@ class Server:
         "reported_health",
         "requests",
         "stats",
+        "status_classes",
+        "timeouts",
         "upstream",
         "url",
         "weight",
@@ -72,6 +75,11 @@ class Server:
         self.in_flight = 0
         self.requests = 0
         self.failures = 0
+        # Upstream answers by status class (index status // 100: 1..5 are reported; llhttp
+        # reads three digits, so 10 slots hold any code), and tries that got no answer.
+        self.status_classes = [0] * 10
+        self.errors = 0
+        self.timeouts = 0
         self.draining = False
         self.latency = 0.0
         self.metrics = metrics
@@ -105,6 +113,13 @@ class Server:
         else:
             self.latency = seconds
 
+    def count_no_answer(self, kind: str) -> None:
+        """A try that ended without a response head: ``kind`` is its failure word."""
+        if kind == "timeout":
+            self.timeouts += 1
+        else:
+            self.errors += 1
+
     def health_word(self) -> str:
         return self.health.status.value if self.health is not None else HealthStatus.UNKNOWN.value
 
@@ -119,9 +134,20 @@ class Server:
             "requests": self.requests,
             "failures": self.failures,
             "draining": self.draining,
+            "zone": self.zone,
+            "address": self.address,
+            "outcomes": self.outcomes(),
+            "last_check": self.health.last_check_status() if self.health is not None else None,
         }
         status.update(self.stats.snapshot())
         return status
+
+    def outcomes(self) -> dict[str, int]:
+        classes = self.status_classes
+        outcomes = {f"{n}xx": classes[n] for n in range(1, 6)}
+        outcomes["errors"] = self.errors
+        outcomes["timeouts"] = self.timeouts
+        return outcomes
 
     def reconfigure(self, server_cfg: Any, upstream_cfg: Any, old_upstream_cfg: Any) -> None:
         """Apply a reloaded config while keeping live state (breaker, health, pool)."""
@@ -219,5 +245,6 @@ class UpstreamGroup:
     def status(self) -> dict[str, Any]:
         return {
             "policy": self.config.policy,
+            "has_eligible_server": self.has_eligible_server(),
             "servers": [server.status() for server in self.servers],
         }

@@ -44,6 +44,18 @@ class FakeControl:
             "requests": 10,
             "failures": 1,
             "draining": False,
+            "zone": "a",
+            "address": url.removeprefix("http://"),
+            "outcomes": {
+                "1xx": 0,
+                "2xx": 9,
+                "3xx": 0,
+                "4xx": 0,
+                "5xx": 1,
+                "errors": 0,
+                "timeouts": 0,
+            },
+            "last_check": {"result": "pass", "at": "2024-05-01T12:00:01.000Z", "reason": None},
             "request_rate": 0.5,
             "error_rate": 0.1,
             "p50_ms": 3.2,
@@ -56,6 +68,17 @@ class FakeControl:
             "uptime_seconds": 12.5,
             "config_file": "config/sluicegate.yaml",
             "config_loaded_at": "2024-05-01T12:00:00.000Z",
+            "zone": "a",
+            "routes": [
+                {
+                    "name": "api",
+                    "upstream": "api",
+                    "requests": 10,
+                    "rate_limited": 2,
+                    "limit": {"rate": 100.0, "burst": 200, "key": "client_ip", "mode": "enforce"},
+                    "cache": {"hits": 3, "misses": 7, "stale": 0, "objects": 5, "bytes": 2048},
+                },
+            ],
             "upstreams": self.upstreams,
         }
 
@@ -142,11 +165,16 @@ async def test_status_is_the_control_status(client, control):
     assert response.content_type == "application/json"
     body = await response.json()
     assert body == control.status()
-    assert set(body) >= {"version", "uptime_seconds", "config_file", "config_loaded_at"}
+    assert set(body) >= {
+        "version", "uptime_seconds", "config_file", "config_loaded_at", "zone", "routes",
+    }  # fmt: skip
+    assert set(body["routes"][0]) == {
+        "name", "upstream", "requests", "rate_limited", "limit", "cache",
+    }  # fmt: skip
     server = body["upstreams"]["api"]["servers"][0]
     assert set(server) >= {
         "url", "weight", "backup", "health", "breaker",
-        "in_flight", "requests", "failures", "draining",
+        "in_flight", "requests", "failures", "draining", "zone", "address",
     }  # fmt: skip
 
 
@@ -181,6 +209,10 @@ async def test_status_page_is_self_contained_html(client):
     assert not re.search(r"""(src|href)\s*=\s*["']?//""", page)  # protocol-relative
     assert "<script src" not in page and "<link" not in page
     assert 'fetch("status"' in page
+    # Drain/undrain from the page: relative POSTs (the page works under any prefix) that
+    # carry the token kept for the tab.
+    assert '"upstreams/" + encodeURIComponent(upstream)' in page
+    assert '"Bearer " + token' in page and "sessionStorage" in page
 
 
 async def test_reload_success(client, control):

@@ -208,3 +208,18 @@ async def test_start_twice_is_an_error(endpoint, checkers):
     checker = start_checker(checkers, [FakeServer(endpoint.url)])
     with pytest.raises(RuntimeError):
         checker.start()
+
+
+async def test_each_result_is_kept_on_the_server_with_its_time_and_reason(checkers):
+    server = FakeServer(refused_url())
+    checker = HealthChecker(
+        "api", [server], config(), rng=random.Random(1), wall_clock=lambda: 1_700_000_000.5
+    )
+    checker.start()
+    checkers.append(checker)
+    await wait_until(lambda: server.health.last_check is not None)
+    assert server.health.last_check_status() == {
+        "result": "fail",
+        "at": "2023-11-14T22:13:20.500Z",
+        "reason": "connect refused",
+    }

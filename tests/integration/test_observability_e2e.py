@@ -898,12 +898,17 @@ def test_two_workers_merge_status_with_rolling_stats(start_sluicegate, spawn_bac
     daemon = start_sluicegate(cfg, timeout=30)
     for _ in range(20):
         assert daemon.get("/status/503")[0] == 503
-    servers = daemon.status()["upstreams"]["app"]["servers"]
+    status = daemon.status()
+    servers = status["upstreams"]["app"]["servers"]
     assert sum(s["requests"] for s in servers) == 20
     for server in servers:
         for field in SPEC_SERVER_FIELDS + ROLLING_FIELDS:
             assert field in server
         assert server["error_rate"] == 1.0 and server["p50_ms"] > 0
+    # The counters added for the page add up over the workers too.
+    assert sum(s["outcomes"]["5xx"] for s in servers) == 20
+    assert [s["address"] for s in servers] == [f"127.0.0.1:{a}", f"127.0.0.1:{b}"]
+    assert [(r["name"], r["requests"]) for r in status["routes"]] == [("all", 20)]
 
 
 def test_two_workers_metrics_are_exact_right_after_the_traffic(start_sluicegate, spawn_backend):
@@ -930,3 +935,86 @@ def test_two_workers_count_a_failed_reload(start_sluicegate, spawn_backend):
     text = daemon.metrics()
     assert value(text, "sluicegate_config_reloads_total", result="success") == 1
     assert value(text, "sluicegate_config_reloads_total", result="failure") == 1
+
+
+def test_status_has_routes_zone_and_what_each_server_answered(start_sluicegate, spawn_backend):
+    _, a = spawn_backend("a")
+    dead = free_port()
+    never_open = {"failure_threshold": 1000}
+    cfg = config(
+        {
+            "app": upstream(a, circuit_breaker=never_open, timeouts={"read": "300ms"}),
+            "gone": upstream(dead, circuit_breaker=never_open),
+        },
+        routes=[
+            {"name": "limited", "match": {"path_prefix": "/limited"}, "upstream": "app",
+             "strip_prefix": True, "rate_limit": {"rate": "1/m", "burst": 1}},
+            {"name": "gone", "match": {"path_prefix": "/gone"}, "upstream": "gone"},
+            {"name": "all", "match": {"path_prefix": "/"}, "upstream": "app"},
+        ],
+        zone="${STATUS_TEST_ZONE}",
+    )  # fmt: skip
+    cfg["upstreams"]["app"]["servers"][0]["zone"] = "a"
+    daemon = start_sluicegate(cfg, env={"STATUS_TEST_ZONE": "eu-1"})
+    expected = [("/", 200), ("/", 200), ("/status/404", 404), ("/status/503", 503),
+                ("/status/503", 503), ("/delay/2000", 504), ("/gone", 502),
+                ("/limited", 200), ("/limited", 429), ("/limited", 429)]  # fmt: skip
+    for path, code in expected:
+        assert daemon.get(path)[0] == code, path
+
+    status = daemon.status()
+    assert status["zone"] == "eu-1"
+    assert status["routes"] == [
+        {"name": "limited", "upstream": "app", "requests": 3, "rate_limited": 2,
+         "limit": {"rate": 1 / 60, "burst": 1, "key": "client_ip", "mode": "enforce"},
+         "cache": None},
+        {"name": "gone", "upstream": "gone", "requests": 1, "rate_limited": 0,
+         "limit": None, "cache": None},
+        {"name": "all", "upstream": "app", "requests": 6, "rate_limited": 0,
+         "limit": None, "cache": None},
+    ]  # fmt: skip
+    app, gone = status["upstreams"]["app"], status["upstreams"]["gone"]
+    assert app["has_eligible_server"] and gone["has_eligible_server"]
+    (server,) = app["servers"]
+    assert (server["zone"], server["address"]) == ("a", f"127.0.0.1:{a}")
+    assert server["last_check"] is None  # no health check configured
+    assert server["outcomes"] == {
+        "1xx": 0, "2xx": 3, "3xx": 0, "4xx": 1, "5xx": 2, "errors": 0, "timeouts": 1,
+    }  # fmt: skip
+    (server,) = gone["servers"]
+    assert server["zone"] is None
+    assert server["outcomes"]["errors"] == 1 and server["outcomes"]["timeouts"] == 0
+
+    # Route counters survive a reload, as server counters do; a drained upstream says so.
+    cfg["routes"].insert(0, {"name": "new", "match": {"path_prefix": "/new"}, "upstream": "app"})
+    daemon.write_config(cfg)
+    daemon.reload()
+    status = wait_for(
+        lambda: (s := daemon.status())["routes"][0]["name"] == "new" and s,
+        timeout=10,
+        message="the reload",
+    )
+    assert [(r["name"], r["requests"]) for r in status["routes"]] == [
+        ("new", 0), ("limited", 3), ("gone", 1), ("all", 6),
+    ]  # fmt: skip
+    assert daemon.admin("POST", "/upstreams/gone/servers/0/drain")[0] == 200
+    assert daemon.status()["upstreams"]["gone"]["has_eligible_server"] is False
+
+
+def test_status_shows_the_last_health_check_and_why_it_failed(start_sluicegate, spawn_backend):
+    _, a = spawn_backend("a")
+    dead = free_port()
+    checks = {"path": "/health", "interval": "100ms", "unhealthy_threshold": 1}
+    cfg = config({"app": upstream(a, dead, health_check=checks)})
+    daemon = start_sluicegate(cfg)
+    servers = wait_for(
+        lambda: all((s := daemon.status()["upstreams"]["app"]["servers"])[i]["last_check"]
+                    for i in (0, 1)) and s,
+        timeout=10,
+        message="both servers to be checked",
+    )  # fmt: skip
+    alive, down = servers
+    assert alive["last_check"]["result"] == "pass" and alive["last_check"]["reason"] is None
+    assert down["last_check"]["result"] == "fail"
+    assert down["last_check"]["reason"] == "connect refused"
+    assert down["last_check"]["at"].endswith("Z") and "T" in down["last_check"]["at"]

@@ -401,3 +401,248 @@ def test_screenshot_of_the_page(chromium, start_sluicegate, spawn_backend, tmp_p
     assert len(png) > 20_000
     if os.environ.get("SLUICEGATE_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["SLUICEGATE_KEEP_SCREENSHOT"])
+
+
+# -- the parts added for operators: banner, routes, drain buttons, a chart that agrees ----------
+
+BANNER_SCRIPT = """
+const banner = document.getElementById("no-eligible-banner");
+return {
+  shown: !banner.hidden && banner.getBoundingClientRect().height > 0,
+  upstreams: banner.dataset.upstreams,
+  text: banner.textContent,
+  eligible: Object.fromEntries(Array.from(document.querySelectorAll("section.upstream")).map(
+    (s) => [s.dataset.upstream, s.dataset.eligible])),
+  checks: Array.from(document.querySelectorAll("tr.server")).map((row) => ({
+    upstream: row.dataset.upstream,
+    result: row.querySelector(".last-check").dataset.result,
+    text: row.querySelector(".last-check").textContent,
+  })),
+};
+"""
+
+
+def test_banner_names_every_upstream_without_an_eligible_server(
+    browser, start_sluicegate, spawn_backend
+):
+    _, live = spawn_backend("live")
+    dead = free_port()
+    config = page_config(live, dead)
+    config["upstreams"]["checked"] = {
+        "servers": [{"url": f"http://127.0.0.1:{free_port()}"}],
+        "health_check": {"path": "/health", "interval": "100ms", "unhealthy_threshold": 1},
+    }
+    config["routes"].insert(0, {"name": "checked", "match": {"path_prefix": "/checked"},
+                                "upstream": "checked"})  # fmt: skip
+    daemon = start_sluicegate(config)
+    # The health-checked server goes down by itself: the first verdict is a failed check.
+    wait_for(
+        lambda: daemon.status()["upstreams"]["checked"]["servers"][0]["health"] == "down",
+        timeout=5,
+        message="the checked server to be down",
+    )
+    browser.get(daemon.admin_url("/"))
+    page = wait_for(
+        lambda: (p := browser.execute(BANNER_SCRIPT))["shown"] and p,
+        timeout=SHOWS_WITHIN,
+        message="the banner for the upstream whose server is down",
+    )
+    assert page["upstreams"] == "checked" and "checked" in page["text"]
+    assert page["eligible"] == {"web": "true", "flaky": "true", "checked": "false"}
+    check = next(c for c in page["checks"] if c["upstream"] == "checked")
+    assert check["result"] == "fail" and "connect refused" in check["text"]
+    assert next(c for c in page["checks"] if c["upstream"] == "web")["result"] == "none"
+
+    # An open breaker and two drained servers strand two more upstreams.
+    assert daemon.get("/flaky")[0] == 502
+    for index in (0, 1):
+        assert daemon.admin("POST", f"/upstreams/web/servers/{index}/drain")[0] == 200
+    page = wait_for(
+        lambda: (p := browser.execute(BANNER_SCRIPT))["upstreams"] == "web flaky checked" and p,
+        timeout=SHOWS_WITHIN,
+        interval=0.1,
+        message="the banner to name all three upstreams",
+    )
+    assert page["shown"] and set(page["eligible"].values()) == {"false"}
+
+    # One server back is enough for its upstream to leave the banner.
+    assert daemon.admin("POST", "/upstreams/web/servers/1/undrain")[0] == 200
+    wait_for(
+        lambda: browser.execute(BANNER_SCRIPT)["upstreams"] == "flaky checked",
+        timeout=SHOWS_WITHIN,
+        interval=0.1,
+        message="web to leave the banner",
+    )
+
+
+NO_VALUE = "\N{EN DASH}"  # what the page shows for a missing value
+ROUTES_SCRIPT = """
+return Array.from(document.querySelectorAll("tr.route")).map((row) => {
+  const text = (selector) => {
+    const node = row.querySelector(selector);
+    return node ? node.textContent : null;
+  };
+  return {
+    name: row.dataset.route, upstream: row.dataset.upstream, cached: row.dataset.cached,
+    requests: text(".route-requests"), limited: text(".route-limited"),
+    limit: text(".limit"), rate: text(".limit-rate"), burst: text(".limit-burst"),
+    key: text(".limit-key"), mode: text(".limit-mode"),
+    cache: text(".cache"), hits: text(".cache-hits"), bytes: text(".cache-bytes"),
+  };
+});
+"""
+
+
+def test_routes_table_shows_each_route_with_its_limit_and_cache(
+    browser, start_sluicegate, spawn_backend
+):
+    _, live = spawn_backend("live")
+    config = page_config(live, free_port(), cache={"max_size": "1MiB"})
+    shadow_limit = {"rate": "2/s", "burst": 3, "key": "client_ip", "mode": "shadow"}
+    config["routes"] = [
+        {"name": "limited", "match": {"path_prefix": "/limited"}, "upstream": "web",
+         "strip_prefix": True, "rate_limit": shadow_limit},
+        {"name": "cached", "match": {"path_prefix": "/cached"}, "upstream": "web",
+         "strip_prefix": True, "cache": {}},
+        {"name": "web", "match": {"path_prefix": "/"}, "upstream": "web",
+         "rate_limit": {"rate": "30/m", "key": "header:X-User"}},
+    ]  # fmt: skip
+    daemon = start_sluicegate(config)
+    for _ in range(5):  # burst 3: the last two are over the limit, served anyway (shadow)
+        assert daemon.get("/limited")[0] == 200
+    assert daemon.get("/cached")[0] == 200
+
+    browser.get(daemon.admin_url("/"))
+    routes = wait_for(
+        lambda: (r := browser.execute(ROUTES_SCRIPT)) and len(r) == 3 and r,
+        timeout=10,
+        message="the routes table",
+    )
+    limited, cached, web = routes
+    assert [r["name"] for r in routes] == ["limited", "cached", "web"]  # config order
+    assert {r["upstream"] for r in routes} == {"web"}
+    assert (limited["requests"], limited["limited"]) == ("5", "2")
+    assert (limited["rate"], limited["burst"], limited["key"], limited["mode"]) == (
+        "2/s", "3", "client_ip", "shadow",
+    )  # fmt: skip
+    assert limited["cached"] == "false" and limited["cache"] == NO_VALUE
+    assert cached["limit"] == NO_VALUE and cached["requests"] == "1"
+    assert cached["cached"] == "true" and (cached["hits"], cached["bytes"]) == ("0", "0 B")
+    assert (web["rate"], web["burst"], web["key"], web["mode"]) == (
+        "30/m", "1", "header:X-User", "enforce",
+    )  # fmt: skip
+
+
+TOKEN_BOX_SCRIPT = """
+const box = document.getElementById("token-box");
+return {asking: !box.hidden, message: document.getElementById("token-message").textContent};
+"""
+CLICK_SCRIPT = """
+const row = document.querySelector(
+  `tr.server[data-upstream="${arguments[0]}"][data-index="${arguments[1]}"]`);
+const button = row.querySelector("button.drain-toggle");
+const action = button.dataset.action;
+button.click();
+return action;
+"""
+ANSWER_SCRIPT = """
+document.getElementById("token-input").value = arguments[0];
+document.getElementById("token-submit").click();
+"""
+
+
+def test_drain_button_asks_for_the_token_once_and_drains(browser, start_sluicegate, spawn_backend):
+    _, live = spawn_backend("live")
+    config = page_config(live, free_port(), admin={"token_env": "PAGE_TEST_TOKEN"})
+    daemon = start_sluicegate(config, env={"PAGE_TEST_TOKEN": "page-s3cret"})
+    browser.get(daemon.admin_url("/"))
+    wait_for(lambda: len(browser.execute(ROWS_SCRIPT)) == 3, timeout=10, message="the rows")
+
+    assert browser.execute(CLICK_SCRIPT, "web", 0) == "drain"
+    asked = wait_for(
+        lambda: (box := browser.execute(TOKEN_BOX_SCRIPT))["asking"] and box,
+        timeout=SHOWS_WITHIN,
+        message="the page to ask for the token after the 401",
+    )
+    assert asked["message"] == "Admin token:"
+    browser.execute(ANSWER_SCRIPT, "wrong")  # refused: asked again, nothing changes
+    wait_for(
+        lambda: browser.execute(TOKEN_BOX_SCRIPT)["message"].startswith("Token refused"),
+        timeout=SHOWS_WITHIN,
+        message="the page to ask again after a refused token",
+    )
+    assert browser.execute(TOKEN_BOX_SCRIPT)["asking"]
+    assert daemon.status()["upstreams"]["web"]["servers"][0]["draining"] is False
+
+    browser.execute(ANSWER_SCRIPT, "page-s3cret")
+    wait_for(
+        lambda: daemon.status()["upstreams"]["web"]["servers"][0]["draining"],
+        timeout=SHOWS_WITHIN,
+        message="the POST with the token to drain the server",
+    )
+    row = wait_for(
+        lambda: (r := _row(browser.execute(ROWS_SCRIPT), "web", 0))["draining"] == "true" and r,
+        timeout=SHOWS_WITHIN,
+        interval=0.1,
+        message="the page to show the server draining",
+    )
+    assert row["draining"] == "true" and not browser.execute(TOKEN_BOX_SCRIPT)["asking"]
+    stored = browser.execute("return sessionStorage.getItem('sluicegate-admin-token');")
+    assert stored == "page-s3cret"
+
+    # Asked once: the kept token undrains without a question.
+    assert browser.execute(CLICK_SCRIPT, "web", 0) == "undrain"
+    wait_for(
+        lambda: not daemon.status()["upstreams"]["web"]["servers"][0]["draining"],
+        timeout=SHOWS_WITHIN,
+        message="the undrain",
+    )
+    assert not browser.execute(TOKEN_BOX_SCRIPT)["asking"]
+    assert _row(browser.execute(ROWS_SCRIPT), "web", 1)["draining"] == "false"
+
+
+RATE_SCRIPT = """
+const section = document.querySelector(`section.upstream[data-upstream="${arguments[0]}"]`);
+return {
+  chart: section.querySelector(".upstream-rate").textContent,
+  rows: Array.from(section.querySelectorAll("tr.server .request-rate")).map((td) => td.textContent),
+};
+"""
+
+
+def test_rate_chart_reads_the_sum_of_the_rows(browser, start_sluicegate, spawn_backend):
+    """The chart used to plot the change in `requests` between two polls, the table a
+    rolling average: once traffic paused, the chart read 0.0 req/s beside rows summing
+    to more. Both now come from the same per-server rates."""
+    _, a = spawn_backend("a")
+    _, b = spawn_backend("b")
+    config = page_config(a, free_port())
+    config["upstreams"]["web"]["servers"] = [
+        {"url": f"http://127.0.0.1:{a}"},
+        {"url": f"http://127.0.0.1:{b}"},
+    ]
+    daemon = start_sluicegate(config)
+    browser.get(daemon.admin_url("/"))
+    wait_for(lambda: len(browser.execute(ROWS_SCRIPT)) == 3, timeout=10, message="the rows")
+    for _ in range(12):
+        assert daemon.get("/")[0] == 200
+    # Traffic has stopped; the rows still show the last 10 s. Once a poll has seen it,
+    # sample over a few more polls.
+    wait_for(
+        lambda: float(browser.execute(RATE_SCRIPT, "web")["chart"].split()[0]) > 0,
+        timeout=SHOWS_WITHIN,
+        interval=0.1,
+        message="the chart to show the traffic",
+    )
+    readings = []
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        reading = browser.execute(RATE_SCRIPT, "web")
+        chart = float(reading["chart"].split()[0])
+        rows = [float(text) for text in reading["rows"]]
+        readings.append((chart, rows))
+        time.sleep(0.25)
+    for chart, rows in readings:
+        # One decimal each: the rounded rows may sum to the rounded total +- 0.05 per row.
+        assert abs(chart - sum(rows)) <= 0.05 * (len(rows) + 1), (chart, rows)
+    assert all(chart > 0 for chart, _ in readings), readings

@@ -136,6 +136,24 @@ def test_server_health_unknown_is_eligible_down_is_not():
     assert health.status is UP and health.eligible
 
 
+def test_server_health_keeps_the_last_check_for_status():
+    health = ServerHealth(healthy_threshold=1, unhealthy_threshold=1)
+    assert health.last_check_status() is None  # never checked
+    health.observe(False, reason="connect refused", at=1_700_000_000.25)
+    assert health.last_check_status() == {
+        "result": "fail",
+        "at": "2023-11-14T22:13:20.250Z",
+        "reason": "connect refused",
+    }
+    health.observe(True, reason="status 200", at=1_700_000_002.999)
+    # The reason of a passing check says nothing an operator needs: only failures carry one.
+    assert health.last_check_status() == {
+        "result": "pass",
+        "at": "2023-11-14T22:13:22.999Z",
+        "reason": None,
+    }
+
+
 def test_server_health_held_down_whatever_checks_say():
     clock = FakeClock(100.0)
     damping = SimpleNamespace(max_flips=2, window=60.0, hold_down=30.0)

@@ -23,13 +23,37 @@ def test_idle_server_reports_zero_rates_and_no_latency(clock):
 
 def test_request_rate_over_a_full_window(clock):
     stats = RollingStats(window=10, clock=clock)
-    clock.advance(20)  # older than the window: the full window counts as span
-    for _ in range(10):
-        for _ in range(5):
-            stats.record(0.01, failed=False)
-        clock.advance(1)
-    clock.advance(-0.5)  # still inside the last written second
-    assert stats.snapshot()["request_rate"] == pytest.approx(5.0)
+    clock.advance(20 - 0.125)  # older than the window: the full window counts as span
+    for _ in range(40):  # 4 requests a second, each in the middle of its quarter
+        clock.advance(0.25)
+        stats.record(0.01, failed=False)
+    clock.advance(0.125)  # a whole second
+    assert stats.snapshot()["request_rate"] == pytest.approx(4.0)
+
+
+def test_steady_traffic_reads_steady_whatever_part_of_the_second(clock):
+    """Dividing by the nominal window would under-read a partly filled current second
+    (a 10 % sawtooth with a 10 s rate window): the span is the time actually covered."""
+    stats = RollingStats(clock=clock)
+    clock.advance(100)
+    readings = []
+    for _ in range(300):  # 30 s at 10 requests per second
+        clock.advance(0.1)
+        stats.record(0.01, failed=False)
+        readings.append(stats.snapshot()["request_rate"])
+    assert min(readings[-100:]) == pytest.approx(10.0, rel=0.02)
+    assert max(readings[-100:]) == pytest.approx(10.0, rel=0.02)
+
+
+def test_request_rate_covers_the_rate_window_not_the_whole_window(clock):
+    stats = RollingStats(window=60, rate_window=10, clock=clock)
+    clock.advance(100)
+    for _ in range(30):
+        stats.record(0.01, failed=True)
+    clock.advance(15)  # the burst is older than the rate window, younger than the window
+    snapshot = stats.snapshot()
+    assert snapshot["request_rate"] == 0.0
+    assert snapshot["error_rate"] == 1.0 and snapshot["p50_ms"] is not None
 
 
 def test_young_server_rate_uses_its_age_not_the_whole_window(clock):
@@ -114,3 +138,5 @@ def test_latencies_beyond_the_histogram_are_clamped_not_lost(clock):
 def test_window_shorter_than_a_second_is_rejected():
     with pytest.raises(ValueError, match="at least 1 second"):
         RollingStats(window=0.5)
+    with pytest.raises(ValueError, match="rate_window must be at least 1 second"):
+        RollingStats(rate_window=0.5)
