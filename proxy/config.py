@@ -693,9 +693,7 @@ class Config(_Model):
     def _cache_needs_section(self) -> Config:
         for index, route in enumerate(self.routes):
             if route.cache is not None and self.cache is None:
-                raise ValueError(
-                    f"routes[{index}].cache: needs the top-level cache section"
-                )
+                raise ValueError(f"routes[{index}].cache: needs the top-level cache section")
         if self.cache is not None and self.cache.store == "redis" and self.redis is None:
             raise ValueError("cache.store: redis needs the top-level redis section")
         return self
