@@ -10,21 +10,25 @@ done per request.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 SAMPLE_SECONDS = 0.25
 
 
 class LoopLagSampler:
-    """Calls ``observe(seconds_late)`` every ``interval`` from a timer on the loop."""
+    """Calls ``observe(seconds_late)`` every ``interval`` from a timer on the loop.
+
+    ``clock`` defaults to the loop's own (``loop.time``): the one its timers are scheduled
+    by. uvloop caches it per loop iteration, so another clock would disagree with when the
+    loop meant the timer to run by as long as the iteration that armed it had run.
+    """
 
     def __init__(
         self,
         observe: Callable[[float], None],
         *,
         interval: float = SAMPLE_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._observe = observe
         self._interval = interval
@@ -35,6 +39,8 @@ class LoopLagSampler:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        if self._clock is None:
+            self._clock = loop.time
         self._arm()
 
     def stop(self) -> None:
@@ -43,11 +49,11 @@ class LoopLagSampler:
             self._handle = None
 
     def _arm(self) -> None:
-        assert self._loop is not None
+        assert self._loop is not None and self._clock is not None
         self._due = self._clock() + self._interval
         self._handle = self._loop.call_later(self._interval, self._fire)
 
     def _fire(self) -> None:
-        # The loop may run a timer a hair early by our clock (it rounds to its own ticks).
-        self._observe(max(0.0, self._clock() - self._due))
+        # A loop may run a timer a hair early (uvloop rounds to milliseconds).
+        self._observe(max(0.0, self._clock() - self._due))  # type: ignore[misc]
         self._arm()
