@@ -57,7 +57,9 @@ def _instance_config(host: str, backend_port: int, redis_url: str) -> dict:
         "listen": [{"address": f"{host}:{_free_port(host)}"}],
         "admin": {"address": f"{host}:{_free_port(host)}"},
         "workers": 1,
-        "drain_time": "1s",
+        # HAProxy checks every 200 ms: it notices well within the drain, even on a busy
+        # machine, and stops sending before the listener closes.
+        "drain_time": "1500ms",
         "shutdown_timeout": "10s",
         # A generous Redis timeout: on a busy test machine a 50 ms one would fall back to
         # the local buckets now and then, and the shared limit must be exact here.
@@ -296,6 +298,7 @@ def test_a_rolling_restart_loses_no_request(fleet):
         for index in range(len(fleet.instances)):
             daemon = fleet.instances[index]
             daemon.signal(signal.SIGTERM)
+            haproxy.wait_state(f"sg{index}", "DOWN", timeout=1.5)  # /readyz said 503
             assert daemon.wait_exit(20) == 0
             restarted = fleet.restart(index)
             wait_for(lambda d=restarted: d.admin("GET", "/readyz")[0] == 200, message="ready")
