@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help=f"config file (default: ${CONFIG_ENV}, then {DEFAULT_CONFIG})",
     )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload when the file's content changes, as SIGHUP would (checked every second)",
+    )
     run.set_defaults(handler=_run)
 
     check = commands.add_parser("check", help="validate a config file")
@@ -71,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from proxy.supervisor import run_daemon  # imported late: the data plane is heavy to load
 
-    return run_daemon(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    return run_daemon(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG, watch=args.watch)
 
 
 def _check(args: argparse.Namespace) -> int:

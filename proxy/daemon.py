@@ -2,9 +2,11 @@
 
 Lifetimes live here and only here, opened in one order and closed in the reverse:
 logging -> runtime (routes, servers) -> rate limiter -> traffic listeners -> admin ->
-health checks. Shutdown (uvicorn's order): readiness off, stop accepting, close idle
-connections, let in-flight requests finish up to ``shutdown_timeout``, cut the rest, then
-health checks, limiter, access log, admin. A second SIGTERM/SIGINT cuts at once.
+health checks. Shutdown (uvicorn's order, after a drain: see ``lifecycle.py``): readiness
+off, keep accepting for ``drain_time`` with every answer closing its connection, stop
+accepting, close idle connections, let in-flight requests finish up to
+``shutdown_timeout``, cut the rest, then health checks, limiter, access log, admin. A
+second SIGTERM/SIGINT cuts at once.
 
 With ``workers > 1`` a supervisor forks N workers sharing the listen ports
 (SO_REUSEPORT); each worker serves its own admin API on a private unix socket, and the
@@ -14,6 +16,7 @@ supervisor serves the public admin address by asking the workers (see ``supervis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -34,9 +37,12 @@ from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StartupError
 from proxy.forwarding import handle
 from proxy.http1 import ClientConnection
+from proxy.lifecycle import Lifecycle, Phase
+from proxy.looplag import LoopLagSampler
 from proxy.ratelimit import RateLimiter, RedisBackend
 from proxy.runtime import Refusal, Runtime
 from proxy.timers import sweeper_for
+from proxy.watch import reload_on_change
 
 log = logging.getLogger("sluicegate")
 
@@ -127,6 +133,7 @@ class Listener:
         # Read per request, so plain attributes: the process sets them on every listener.
         self.runtime: Runtime = proxy.runtime
         self.shutting_down = proxy.shutting_down
+        self.closing_idle = proxy.closing_idle
 
     # Everything below is read per connection.
     @property
@@ -213,7 +220,10 @@ class ProxyProcess:
     """Runs one config file in this process (a worker, or the whole daemon)."""
 
     runtime = _SharedWithListeners()  # the config generation new requests use
+    # From SIGTERM on: every answer says Connection: close and ends its connection.
     shutting_down = _SharedWithListeners()
+    # Once the listeners are closed: a connection is closed as soon as it is idle.
+    closing_idle = _SharedWithListeners()
 
     def __init__(
         self,
@@ -223,8 +233,10 @@ class ProxyProcess:
         reuse_port: bool = False,
         admin_sock: str | None = None,
         count_reloads: bool = True,
+        watch: bool = False,
     ) -> None:
         self.path = os.path.abspath(path)
+        self.watch = watch  # reload when the file's content changes (``run --watch``)
         # Under a supervisor, the supervisor counts each reload once for all workers.
         self.count_reloads = count_reloads
         self.started_at = time.time()
@@ -232,7 +244,12 @@ class ProxyProcess:
         self.reuse_port = reuse_port
         self.admin_sock = admin_sock
         self.listeners: dict[str, Listener] = {}
+        self.lifecycle = Lifecycle()
         self.shutting_down = False
+        self.closing_idle = False
+        self._drain_cut: asyncio.Event | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._lag_sampler = LoopLagSampler(metrics.observe_event_loop_lag)
         self.connections: set[ClientConnection] = set()
         self._all_closed: asyncio.Event | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -264,6 +281,7 @@ class ProxyProcess:
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
         self._all_closed = asyncio.Event()
+        self._drain_cut = asyncio.Event()
         sweeper_for(loop)
         config = self.runtime.config
         for listen in config.listen:
@@ -284,6 +302,9 @@ class ProxyProcess:
         )
         if metrics.multiprocess_enabled():
             self._flush_metrics_later(loop)
+        self._lag_sampler.start(loop)
+        if self.watch:
+            self._keep(loop.create_task(reload_on_change(self.path, self.reload)))
         # Long-lived objects built so far never need the cycle collector again.
         gc.collect()
         gc.freeze()
@@ -315,7 +336,12 @@ class ProxyProcess:
         self._admin_runner = runner
 
     def _reload_on_signal(self) -> None:
-        self._reload_task = asyncio.get_running_loop().create_task(self.reload())
+        self._keep(asyncio.get_running_loop().create_task(self.reload()))
+
+    def _keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task until it ends (the loop keeps only weak references)."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -438,17 +464,36 @@ class ProxyProcess:
             self._shutdown_task = loop.create_task(self.shutdown())
         else:
             log.warning("second signal: stopping now", extra={"event": "shutdown"})
+            assert self._drain_cut is not None
+            self._drain_cut.set()
             for conn in list(self.connections):
                 conn.abort()
             self.maybe_all_closed()
 
     def maybe_all_closed(self) -> None:
-        if self.shutting_down and not self.connections and self._all_closed is not None:
+        if self.closing_idle and not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
+    def _enter(self, phase: Phase) -> None:
+        lifecycle = self.lifecycle
+        lifecycle.advance(phase)
+        self.shutting_down = lifecycle.answers_close
+        self.closing_idle = lifecycle.closes_idle
+
     async def shutdown(self) -> None:
-        self.shutting_down = True
-        timeout = self.runtime.config.shutdown_timeout
+        config = self.runtime.config
+        self._enter(Phase.DRAINING)
+        if config.drain_time > 0:
+            log.info(
+                "draining for %ss: not ready, still accepting, every answer closes its connection",
+                config.drain_time,
+                extra={"event": "shutdown"},
+            )
+            assert self._drain_cut is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain_cut.wait(), config.drain_time)
+        self._enter(Phase.STOPPING)
+        timeout = config.shutdown_timeout
         log.info(
             "shutting down: finishing %d connections (up to %ss)",
             len(self.connections),
@@ -472,12 +517,16 @@ class ProxyProcess:
             )
             for conn in list(self.connections):
                 conn.abort()
+        for task in list(self._background):
+            task.cancel()
+        self._lag_sampler.stop()
         await self.runtime.stop_health_checks()
         await self.limiter.close()
         self.access_log.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         metrics.flush()  # what this worker counted last (a no-op in one process)
+        self._enter(Phase.STOPPED)
         log.info("stopped", extra={"event": "shutdown"})
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)

@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any
 
 from proxy.http1 import REASONS, ClientConnection, Request, error_response
+from proxy.metrics import in_flight_requests
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
 from proxy.ratelimit.bucket import Decision
 from proxy.retry import status_word
@@ -78,6 +79,7 @@ class Exchange:
         "attempt",
         "attempts",
         "body_chunked",
+        "books_closed",
         "budget",
         "bytes_out",
         "conn",
@@ -132,6 +134,8 @@ class Exchange:
         self.head_bytes = b""
         self.body_chunked = False
         self.attempt: Attempt | None = None  # the fast path's try in progress
+        self.books_closed = False
+        in_flight_requests._value += 1  # until close_books
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -179,7 +183,12 @@ class Exchange:
         return request.method.decode("latin-1"), b"idempotency-key" in request.lowered
 
     def close_books(self) -> None:
-        """The request is over: budget, metrics and the access log line."""
+        """The request is over: budget, metrics and the access log line. Once only: a
+        crash after the books closed (in ``request_done``) must not count it twice."""
+        if self.books_closed:
+            return
+        self.books_closed = True
+        in_flight_requests._value -= 1
         if self.budget is not None:
             self.budget.request_finished()
             self.budget = None
@@ -1061,7 +1070,11 @@ def _send_error(ex: Exchange, status: int, reason: str, extra_headers: bytes = b
     ex.status = status
     if not ex.error and status >= 500:
         ex.error = reason
-    close = not request.keep_alive or (request.body is not None and not request.body.complete)
+    close = (
+        not request.keep_alive
+        or (request.body is not None and not request.body.complete)
+        or conn.listener.shutting_down
+    )
     conn.response_started = True
     data = error_response(
         status,
@@ -1072,6 +1085,8 @@ def _send_error(ex: Exchange, status: int, reason: str, extra_headers: bytes = b
     )
     conn.write(data)
     ex.bytes_out += len(data)
+    if close:
+        request.keep_alive = False  # said Connection: close: the connection ends after it
 
 
 class _Tunnel:

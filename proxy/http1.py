@@ -605,9 +605,12 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         if (
             not request.keep_alive
             or (body is not None and not body.complete)
-            or self.listener.shutting_down
+            or self.listener.closing_idle
         ):
-            # A request body we did not read in full leaves the stream out of step.
+            # A request body we did not read in full leaves the stream out of step. While
+            # draining, an answer that said Connection: close set keep_alive; one that did
+            # not (begun before the drain) keeps the connection: the client may already
+            # be sending its next request, which will be answered with a close.
             self.close()
             return
         if self._queue:

@@ -183,6 +183,20 @@ OPEN_CONNECTIONS = Gauge(
     "Client connections currently open.",
     multiprocess_mode="livesum",
 )
+# Autoscaling signals. In-flight requests add up over workers like open connections.
+IN_FLIGHT_REQUESTS = Gauge(
+    "sluicegate_in_flight_requests",
+    "Client requests being served: head received, answer not yet complete.",
+    multiprocess_mode="livesum",
+)
+# A loop that runs its timers late is saturated whatever the CPU graph says (one core per
+# process): from "fine" (under a millisecond) to "requests wait seconds".
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+EVENT_LOOP_LAG = Histogram(
+    "sluicegate_event_loop_lag_seconds",
+    "How late the event loop ran a timer it had scheduled (one every 0.25 s).",
+    buckets=LOOP_LAG_BUCKETS,
+)
 
 
 class _BufferedValue(_LoopValue):
@@ -400,6 +414,8 @@ _retries = _LabelCache(RETRIES)
 _rate_limit_backend_errors = RATE_LIMIT_BACKEND_ERRORS
 # Both results exist from the start so "rate of failures" alerts have a series to read.
 _reload_results = {True: CONFIG_RELOADS.labels("success"), False: CONFIG_RELOADS.labels("failure")}
+# The request path adds to it with ``._value += 1`` / ``-= 1`` (see ``_hot``).
+in_flight_requests = _hot(IN_FLIGHT_REQUESTS)
 
 
 def retry(upstream: str, reason: str) -> None:
@@ -413,6 +429,10 @@ def rate_limit_backend_error() -> None:
 
 def config_reload(success: bool) -> None:
     _reload_results[bool(success)].inc()
+
+
+def observe_event_loop_lag(seconds: float) -> None:
+    EVENT_LOOP_LAG.observe(seconds)
 
 
 def open_connections_inc() -> None:

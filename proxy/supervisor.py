@@ -9,7 +9,9 @@ admin address and answers from all workers: ``/metrics`` is the multiprocess agg
 ``/status`` sums counters over workers, drain/undrain and reload go to every worker.
 
 The supervisor restarts a worker that dies, passes SIGHUP (after validating the file) and
-SIGTERM/SIGINT on, and exits non-zero only if workers cannot start.
+SIGTERM/SIGINT on (each worker drains for ``drain_time``, then stops), and exits non-zero
+only if workers cannot start. With ``--watch`` the supervisor watches the file and reloads
+as on SIGHUP; workers do not watch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from proxy import __version__
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError, StartupError
+from proxy.watch import reload_on_change
 
 log = logging.getLogger("sluicegate")
 
@@ -72,8 +75,11 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, path: str, config: Config, workers: int, run_dir: str) -> None:
+    def __init__(
+        self, path: str, config: Config, workers: int, run_dir: str, *, watch: bool = False
+    ) -> None:
         self.path = os.path.abspath(path)
+        self.watch = watch
         self.config = config
         self.run_dir = run_dir
         self.started_monotonic = time.monotonic()
@@ -198,9 +204,12 @@ class Supervisor:
             len(self.workers),
             self.config.admin.address,
         )
-        watcher = loop.create_task(self._watch())
+        watchers = [loop.create_task(self._watch())]
+        if self.watch:
+            watchers.append(loop.create_task(reload_on_change(self.path, self.reload)))
         await self._stopped.wait()
-        watcher.cancel()
+        for watcher in watchers:
+            watcher.cancel()
         await self._admin_runner.cleanup()
         return self._exit_code
 
@@ -283,7 +292,7 @@ class Supervisor:
             self._tasks.add(task)
 
     async def _wait_workers(self) -> None:
-        deadline = time.monotonic() + self.config.shutdown_timeout + 5
+        deadline = time.monotonic() + self.config.drain_time + self.config.shutdown_timeout + 5
         while any(w.proc is not None and w.proc.poll() is None for w in self.workers):
             if time.monotonic() > deadline:
                 for worker in self.workers:
@@ -401,19 +410,19 @@ def _merge_rates(into: dict[str, Any], server: dict[str, Any]) -> None:
         into[field] = max(values) if values else None
 
 
-def run_daemon(path: str) -> int:
+def run_daemon(path: str, *, watch: bool = False) -> int:
     """``sluicegate run``: one process, or a supervisor of N workers. Raises ConfigError and
-    StartupError for the CLI to report."""
+    StartupError for the CLI to report. ``watch``: reload when the file changes."""
     config = load_config(path)
     workers = config.workers or os.cpu_count() or 1
     if workers > 1:
-        return supervise(path, config, workers)
+        return supervise(path, config, workers, watch=watch)
     from proxy.daemon import serve
 
-    return serve(path, config)
+    return serve(path, config, watch=watch)
 
 
-def supervise(path: str, config: Config, workers: int) -> int:
+def supervise(path: str, config: Config, workers: int, *, watch: bool = False) -> int:
     run_dir = tempfile.mkdtemp(prefix="sluicegate-")
     # Before anything here imports prometheus_client: it picks its value store at import,
     # and the supervisor counts reloads into the same multiprocess store as its workers.
@@ -424,6 +433,6 @@ def supervise(path: str, config: Config, workers: int) -> int:
     install_event_loop_policy()
     setup_logging(config)
     try:
-        return asyncio.run(Supervisor(path, config, workers, run_dir).run())
+        return asyncio.run(Supervisor(path, config, workers, run_dir, watch=watch).run())
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -100,8 +100,8 @@ def _fake_daemon(monkeypatch: pytest.MonkeyPatch, behaviour: Callable[[], int]) 
     """Stand in for proxy.supervisor's run_daemon (the real one binds ports)."""
     calls: list[str] = []
 
-    def run_daemon(path: str) -> int:
-        calls.append(path)
+    def run_daemon(path: str, *, watch: bool = False) -> int:
+        calls.append(f"{path} --watch" if watch else path)
         return behaviour()
 
     module = types.ModuleType("proxy.supervisor")
@@ -119,7 +119,8 @@ def test_run_config_path_defaults_to_env_then_example(monkeypatch: pytest.Monkey
     monkeypatch.setenv("SLUICEGATE_CONFIG", "/etc/sg.yaml")
     assert main(["run"]) == 0
     assert main(["run", "-c", "mine.yaml"]) == 0
-    assert calls == ["config/sluicegate.yaml", "/etc/sg.yaml", "mine.yaml"]
+    assert main(["run", "-c", "mine.yaml", "--watch"]) == 0
+    assert calls == ["config/sluicegate.yaml", "/etc/sg.yaml", "mine.yaml", "mine.yaml --watch"]
 
 
 def test_startup_error_is_one_line_and_exit_1(

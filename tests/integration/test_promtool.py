@@ -97,6 +97,8 @@ def check_exposition(promtool: str, text: str) -> None:
         "sluicegate_rate_limited",
         "sluicegate_health_checks",
         "sluicegate_config_reloads",
+        "sluicegate_in_flight_requests",
+        "sluicegate_event_loop_lag_seconds",
     ):
         assert name in names, name
     result = run_promtool(promtool, "check", "metrics", stdin=text)

@@ -2,8 +2,10 @@
 
 Fixture ``start_sluicegate(config, **options) -> Daemon`` writes ``config`` (a dict, or YAML
 text) to a temp file, fills in free 127.0.0.1 ports for ``listen`` and ``admin`` when the
-config has none, starts the process and waits (bounded) until the admin API answers
-``/healthz``. Every daemon started is stopped at the end of the test.
+config has none, starts the process (``args``: more ``run`` options, e.g. ``--watch``) and
+waits (bounded) until the admin API answers ``/healthz``. Every daemon started is stopped
+at the end of the test. A config may listen on any loopback address (127.0.0.2...): the
+helpers talk to the addresses it names.
 
 Helpers for talking to it: ``raw_exchange`` (exact bytes in, bytes out — the hostile-input
 tests), ``http_request`` (http.client, one request, returns status, headers, body).
@@ -53,16 +55,18 @@ class Daemon:
         self.port = port
         self.admin_port = admin_port
         self.config = config
+        self.host = config["listen"][0]["address"].rsplit(":", 1)[0]
+        self.admin_host = config["admin"]["address"].rsplit(":", 1)[0]
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"http://{self.host}:{self.port}{path}"
 
     def admin_url(self, path: str = "/") -> str:
-        return f"http://127.0.0.1:{self.admin_port}{path}"
+        return f"http://{self.admin_host}:{self.admin_port}{path}"
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -81,10 +85,10 @@ class Daemon:
         return [line for line in self.log_lines() if "request_id" in line and "status" in line]
 
     def get(self, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
-        return http_request(self.port, "GET", path, **kwargs)
+        return http_request(self.port, "GET", path, host=self.host, **kwargs)
 
     def admin(self, method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
-        return http_request(self.admin_port, method, path, **kwargs)
+        return http_request(self.admin_port, method, path, host=self.admin_host, **kwargs)
 
     def status(self) -> dict[str, Any]:
         status, _, body = self.admin("GET", "/status")
@@ -128,8 +132,9 @@ def http_request(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 10.0,
+    host: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
@@ -194,6 +199,7 @@ def start_daemon(
     wait: bool = True,
     name: str = "sluicegate",
     timeout: float = 15.0,
+    args: tuple[str, ...] = (),
 ) -> Daemon:
     if isinstance(config, str):
         config = yaml.safe_load(config)
@@ -206,7 +212,7 @@ def start_daemon(
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(config_path)],
+            [sys.executable, "-m", "proxy", "run", "-c", str(config_path), *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=REPO,

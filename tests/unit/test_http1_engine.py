@@ -71,6 +71,7 @@ def limits(**overrides: Any) -> SimpleNamespace:
 class FakeListener:
     scheme = b"http"
     shutting_down = False
+    closing_idle = False
 
     def __init__(self, handler: Any, **limit_overrides: Any) -> None:
         self.limits = limits(**limit_overrides)

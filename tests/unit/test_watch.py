@@ -1,0 +1,131 @@
+"""``ConfigFileWatch``: which file replacements count as a change (real files in tmp_path,
+an injected wall clock for the "racily clean" rule)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from proxy.watch import RACY_SECONDS, ConfigFileWatch, _read
+
+LONG_AGO = 1_000_000_000  # mtimes in the tests: far older than RACY_SECONDS from "now"
+
+
+class CountingRead:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, path: str) -> bytes:
+        self.calls += 1
+        return _read(path)
+
+
+def _write(path: Path, text: str, mtime: int = LONG_AGO) -> None:
+    path.write_text(text)
+    os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
+
+
+def _watch(path: Path, now: float = LONG_AGO + 3600, read=_read) -> ConfigFileWatch:
+    return ConfigFileWatch(str(path), clock=lambda: now, read=read)
+
+
+def test_an_edit_in_place_is_a_change_and_only_once(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, "a: 1\n")
+    watch = _watch(config)
+    assert not watch.changed()
+    inode = config.stat().st_ino
+    _write(config, "a: 22\n", mtime=LONG_AGO + 1)
+    assert config.stat().st_ino == inode
+    assert watch.changed()
+    assert not watch.changed()
+
+
+def test_same_content_is_no_change_and_an_unmoved_stat_is_not_read(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, "a: 1\n")
+    read = CountingRead()
+    watch = _watch(config, read=read)
+    assert read.calls == 1  # the baseline
+    for _ in range(3):
+        assert not watch.changed()
+    assert read.calls == 1  # stat unchanged: no read
+    _write(config, "a: 1\n", mtime=LONG_AGO + 5)  # touched, same bytes
+    assert not watch.changed()
+    assert read.calls == 2
+
+
+def test_rename_over_the_file_is_a_change(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, "a: 1\n")
+    watch = _watch(config)
+    fresh = tmp_path / ".sluicegate.yaml.new"
+    _write(fresh, "a: 2\n")  # same mtime as the old file: the new inode tells
+    os.replace(fresh, config)
+    assert watch.changed()
+
+
+def _kubelet_version(mount: Path, name: str, text: str) -> None:
+    """What kubelet's atomic writer does: a new timestamped directory, a ``..data_tmp``
+    symlink to it renamed over ``..data``, then the old directory removed."""
+    old = os.readlink(mount / "..data") if (mount / "..data").is_symlink() else None
+    version = mount / name
+    version.mkdir()
+    _write(version / "sluicegate.yaml", text)
+    os.symlink(name, mount / "..data_tmp")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    if old is not None:
+        (mount / old / "sluicegate.yaml").unlink()
+        (mount / old).rmdir()
+
+
+def test_a_configmap_update_swapping_the_data_symlink_is_a_change(tmp_path):
+    mount = tmp_path / "config"
+    mount.mkdir()
+    _kubelet_version(mount, "..2026_12_02_06_00_00.000000001", "a: 1\n")
+    os.symlink("..data/sluicegate.yaml", mount / "sluicegate.yaml")
+    watch = _watch(mount / "sluicegate.yaml")
+    assert not watch.changed()
+    link_before = os.lstat(mount / "sluicegate.yaml")
+
+    _kubelet_version(mount, "..2026_12_02_06_01_00.000000002", "a: 2\n")
+    assert os.lstat(mount / "sluicegate.yaml").st_mtime_ns == link_before.st_mtime_ns
+    assert watch.changed()
+    assert not watch.changed()
+    # A resync that writes the same data again (new directory, same bytes) is no change.
+    _kubelet_version(mount, "..2026_12_02_06_02_00.000000003", "a: 2\n")
+    assert not watch.changed()
+
+
+def test_a_file_missing_for_a_while_is_no_change_until_it_is_back_different(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, "a: 1\n")
+    watch = _watch(config)
+    config.unlink()
+    assert not watch.changed()
+    _write(config, "a: 1\n")
+    assert not watch.changed()
+    config.unlink()
+    _write(config, "a: 3\n")  # quite possibly the same inode number, size and mtime
+    assert watch.changed()
+
+
+def test_a_write_within_the_timestamp_granularity_is_caught_while_the_file_is_recent(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, "a: 1\n")
+    frozen = config.stat()
+    written_at = frozen.st_mtime
+    now = [written_at + 0.5]  # looked at half a second after it was written: "racily clean"
+    read = CountingRead()
+    # A coarse filesystem clock: the rewrite below leaves every stat field as it was.
+    watch = ConfigFileWatch(str(config), clock=lambda: now[0], stat=lambda p: frozen, read=read)
+    _write(config, "a: 2\n")
+    now[0] = written_at + 1.0
+    assert watch.changed()
+    # Once the file is older than RACY_SECONDS at a look, stat is trusted again: no reads.
+    now[0] = written_at + RACY_SECONDS + 1
+    assert not watch.changed()
+    reads = read.calls
+    assert not watch.changed()
+    assert not watch.changed()
+    assert read.calls == reads
