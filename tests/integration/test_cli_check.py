@@ -115,11 +115,29 @@ def test_run_config_path_defaults_to_env_then_example(monkeypatch: pytest.Monkey
 
     calls = _fake_daemon(monkeypatch, lambda: 0)
     monkeypatch.delenv("SLUICEGATE_CONFIG", raising=False)
+    monkeypatch.chdir(REPO)  # where config/sluicegate.yaml is
     assert main(["run"]) == 0
     monkeypatch.setenv("SLUICEGATE_CONFIG", "/etc/sg.yaml")
     assert main(["run"]) == 0
     assert main(["run", "-c", "mine.yaml"]) == 0
     assert calls == ["config/sluicegate.yaml", "/etc/sg.yaml", "mine.yaml"]
+
+
+def test_run_without_any_config_says_in_one_line_how_to_get_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from proxy.cli import main
+
+    calls = _fake_daemon(monkeypatch, lambda: 0)
+    monkeypatch.delenv("SLUICEGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run"]) == 1
+    assert calls == []
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "sluicegate: no config file: pass -c FILE, set $SLUICEGATE_CONFIG,"
+        " or create config/sluicegate.yaml here (`sluicegate demo` runs a ready-made one"
+    )
 
 
 def test_startup_error_is_one_line_and_exit_1(
