@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -33,6 +34,16 @@ def test_check_example_config_prints_ok() -> None:
         "OK: 2 routes, 1 upstream, 3 servers\n",
         "",
     )
+
+
+def test_readme_shows_what_check_prints_for_the_shipped_example() -> None:
+    shown = re.findall(
+        r"`sluicegate check -c config/sluicegate.yaml` prints `(OK: [^`]*)`",
+        (REPO / "README.md").read_text(),
+    )
+    assert len(shown) == 1, "README: the example line of `sluicegate check` is missing"
+    result = _run("check", "-c", "config/sluicegate.yaml")
+    assert result.stdout == f"{shown[0]}\n"
 
 
 def test_check_demo_config_prints_ok() -> None:

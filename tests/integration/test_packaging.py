@@ -129,6 +129,7 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # builds and installs the wheel (module fixture)
 def test_wheel_carries_the_demo_config_and_the_status_page(installed_wheel: InstalledWheel):
     names = set(zipfile.ZipFile(installed_wheel.wheel).namelist())
     assert {
@@ -140,6 +141,7 @@ def test_wheel_carries_the_demo_config_and_the_status_page(installed_wheel: Inst
     assert (REPO_ROOT / "config" / "demo.yaml").resolve() == REPO_ROOT / "proxy" / "demo.yaml"
 
 
+@pytest.mark.slow  # builds and installs the wheel (module fixture)
 def test_installed_run_without_a_config_says_how_to_get_one(
     installed_wheel: InstalledWheel, tmp_path: Path
 ):
