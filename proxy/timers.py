@@ -4,9 +4,6 @@ Connections keep a ``deadline`` (0 = none) computed from ``Sweeper.now``, a cloc
 every tick (nginx caches its time the same way). Each tick calls ``on_deadline`` for every
 watched object whose deadline has passed. Precision is one tick, which suits timeouts
 measured in seconds; arming a deadline costs one addition on the hot path.
-
-The clock is the loop's unless one is injected: a test then moves time by hand and calls
-``sweep()`` itself, so a timeout fires at once without a real wait.
 """
 
 from __future__ import annotations
@@ -25,6 +22,9 @@ class Deadlined(Protocol):
 
 
 class Sweeper:
+    """The clock is the loop's unless one is injected: a test then moves time by hand and
+    calls ``sweep()`` itself, so a timeout fires at once without a real wait."""
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
