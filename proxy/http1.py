@@ -27,12 +27,15 @@ import collections
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from proxy.flow import ProxyConnection
-from proxy.timers import Sweeper, sweeper_for
+from proxy.timers import sweeper_for
+
+if TYPE_CHECKING:
+    from proxy.timers import Sweeper
 
 MAX_HEADER_COUNT = 100
 WRITE_HIGH_WATER = 256 * 1024
