@@ -90,7 +90,8 @@ def _build_wheel(work: Path) -> Path:
          "--disable-pip-version-check", "-q", "-w", str(work / "dist"), str(source)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert built.returncode == 0, built.stderr
+    hint = "(the build backend is the dev extra's setuptools: make venv)"
+    assert built.returncode == 0, f"{built.stderr}\n{hint}"
     [wheel] = (work / "dist").glob("sluicegate-*.whl")
     return wheel
 
