@@ -76,7 +76,22 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from proxy.supervisor import run_daemon  # imported late: the data plane is heavy to load
 
-    return run_daemon(args.config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG, watch=args.watch)
+    return run_daemon(config_path(args.config), watch=args.watch)
+
+
+def config_path(given: str | None) -> str:
+    """The file ``run`` reads: ``-c FILE``, else ``$SLUICEGATE_CONFIG``, else the default,
+    which must then exist (a named file that is missing gets the loader's own message)."""
+    path = given or os.environ.get(CONFIG_ENV)
+    if path:
+        return path
+    if not os.path.exists(DEFAULT_CONFIG):
+        raise StartupError(
+            f"no config file: pass -c FILE, set ${CONFIG_ENV}, or create {DEFAULT_CONFIG} here"
+            " (`sluicegate demo` runs a ready-made one; the README's Configuration reference"
+            " documents every key)"
+        )
+    return DEFAULT_CONFIG
 
 
 def _check(args: argparse.Namespace) -> int:

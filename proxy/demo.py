@@ -1,5 +1,8 @@
 """``sluicegate demo``: three demo backends and the proxy, from ``config/demo.yaml``.
 
+That file is ``demo.yaml`` beside this module (``config/demo.yaml`` links to it), so the
+demo runs from an installed wheel in any working directory.
+
 The backends run as child processes so the proxy's event loop measures only itself; the
 proxy runs in this process. Ctrl-C (or SIGTERM) stops everything.
 """
@@ -17,7 +20,7 @@ from pathlib import Path
 from proxy.config import load_config
 from proxy.errors import StartupError
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().with_name("demo.yaml")
 
 
 def _start_backends(config) -> list[subprocess.Popen]:

@@ -27,12 +27,15 @@ import collections
 import contextlib
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
 from proxy.flow import ProxyConnection
 from proxy.timers import sweeper_for
+
+if TYPE_CHECKING:
+    from proxy.timers import Sweeper
 
 MAX_HEADER_COUNT = 100
 WRITE_HIGH_WATER = 256 * 1024
@@ -233,14 +236,15 @@ def error_response(
 
 class ClientConnection(ProxyConnection, asyncio.Protocol):
     """One client socket. ``handler(conn, request)`` answers: it returns a coroutine to run,
-    or None when it answers by callbacks and calls ``request_done`` itself."""
+    or None when it answers by callbacks and calls ``request_done`` itself. Its deadlines
+    run on ``sweeper``'s clock: the loop's shared one unless a test injects its own."""
 
-    def __init__(self, listener: Any) -> None:
+    def __init__(self, listener: Any, sweeper: Sweeper | None = None) -> None:
         self.listener = listener
         self.limits = listener.limits
         self.handler: Callable[..., Any] = listener.handler
         self.loop = asyncio.get_running_loop()
-        self._sweeper = sweeper_for(self.loop)
+        self._sweeper = sweeper or sweeper_for(self.loop)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.scheme = listener.scheme

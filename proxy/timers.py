@@ -9,6 +9,7 @@ measured in seconds; arming a deadline costs one addition on the hot path.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 TICK_SECONDS = 0.05
@@ -21,11 +22,20 @@ class Deadlined(Protocol):
 
 
 class Sweeper:
-    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = TICK_SECONDS) -> None:
+    """The clock is the loop's unless one is injected: a test then moves time by hand and
+    calls ``sweep()`` itself, so a timeout fires at once without a real wait."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        tick: float = TICK_SECONDS,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self._loop = loop
         self._tick = tick
+        self._clock = clock or loop.time
         self._watched: set[Deadlined] = set()
-        self.now = loop.time()
+        self.now = self._clock()
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -44,15 +54,19 @@ class Sweeper:
         self._watched.discard(item)
 
     def refresh(self) -> float:
-        self.now = self._loop.time()
+        self.now = self._clock()
         return self.now
 
-    def _sweep(self) -> None:
-        now = self.now = self._loop.time()
+    def sweep(self) -> None:
+        """One pass: read the clock, and call ``on_deadline`` of each item now past due."""
+        now = self.now = self._clock()
         expired = [item for item in self._watched if 0 < item.deadline <= now]
         for item in expired:
             item.deadline = 0.0
             item.on_deadline()
+
+    def _sweep(self) -> None:
+        self.sweep()
         self._handle = self._loop.call_later(self._tick, self._sweep)
 
 

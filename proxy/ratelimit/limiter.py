@@ -28,7 +28,7 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 from proxy.ratelimit.bucket import Decision
@@ -116,6 +116,7 @@ class RateLimiter:
         on_backend_error: Callable[[Exception], None] | None = None,
         probe_interval: float = DEFAULT_PROBE_INTERVAL,
         max_keys: int = 100_000,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     ) -> None:
         if instances < 1:
             raise ValueError(f"instances must be >= 1 (got {instances})")
@@ -123,6 +124,7 @@ class RateLimiter:
         self._instances = instances
         self._on_backend_error = on_backend_error
         self._probe_interval = probe_interval
+        self._sleep = sleep  # the probe's wait between PINGs: tests step it by hand
         # Without Redis: the buckets. With Redis: only the `local` fallback buckets.
         self._memory = MemoryBackend(max_keys=max_keys, clock=clock)
         self.breaker = RedisBreaker(clock)
@@ -213,7 +215,7 @@ class RateLimiter:
         assert self._redis is not None
         try:
             while True:
-                await asyncio.sleep(self._probe_interval)
+                await self._sleep(self._probe_interval)
                 try:
                     await self._redis.ping()
                 except RateLimitBackendError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import types
@@ -33,6 +34,16 @@ def test_check_example_config_prints_ok() -> None:
         "OK: 2 routes, 1 upstream, 3 servers\n",
         "",
     )
+
+
+def test_readme_shows_what_check_prints_for_the_shipped_example() -> None:
+    shown = re.findall(
+        r"`sluicegate check -c config/sluicegate.yaml` prints `(OK: [^`]*)`",
+        (REPO / "README.md").read_text(),
+    )
+    assert len(shown) == 1, "README: the example line of `sluicegate check` is missing"
+    result = _run("check", "-c", "config/sluicegate.yaml")
+    assert result.stdout == f"{shown[0]}\n"
 
 
 def test_check_demo_config_prints_ok() -> None:
@@ -115,12 +126,30 @@ def test_run_config_path_defaults_to_env_then_example(monkeypatch: pytest.Monkey
 
     calls = _fake_daemon(monkeypatch, lambda: 0)
     monkeypatch.delenv("SLUICEGATE_CONFIG", raising=False)
+    monkeypatch.chdir(REPO)  # where config/sluicegate.yaml is
     assert main(["run"]) == 0
     monkeypatch.setenv("SLUICEGATE_CONFIG", "/etc/sg.yaml")
     assert main(["run"]) == 0
     assert main(["run", "-c", "mine.yaml"]) == 0
     assert main(["run", "-c", "mine.yaml", "--watch"]) == 0
     assert calls == ["config/sluicegate.yaml", "/etc/sg.yaml", "mine.yaml", "mine.yaml --watch"]
+
+
+def test_run_without_any_config_says_in_one_line_how_to_get_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from proxy.cli import main
+
+    calls = _fake_daemon(monkeypatch, lambda: 0)
+    monkeypatch.delenv("SLUICEGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run"]) == 1
+    assert calls == []
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "sluicegate: no config file: pass -c FILE, set $SLUICEGATE_CONFIG,"
+        " or create config/sluicegate.yaml here (`sluicegate demo` runs a ready-made one"
+    )
 
 
 def test_startup_error_is_one_line_and_exit_1(

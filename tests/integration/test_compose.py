@@ -20,36 +20,15 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DASHBOARD = REPO_ROOT / "config" / "grafana" / "dashboards" / "sluicegate.json"
-SPEC = REPO_ROOT.parent / "shared" / "SPEC.md"
+SPEC = REPO_ROOT / "docs" / "SPEC.md"  # the repository's copy of the contract
 
-# Used only when ../shared/SPEC.md is not there (a clone of the repo alone).
-FALLBACK_METRICS = {
-    "sluicegate_requests_total": "counter",
-    "sluicegate_request_duration_seconds": "histogram",
-    "sluicegate_upstream_requests_total": "counter",
-    "sluicegate_upstream_response_seconds": "histogram",
-    "sluicegate_upstream_in_flight": "gauge",
-    "sluicegate_upstream_healthy": "gauge",
-    "sluicegate_circuit_breaker_state": "gauge",
-    "sluicegate_circuit_breaker_transitions_total": "counter",
-    "sluicegate_retries_total": "counter",
-    "sluicegate_rate_limited_total": "counter",
-    "sluicegate_rate_limit_backend_errors_total": "counter",
-    "sluicegate_health_checks_total": "counter",
-    "sluicegate_config_reloads_total": "counter",
-    "sluicegate_open_connections": "gauge",
-}
 _METRIC_LINE = re.compile(r"^(sluicegate_[a-z_]+)(?:\{[^}]*\})?\s+(counter|gauge|histogram)\b")
 
 
 def spec_metrics() -> dict[str, str]:
     """Metric name -> type, from the code block of SPEC's Metrics section."""
-    if not SPEC.exists():
-        return FALLBACK_METRICS
-    text = SPEC.read_text()
-    section = text.split("## Metrics", 1)
-    if len(section) < 2:
-        return FALLBACK_METRICS
+    section = SPEC.read_text().split("## Metrics", 1)
+    assert len(section) == 2, f"{SPEC} has no '## Metrics' section"
     metrics = {}
     for line in section[1].splitlines():
         if line.startswith("## "):
@@ -57,7 +36,8 @@ def spec_metrics() -> dict[str, str]:
         match = _METRIC_LINE.match(line.strip())
         if match:
             metrics[match.group(1)] = match.group(2)
-    return metrics or FALLBACK_METRICS
+    assert metrics, f"{SPEC}: no metric found in its '## Metrics' section"
+    return metrics
 
 
 def compose() -> dict:

@@ -110,6 +110,7 @@ class RawUpstream:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     def start(self) -> RawUpstream:
         self._thread.start()
@@ -117,14 +118,35 @@ class RawUpstream:
         return self
 
     def stop(self) -> None:
+        """Close every connection and the loop itself: a connection left to the garbage
+        collector would run its ``finally`` on a closed loop ("Event loop is closed")."""
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        self._loop.close()
+
+    async def _close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._connections:
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await asyncio.sleep(0)  # the transports' connection_lost callbacks
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._connections.discard(task)
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
 
         async def boot() -> None:
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
             self.port = self._server.sockets[0].getsockname()[1]
 
         self._loop.run_until_complete(boot())

@@ -123,11 +123,6 @@ def _shared_limit_again(daemon: Daemon, path: str, burst: int, **headers: str) -
     return response_headers.get("ratelimit-limit") == str(burst)
 
 
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 # -- in memory (no redis) ----------------------------------------------------------------------
 
 
@@ -332,13 +327,9 @@ def test_redis_killed_then_restarted(start_sluicegate, spawn_backend, redis_serv
         answers.append((status, headers))
         limited.append(elapsed)
         free.append(_timed_get(daemon, "/free")[2])
-    print(
-        f"\nredis dead ({on_redis_error}): limited max {max(limited) * 1000:.1f}ms "
-        f"median {statistics.median(limited) * 1000:.2f}ms; "
-        f"unlimited median {statistics.median(free) * 1000:.2f}ms"
-    )
-    assert max(limited) < STALL_BOUND, limited
-    assert statistics.median(limited) - statistics.median(free) < 2 * REDIS_TIMEOUT
+    times = f"limited {limited}, unlimited {free}"
+    assert max(limited) < STALL_BOUND, times
+    assert statistics.median(limited) - statistics.median(free) < 2 * REDIS_TIMEOUT, times
 
     statuses = [status for status, _ in answers]
     if on_redis_error == "local":
@@ -402,8 +393,7 @@ def test_slow_redis_costs_at_most_the_timeout(start_sluicegate, spawn_backend, r
         sleeper.join()
     concurrent_ms = [round(seconds * 1000) for _, _, seconds in concurrent]
     sequential_ms = [round(seconds * 1000) for _, _, seconds in sequential]
-    print(f"\nredis asleep: request times (ms) {concurrent_ms} then {sequential_ms}")
-    assert max(concurrent_ms + sequential_ms) < STALL_BOUND * 1000
+    assert max(concurrent_ms + sequential_ms) < STALL_BOUND * 1000, (concurrent_ms, sequential_ms)
     assert max(sequential_ms) < REDIS_TIMEOUT * 1000, sequential_ms
     answers = concurrent + sequential
     assert [status for status, _, _ in answers].count(200) == 5  # the local burst
@@ -474,14 +464,15 @@ def test_reload_that_adds_redis_switches_to_shared_buckets(
     assert redis_server.client().keys("*") == ["sluicegate:rl:api:"]
 
 
-# -- cost ----------------------------------------------------------------------------------------
+# -- every check goes to Redis ---------------------------------------------------------------------
+# (What that costs in latency is measured by loadtests/redis_latency.py, not here.)
 
 
-def test_redis_limited_request_latency_over_an_unlimited_one(
+def test_every_limited_request_is_one_redis_script_call(
     start_sluicegate, spawn_backend, redis_server
 ):
-    """Sequential requests on two keep-alive connections, interleaved: limited (one Redis
-    script call each) and unlimited. Prints median and p99 of both and their difference."""
+    """Keep-alive requests interleaved on a limited and an unlimited route: each limited one
+    is checked in Redis (one script call, no fallback), the unlimited ones never are."""
     _, port = spawn_backend("app")
     daemon = start_sluicegate(
         _config(
@@ -491,49 +482,33 @@ def test_redis_limited_request_latency_over_an_unlimited_one(
             logging={"access_log": False},
         )
     )
-    n, warmup = 2000, 200
+    n = 50
     limited_conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
     free_conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
 
-    def timed(conn: http.client.HTTPConnection, path: str) -> tuple[float, Any]:
-        started = time.perf_counter()
+    def get(conn: http.client.HTTPConnection, path: str) -> http.client.HTTPResponse:
         conn.request("GET", path)
         response = conn.getresponse()
         response.read()
-        return time.perf_counter() - started, response
+        return response
 
-    limited: list[float] = []
-    free: list[float] = []
+    def script_calls() -> int:
+        stats = redis_server.client().info("commandstats")
+        return stats.get("cmdstat_evalsha", {}).get("calls", 0)
+
     try:
-        for i in range(warmup + n):
-            seconds, response = timed(limited_conn, "/api")
+        assert get(limited_conn, "/api").status == 200  # the script is loaded by now
+        before = script_calls()
+        for _ in range(n):
+            response = get(limited_conn, "/api")
             assert response.status == 200 and response.getheader("RateLimit-Limit") == "1000000"
-            free_seconds, response = timed(free_conn, "/free")
+            response = get(free_conn, "/free")
             assert response.status == 200 and response.getheader("RateLimit-Limit") is None
-            if i >= warmup:
-                limited.append(seconds)
-                free.append(free_seconds)
     finally:
         limited_conn.close()
         free_conn.close()
-    # Every check went to Redis: no fallback hid its cost.
+    assert script_calls() - before == n
     assert _metric(daemon, "sluicegate_rate_limit_backend_errors_total") == 0
-    stats = redis_server.client().info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] >= warmup + n
-
-    ms = {
-        name: (statistics.median(values) * 1000, _percentile(values, 0.99) * 1000)
-        for name, values in (("limited", limited), ("unlimited", free))
-    }
-    extra_median = ms["limited"][0] - ms["unlimited"][0]
-    extra_p99 = ms["limited"][1] - ms["unlimited"][1]
-    print(
-        f"\n{n} sequential keep-alive requests each:"
-        f"\n  redis-limited  median {ms['limited'][0]:.3f}ms  p99 {ms['limited'][1]:.3f}ms"
-        f"\n  unlimited      median {ms['unlimited'][0]:.3f}ms  p99 {ms['unlimited'][1]:.3f}ms"
-        f"\n  extra          median {extra_median:.3f}ms  p99 {extra_p99:.3f}ms"
-    )
-    assert extra_median < 20, ms  # a sanity bound only: a Redis round trip is ~0.1ms
 
 
 def test_a_client_gone_while_redis_decides_is_not_forwarded(start_sluicegate, redis_server):

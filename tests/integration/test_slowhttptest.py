@@ -100,6 +100,7 @@ def assert_served_quickly(prober: Prober) -> None:
     assert latencies[-1] < 2.0, f"a normal request stalled: {latencies[-1]:.3f}s"
 
 
+@pytest.mark.slow
 def test_slowloris_is_cut_by_header_timeout_and_others_are_served(proxy, tmp_path):
     binary = slowhttptest_binary()
     with Prober(proxy.port) as prober:
@@ -113,6 +114,7 @@ def test_slowloris_is_cut_by_header_timeout_and_others_are_served(proxy, tmp_pat
     assert len(rejected) >= 150, "the slow heads should have been answered 408"
 
 
+@pytest.mark.slow
 def test_slow_body_connections_do_not_slow_others(proxy, tmp_path):
     binary = slowhttptest_binary()
     with Prober(proxy.port) as prober:

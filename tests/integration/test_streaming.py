@@ -130,6 +130,7 @@ def read_body(client: RawClient, length: int, *, pause: float = 0.0) -> int:
     return got
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_1gib_download_keeps_rss_bounded(start_sluicegate, chunked):
     pour = Pour(GiB, chunked=chunked)
@@ -173,6 +174,7 @@ def test_1gib_download_keeps_rss_bounded(start_sluicegate, chunked):
     assert rss.growth < RSS_BUDGET, rss.report()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_1gib_upload_keeps_rss_bounded(start_sluicegate, chunked):
     def respond(request: RawRequest, sock: socket.socket) -> bool:

@@ -2,7 +2,8 @@
 
 A fake transport records what the engine writes and whether it paused reading or closed;
 a fake listener supplies the limits and a handler coroutine that answers each request
-(the real one is ``forwarding.handle``).
+(the real one is ``forwarding.handle``). Deadlines run on an injected clock and a sweeper
+the test drives (``Harness.elapse``): timeouts fire at once, with no real wait.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import pytest
 
 from proxy.http1 import BODY_HIGH_WATER, ClientConnection, Request
+from proxy.timers import Sweeper
+from tests.support.clock import FakeClock
 
 
 class FakeTransport(asyncio.Transport):
@@ -109,8 +112,6 @@ async def echo_handler(conn: ClientConnection, request: Request) -> None:
     if request.body is not None:
         await request.body.buffer_up_to(1 << 40)
         body = b"".join(request.body.chunks)
-    if request.path.startswith(b"/slow"):
-        await asyncio.sleep(0.05)
     payload = json.dumps(
         {
             "method": request.method.decode(),
@@ -133,7 +134,10 @@ class Harness:
     def __init__(self, handler: Any = echo_handler, **limit_overrides: Any) -> None:
         self.listener = FakeListener(handler, **limit_overrides)
         self.transport = FakeTransport()
-        self.conn = ClientConnection(self.listener)
+        self.clock = FakeClock()
+        # Never started: time passes, and deadlines are swept, only in elapse().
+        self.sweeper = Sweeper(asyncio.get_running_loop(), clock=self.clock)
+        self.conn = ClientConnection(self.listener, self.sweeper)
         self.transport.protocol = self.conn
         self.conn.connection_made(self.transport)
 
@@ -143,6 +147,12 @@ class Harness:
     async def settle(self, rounds: int = 20) -> None:
         for _ in range(rounds):
             await asyncio.sleep(0)
+
+    async def elapse(self, seconds: float) -> None:
+        """Let ``seconds`` pass on the engine's clock, sweep its deadlines, and settle."""
+        self.clock.advance(seconds)
+        self.sweeper.sweep()
+        await self.settle()
 
     def responses(self) -> list[tuple[int, dict[str, str], bytes]]:
         return parse_responses(bytes(self.transport.written))
@@ -204,16 +214,25 @@ async def test_keep_alive_serves_several_requests():
 
 
 async def test_pipelined_requests_answered_in_order():
-    h = Harness()
+    first_may_answer = asyncio.Event()
+
+    async def handler(conn: ClientConnection, request: Request) -> None:
+        if request.path == b"/slow1":
+            await first_may_answer.wait()
+        await echo_handler(conn, request)
+
+    h = Harness(handler)
     h.feed(
         b"GET /slow1 HTTP/1.1\r\nHost: h\r\n\r\n"
         b"POST /fast2 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
         b"GET /fast3 HTTP/1.1\r\nHost: h\r\n\r\n"
     )
     # while the first is in flight, the others wait and reading pauses
-    await asyncio.sleep(0)
+    await h.settle()
     assert not h.transport.reading
-    await asyncio.sleep(0.2)
+    assert h.responses() == []
+    first_may_answer.set()
+    await h.settle()
     got = [json.loads(b) for _, _, b in h.responses()]
     assert [g["path"] for g in got] == ["/slow1", "/fast2", "/fast3"]
     assert got[1]["body"] == "abc"
@@ -257,9 +276,10 @@ async def test_chunked_request_body_is_decoded():
 
 async def test_large_buffered_body_pauses_reading():
     bodies = []
+    may_read = asyncio.Event()
 
     async def handler(conn: ClientConnection, request: Request) -> None:
-        await asyncio.sleep(0.05)  # not reading the body yet
+        await may_read.wait()  # not reading the body yet
         bodies.append(request.body.received)
         conn.response_started = True
         conn.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
@@ -269,6 +289,9 @@ async def test_large_buffered_body_pauses_reading():
     h.feed(b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % size)
     h.feed(b"x" * BODY_HIGH_WATER)
     assert not h.transport.reading  # held bytes reached the high-water mark
+    may_read.set()
+    await h.settle()
+    assert bodies == [BODY_HIGH_WATER]
 
 
 async def test_absolute_form_for_the_same_host_is_accepted():
@@ -460,16 +483,20 @@ async def test_handler_exception_gives_500_and_close():
 
 
 async def test_header_timeout_gives_408():
-    h = Harness(client_header_timeout=0.1)
+    h = Harness(client_header_timeout=10)
     h.feed(b"GET / HTTP/1.1\r\nHost: a\r\n")
-    await asyncio.sleep(0.3)
+    await h.elapse(9.9)
+    assert h.transport.written == b"" and not h.transport.closed
+    await h.elapse(0.1)
     assert rejected(h)[0] == 408
     assert h.transport.closed
 
 
 async def test_idle_connection_closes_silently():
-    h = Harness(client_header_timeout=0.1)
-    await asyncio.sleep(0.3)
+    h = Harness(client_header_timeout=10)
+    await h.elapse(9.9)
+    assert not h.transport.closed
+    await h.elapse(0.1)
     assert h.transport.closed
     assert h.transport.written == b""
 
@@ -492,10 +519,29 @@ async def test_client_going_away_fails_a_waiting_body():
 
 
 async def test_slow_head_after_a_kept_alive_request_gives_408():
-    h = Harness(client_header_timeout=0.1)
+    h = Harness(client_header_timeout=10)
     h.feed(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
     await h.settle()
     h.feed(b"GET /second HTTP/1.1\r\n")
-    await asyncio.sleep(0.3)
+    await h.elapse(9.9)
+    assert len(h.responses()) == 1 and not h.transport.closed
+    await h.elapse(0.1)
     assert [r[0] for r in h.responses()] == [200, 408]
+    assert h.transport.closed
+
+
+async def test_stalled_body_gives_408_after_the_body_timeout():
+    async def handler(conn: ClientConnection, request: Request) -> None:
+        await request.body.buffer_up_to(1 << 20)
+
+    h = Harness(handler, client_body_timeout=30)
+    h.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    await h.settle()
+    await h.elapse(29.9)
+    assert h.transport.written == b"" and not h.transport.closed
+    h.feed(b"def")  # progress re-arms the deadline
+    await h.elapse(29.9)
+    assert not h.transport.closed
+    await h.elapse(0.1)
+    assert rejected(h)[0] == 408
     assert h.transport.closed

@@ -1,7 +1,8 @@
 """MemoryBackend (LRU bound, eviction, lazy sweep) and RateLimiter's fallback and breaker.
 
-Fake clocks throughout; the Redis failure path uses a RedisBackend pointed at a closed
-port, or a scripted stand-in when the breaker's transitions must be exact.
+Fake clocks throughout, and the Redis probe's wait is stepped by the test (``ProbeWaits``):
+nothing sleeps. The Redis failure path uses a RedisBackend pointed at a closed port, or a
+scripted stand-in when the breaker's transitions must be exact.
 """
 
 import asyncio
@@ -31,6 +32,27 @@ class Rule:
     burst: int = 2
     on_redis_error: str = "local"
     mode: str = "enforce"
+
+
+class ProbeWaits:
+    """The limiter's ``sleep``: each wait of the probe lasts until the test ends it."""
+
+    def __init__(self) -> None:
+        self.intervals: list[float] = []
+        self._waiting: asyncio.Queue[asyncio.Future[None]] = asyncio.Queue()
+
+    async def __call__(self, seconds: float) -> None:
+        self.intervals.append(seconds)
+        ended = asyncio.get_running_loop().create_future()
+        self._waiting.put_nowait(ended)
+        await ended
+
+    async def next(self) -> asyncio.Future[None]:
+        """The probe's next wait, once it has begun (a bounded wait for that, no sleep)."""
+        return await asyncio.wait_for(self._waiting.get(), 5)
+
+    async def end_next(self) -> None:
+        (await self.next()).set_result(None)
 
 
 def closed_port() -> int:
@@ -191,8 +213,9 @@ class ScriptedRedis:
 async def test_breaker_skips_redis_while_open_and_the_probe_closes_it():
     redis = ScriptedRedis()
     errors = []
+    waits = ProbeWaits()
     limiter = RateLimiter(redis, clock=FakeClock(), on_backend_error=errors.append,
-                          probe_interval=0.01)  # fmt: skip
+                          probe_interval=0.5, sleep=waits)  # fmt: skip
     rule = Rule(on_redis_error="allow")
     assert (await limiter.check("api", "k", rule)).backend_failed is False
     redis.up = False
@@ -205,10 +228,14 @@ async def test_breaker_skips_redis_while_open_and_the_probe_closes_it():
         assert (await limiter.check("api", "k", rule)).backend_failed
     assert redis.allow_calls == calls  # open: Redis not called at all
     assert len(errors) == 1
-    await asyncio.wait_for(redis.pinged.wait(), 2)  # the probe runs and fails
+    assert not redis.pinged.is_set()  # the probe waits its interval first
+    await waits.end_next()
+    await asyncio.wait_for(redis.pinged.wait(), 5)  # the probe runs and fails
     assert not limiter.shared
     redis.up = True
-    await _wait_until(lambda: limiter.shared)
+    await waits.end_next()  # the ping after the next wait is answered
+    await _yield_until(lambda: limiter.shared)
+    assert waits.intervals == [0.5, 0.5]
     assert (await limiter.check("api", "k", rule)).backend_failed is False
     assert redis.allow_calls == calls + 1
     await limiter.close()
@@ -253,7 +280,8 @@ async def test_fallback_deny():
 async def test_refused_connection_falls_back_fast_and_close_stops_the_probe():
     backend = RedisBackend(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5)
     errors = []
-    limiter = RateLimiter(backend, on_backend_error=errors.append, probe_interval=0.01)
+    waits = ProbeWaits()
+    limiter = RateLimiter(backend, on_backend_error=errors.append, sleep=waits)
     rule = Rule(rate=1.0, burst=1, on_redis_error="local")
     started = time.monotonic()
     first = await limiter.check("api", "k", rule)
@@ -264,8 +292,10 @@ async def test_refused_connection_falls_back_fast_and_close_stops_the_probe():
     assert "ConnectionError" in str(errors[0])
     probe = limiter._probe_task
     assert probe is not None and not probe.done()
-    await asyncio.sleep(0.05)  # a few failed probes: still open
-    assert not limiter.shared
+    for _ in range(3):  # each wait ends, its PING is refused, the probe waits again
+        await waits.end_next()
+    await waits.next()  # the fourth wait has begun: three PINGs were refused
+    assert not limiter.shared and len(waits.intervals) == 4
     await limiter.close()
     assert probe.done() and limiter._probe_task is None
 
@@ -279,8 +309,10 @@ async def test_backend_error_wraps_every_failure():
     await backend.close()
 
 
-async def _wait_until(condition, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
+async def _yield_until(condition, rounds: int = 100) -> None:
+    """Let the loop run other tasks until ``condition`` holds, without any real wait."""
+    for _ in range(rounds):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
