@@ -266,12 +266,15 @@ class ProxyProcess:
         self._all_closed = asyncio.Event()
         sweeper_for(loop)
         config = self.runtime.config
+        # Resolved servers are known before the first request (or the lookup timed out).
+        await self.runtime.first_lookups()
         for listen in config.listen:
             self._open_listener(listen)
         for listener in self.listeners.values():
             await listener.start()
         await self._start_admin(config)
         self.runtime.start_health_checks()
+        self.runtime.start_discovery()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -342,14 +345,16 @@ class ProxyProcess:
             limiter=limiter,
             access_log=self.access_log if config.logging.access_log else None,
         )
+        await runtime.first_lookups()
         for listener in new_listeners:
             await listener.start()
         await old.stop_health_checks()
+        await old.stop_discovery()
         runtime.start_health_checks()
+        runtime.start_discovery()
         self.runtime = runtime
         for server in old.retired_servers(runtime):
-            server.pool.close_idle()
-            server.metrics.retire()
+            server.retire()
         if limiter is not self.limiter:
             old_limiter, self.limiter = self.limiter, limiter
             await old_limiter.close()
@@ -396,6 +401,7 @@ class ProxyProcess:
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
             "config_file": self.path,
             "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(runtime.loaded_at)),
+            "zone": runtime.config.zone,
             "upstreams": runtime.status(),
         }
 
@@ -410,6 +416,8 @@ class ProxyProcess:
         if group is None or not 0 <= index < len(group.servers):
             return None
         server = group.servers[index]
+        if server.draining and not draining:
+            server.start_ramp()  # undrained: it rejoins
         server.draining = draining
         log.info(
             "%s %s/%s",
@@ -473,6 +481,7 @@ class ProxyProcess:
             for conn in list(self.connections):
                 conn.abort()
         await self.runtime.stop_health_checks()
+        await self.runtime.stop_discovery()
         await self.limiter.close()
         self.access_log.close()
         if self._admin_runner is not None:

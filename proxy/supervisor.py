@@ -117,14 +117,21 @@ class Supervisor:
     async def status(self) -> dict[str, Any]:
         replies = [body for status, body in await self._ask_all("GET", "/status") if status == 200]
         merged: dict[str, Any] = {}
+        # Servers are matched by URL and address, not position: each worker resolves DNS
+        # on its own, so for a moment their lists of a resolved entry may differ.
+        by_identity: dict[tuple[str, Any, Any, int], dict[str, Any]] = {}
         for body in replies:
             for name, upstream in body.get("upstreams", {}).items():
                 target = merged.setdefault(name, {"policy": upstream["policy"], "servers": []})
-                for index, server in enumerate(upstream["servers"]):
-                    if index >= len(target["servers"]):
-                        target["servers"].append(dict(server))
+                seen: dict[tuple[Any, Any], int] = {}
+                for server in upstream["servers"]:
+                    identity = (server["url"], server.get("address"))
+                    repeat = seen[identity] = seen.get(identity, -1) + 1  # a URL listed twice
+                    into = by_identity.get((name, *identity, repeat))
+                    if into is None:
+                        into = by_identity[(name, *identity, repeat)] = dict(server)
+                        target["servers"].append(into)
                         continue
-                    into = target["servers"][index]
                     _merge_rates(into, server)
                     for field in ("in_flight", "requests", "failures", "request_rate"):
                         if isinstance(server.get(field), (int, float)):
@@ -140,6 +147,7 @@ class Supervisor:
             "config_file": self.path,
             "config_loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
             "workers": len(replies),
+            "zone": self.config.zone,
             "upstreams": merged,
         }
 
