@@ -110,7 +110,7 @@ def _describe(error: BaseException) -> str:
 class ResolvedEntry:
     """One server entry with ``resolve``: where it is, and how to look it up."""
 
-    __slots__ = ("host", "index", "lookup", "period", "port", "upstream")
+    __slots__ = ("failing", "host", "index", "lookup", "period", "port", "upstream")
 
     def __init__(self, upstream: str, index: int, server_cfg: Any, lookup: DnsLookup) -> None:
         self.upstream = upstream
@@ -119,6 +119,7 @@ class ResolvedEntry:
         self.port = server_cfg.port
         self.period = float(server_cfg.resolve)
         self.lookup = lookup
+        self.failing = False  # logged once when lookups start failing, once when they recover
 
     async def resolve(self) -> list[Address] | None:
         """One lookup, counted; the addresses, or None when the last good set stays."""
@@ -126,25 +127,34 @@ class ResolvedEntry:
             found = await self.lookup.addresses(self.host)
         except LookupFailed as error:
             metrics.dns_resolution(self.upstream, "failure")
-            log.warning(
-                "DNS lookup of %s for upstream %s failed, keeping its addresses: %s",
-                self.host,
-                self.upstream,
-                error,
-                extra={"event": "dns", "upstream": self.upstream},
-            )
+            self._note_failing(f"failed ({error})")
             return None
         if not found:
             metrics.dns_resolution(self.upstream, "empty")
-            log.warning(
-                "DNS lookup of %s for upstream %s found no address, keeping its addresses",
+            self._note_failing("found no address")
+            return None
+        metrics.dns_resolution(self.upstream, "success")
+        if self.failing:
+            self.failing = False
+            log.info(
+                "DNS lookups of %s for upstream %s answer again",
                 self.host,
                 self.upstream,
                 extra={"event": "dns", "upstream": self.upstream},
             )
-            return None
-        metrics.dns_resolution(self.upstream, "success")
         return sorted({(ip, self.port) for ip in found}, key=address_order)
+
+    def _note_failing(self, what: str) -> None:
+        if self.failing:
+            return  # said once; the metric counts every one
+        self.failing = True
+        log.warning(
+            "DNS lookup of %s for upstream %s %s: keeping its addresses until one succeeds",
+            self.host,
+            self.upstream,
+            what,
+            extra={"event": "dns", "upstream": self.upstream},
+        )
 
 
 OnAddresses = Callable[[ResolvedEntry, list[Address], bool], None]
