@@ -339,6 +339,9 @@ class ProxyProcess:
             if self.count_reloads:
                 metrics.config_reload(False)
             return False, message
+        # The last generation's lookups stop first: none may retire a server that the new
+        # generation is taking over.
+        await old.stop_discovery()
         runtime = Runtime(
             config,
             previous=old,
@@ -349,7 +352,6 @@ class ProxyProcess:
         for listener in new_listeners:
             await listener.start()
         await old.stop_health_checks()
-        await old.stop_discovery()
         runtime.start_health_checks()
         runtime.start_discovery()
         self.runtime = runtime

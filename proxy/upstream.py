@@ -277,7 +277,10 @@ class UpstreamGroup:
         backups = tuple(s for s in servers if s.backup)
         local = tuple(s for s in primaries if s.zone == self.zone) if self.zone else ()
         policy_class = POLICIES[self.config.policy]
-        options = {"rng": self._rng, "slow_start": self.slow_start}
+        slow_start = self.slow_start
+        if slow_start is not None and slow_start.duration <= 0:
+            slow_start = None  # off: the policies never even ask
+        options = {"rng": self._rng, "slow_start": slow_start}
         # Assigned last, together: a request reads one consistent generation of them.
         self._primary_policy = policy_class(primaries, **options)
         self._backup_policy = policy_class(backups, **options) if backups else None
