@@ -6,9 +6,13 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from proxy import metrics
 from proxy.config import parse_config
-from proxy.runtime import Runtime
+from proxy.runtime import Runtime, _breaker_transition, _health_result
+from proxy.slowstart import SlowStart
 from proxy.sticky import ID_LENGTH, StickyTable, server_id, upstream_key
+from proxy.upstream import Server
+from tests.support.clock import FakeClock
 
 
 def runtime(upstream: dict[str, Any], **top: Any) -> Runtime:
@@ -171,3 +175,46 @@ def test_reload_carries_resolved_servers_and_ramps_added_ones():
     assert servers[0] is kept and kept.ramp_ends == 0.0  # carried, live state and all
     assert servers[1].ramp_ends > 0.0  # added by the reload: ramps
     assert first.retired_servers(second) == []
+
+
+# -- what counts as joining -----------------------------------------------------------------------
+
+
+def test_health_up_and_breaker_closed_start_a_ramp_at_daemon_start_nothing_does():
+    upstream = {
+        "servers": [{"url": "http://10.0.0.1:80"}],
+        "slow_start": "10s",
+        "health_check": {"healthy_threshold": 1, "unhealthy_threshold": 1},
+        "circuit_breaker": {"failure_threshold": 1, "open_duration": "5s"},
+    }
+    rt = runtime(upstream)
+    assert rt.groups["u"].servers[0].ramp_ends == 0.0  # present at start: full weight
+    clock = FakeClock()
+    cfg = rt.config.upstreams["u"]
+    server = Server(
+        "u",
+        cfg.servers[0],
+        cfg,
+        metrics=metrics.ServerMetrics("u", "10.0.0.1:80"),
+        on_breaker_transition=_breaker_transition,
+        slow_start=SlowStart(10.0, clock=clock),
+        clock=clock,
+    )
+    for ok in (True, False):  # unknown -> up is no join; up -> down neither
+        server.health.observe(ok)
+        _health_result(server, ok, "test")
+    assert server.ramp_ends == 0.0
+    server.health.observe(True)
+    _health_result(server, True, "test")  # down -> up: joins
+    assert server.ramp_ends == clock.now + 10.0
+    assert server.effective_weight(clock.now) == 0.1
+
+    clock.advance(20.0)
+    assert server.effective_weight(clock.now) == 1
+    assert server.breaker.acquire()
+    server.breaker.record_failure()  # opens
+    clock.advance(5.0)
+    assert server.breaker.acquire()  # half-open trial
+    assert server.ramp_ends < clock.now
+    server.breaker.record_success()  # closes: joins
+    assert server.ramp_ends == clock.now + 10.0
