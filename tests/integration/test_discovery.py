@@ -257,14 +257,16 @@ def test_slow_start_ramps_a_new_address_in_traffic(start_sluicegate, dns_server,
         total = sum(counts.values())
         if total >= 10:
             relative.append((index * 0.2, counts["b4"] / total * 3))
-    print("\nslow start (2 s): window start, b4 share / fair share, requests")
+    print("\nslow start (2 s): window start, b4 share / fair share")
     for start, share in relative:
         print(f"  {start:4.1f}s  {share:5.2f}")
     early = [share for start, share in relative if start < 0.4]
     middle = [share for start, share in relative if 0.8 <= start < 1.2]
     late = [share for start, share in relative if start >= ramp + 0.2]
     assert early and middle and late, relative
-    assert max(early) < 0.45  # starts near 10% of its share
+    # Ramp fraction f against two servers at full weight gives 3f / (2 + f) of the fair
+    # share: 0.14 at 10%, 0.65 half way, 1 at the end.
+    assert sum(early) / len(early) < 0.4  # starts near 10% of its weight
     assert 0.3 < sum(middle) / len(middle) < 0.85  # about half way up
     assert min(late) > 0.75  # full share once the ramp is over
 
