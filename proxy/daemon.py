@@ -418,9 +418,7 @@ class ProxyProcess:
         if group is None or not 0 <= index < len(group.servers):
             return None
         server = group.servers[index]
-        if server.draining and not draining:
-            server.start_ramp()  # undrained: it rejoins
-        server.draining = draining
+        server.set_draining(draining)
         log.info(
             "%s %s/%s",
             "draining" if draining else "undraining",

@@ -146,6 +146,12 @@ class Server:
         if self.slow_start is not None:
             self.slow_start.begin(self)
 
+    def set_draining(self, draining: bool) -> None:
+        """Drain (no new requests) or undrain; undrained, it rejoins with slow start."""
+        if self.draining and not draining:
+            self.start_ramp()
+        self.draining = draining
+
     def retire(self) -> None:
         """The server left for good (DNS lost its address): no new requests, pooled
         connections close now and busy ones when their request ends, gauges go."""

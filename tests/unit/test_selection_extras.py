@@ -218,3 +218,12 @@ def test_health_up_and_breaker_closed_start_a_ramp_at_daemon_start_nothing_does(
     assert server.ramp_ends < clock.now
     server.breaker.record_success()  # closes: joins
     assert server.ramp_ends == clock.now + 10.0
+
+
+def test_undrain_starts_a_ramp_drain_does_not():
+    rt = runtime({"servers": THREE, "slow_start": "10s"})
+    server = rt.groups["u"].servers[0]
+    server.set_draining(True)
+    assert server.draining and server.ramp_ends == 0.0
+    server.set_draining(False)
+    assert not server.draining and server.ramp_ends > 0.0
