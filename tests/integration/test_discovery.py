@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import trustme
 
+from proxy.discovery import DnsLookup, LookupFailed, address_order
 from tests.integration.test_https_upstream import describe, server_context
 from tests.support.backends import free_port
 from tests.support.daemon import http_request, wait_for
@@ -65,6 +66,27 @@ def loopback_backends(spawn_backend):
         return port
 
     return start
+
+
+async def test_lookup_asks_a_and_aaaa_of_the_configured_server(dns_server):
+    lookup = DnsLookup([dns_server.address], timeout=1.0)
+    dns_server.set("dual.test", "::1", "127.0.0.9", "127.0.0.10")
+    found = await lookup.addresses("dual.test")
+    assert sorted(((ip, 80) for ip in found), key=address_order) == [
+        ("127.0.0.9", 80),
+        ("127.0.0.10", 80),
+        ("::1", 80),
+    ]
+    assert await lookup.addresses("unknown.test") == []  # NXDOMAIN: empty, not a failure
+    dns_server.set("bare.test")
+    assert await lookup.addresses("bare.test") == []  # the name exists, with no address
+    assert await lookup.addresses("10.1.2.3") == ["10.1.2.3"]  # a literal: no question asked
+    dns_server.mode = "servfail"
+    with pytest.raises(LookupFailed, match="SERVFAIL"):
+        await lookup.addresses("dual.test")
+    dns_server.mode = "drop"
+    with pytest.raises(LookupFailed, match="timed out"):
+        await lookup.addresses("dual.test")
 
 
 def test_addresses_that_come_and_go_follow_dns(start_sluicegate, dns_server, loopback_backends):
