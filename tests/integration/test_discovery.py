@@ -176,6 +176,19 @@ def test_addresses_that_come_and_go_follow_dns(start_sluicegate, dns_server, loo
     dns_server.mode = "answer"
     dns_server.set("api.test", "127.0.0.2")
     wait_for(lambda: backend_of(daemon.port) == "b2", timeout=5, interval=0.02)
+    # The DNS server gone altogether: the set stays too.
+    failures = metric(
+        daemon.metrics(), "sluicegate_dns_resolutions_total", upstream="api", result="failure"
+    )
+    dns_server.stop()
+    time.sleep(1.5)
+    assert {backend_of(daemon.port) for _ in range(10)} == {"b2"}
+    assert (
+        metric(
+            daemon.metrics(), "sluicegate_dns_resolutions_total", upstream="api", result="failure"
+        )
+        > failures
+    )
 
 
 def test_no_address_yet_means_not_ready_until_dns_has_one(
