@@ -284,12 +284,15 @@ class ProxyProcess:
         self._drain_cut = asyncio.Event()
         sweeper_for(loop)
         config = self.runtime.config
+        # Resolved servers are known before the first request (or the lookup timed out).
+        await self.runtime.first_lookups()
         for listen in config.listen:
             self._open_listener(listen)
         for listener in self.listeners.values():
             await listener.start()
         await self._start_admin(config)
         self.runtime.start_health_checks()
+        self.runtime.start_discovery()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_shutdown)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -362,20 +365,24 @@ class ProxyProcess:
             if self.count_reloads:
                 metrics.config_reload(False)
             return False, message
+        # The last generation's lookups stop first: none may retire a server that the new
+        # generation is taking over.
+        await old.stop_discovery()
         runtime = Runtime(
             config,
             previous=old,
             limiter=limiter,
             access_log=self.access_log if config.logging.access_log else None,
         )
+        await runtime.first_lookups()
         for listener in new_listeners:
             await listener.start()
         await old.stop_health_checks()
         runtime.start_health_checks()
+        runtime.start_discovery()
         self.runtime = runtime
         for server in old.retired_servers(runtime):
-            server.pool.close_idle()
-            server.metrics.retire()
+            server.retire()
         if limiter is not self.limiter:
             old_limiter, self.limiter = self.limiter, limiter
             await old_limiter.close()
@@ -436,7 +443,7 @@ class ProxyProcess:
         if group is None or not 0 <= index < len(group.servers):
             return None
         server = group.servers[index]
-        server.draining = draining
+        server.set_draining(draining)
         log.info(
             "%s %s/%s",
             "draining" if draining else "undraining",
@@ -521,6 +528,7 @@ class ProxyProcess:
             task.cancel()
         self._lag_sampler.stop()
         await self.runtime.stop_health_checks()
+        await self.runtime.stop_discovery()
         await self.limiter.close()
         self.access_log.close()
         if self._admin_runner is not None:

@@ -89,6 +89,7 @@ class Exchange:
         "head_bytes",
         "key",
         "limit_key",
+        "pinned",
         "prepared",
         "rate_limited",
         "replayable",
@@ -100,6 +101,8 @@ class Exchange:
         "server",
         "started",
         "status",
+        "sticky_cookie",
+        "sticky_presented",
         "trace",
         "tries",
         "upstream",
@@ -136,6 +139,9 @@ class Exchange:
         self.attempt: Attempt | None = None  # the fast path's try in progress
         self.books_closed = False
         in_flight_requests._value += 1  # until close_books
+        self.pinned: Any = None  # the server the sticky cookie names
+        self.sticky_presented: bytes | None = None  # the sticky cookie's value, if any
+        self.sticky_cookie = b""  # Set-Cookie for the answer, when the pin changes
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -151,6 +157,11 @@ class Exchange:
         self.prepared = True
         if self.group.hash_key is not None:
             self.key = _hash_key(self.group, request, self.runtime)
+        sticky = self.group.sticky
+        if sticky is not None:
+            presented = cookie_value(request.header(b"cookie"), sticky.cookie)
+            self.sticky_presented = presented
+            self.pinned = sticky.server_for(presented)
         body = request.body
         # Chunked to the upstream when the length is not known yet; decided once, with the
         # head, for every try (a body that completes meanwhile is still sent chunked).
@@ -210,7 +221,7 @@ class Exchange:
         connection, no eligible server)."""
         self.prepare()
         group = self.group
-        server = group.select(self.key, ())
+        server = group.select(self.key, (), self.pinned)
         if server is None or not server.breaker.acquire():
             return _serve_slowly(self, tried={server} if server is not None else set())
         attempt = Attempt(self, server)
@@ -468,7 +479,7 @@ async def _forward(
     try:
         while True:
             if attempt is None:
-                server = group.select(ex.key, tried)
+                server = group.select(ex.key, tried, ex.pinned)
                 if server is None:
                     break
                 tried.add(server)
@@ -617,6 +628,8 @@ class Attempt:
             server.failures += 1
         entry = {"server": server.label, "outcome": status, "ms": round(head_seconds * 1000, 2)}
         self.entry = entry
+        if group.sticky is not None:  # the server that answers is the one to stick to
+            ex.sticky_cookie = group.sticky.set_cookie(server, ex.sticky_presented)
         ex.attempts.append(entry)
         if (
             word in group.retry_policy.on
@@ -958,7 +971,7 @@ def _start_relay(
             chunked_out = True
         else:
             close = True  # an HTTP/1.0 client reads to the end of the connection
-    extra = _with_trace(ex, ex.extra_headers)
+    extra = _with_trace(ex, ex.extra_headers + ex.sticky_cookie)
     head = _response_head(response, request, extra, close=close, chunked=chunked_out)
     relay = _ResponseRelay(conn, chunked_out, head, close, listener)
     conn.response_started = True
@@ -1051,7 +1064,7 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
     close = not request.keep_alive or conn.listener.shutting_down
     if response.has_body:
         response.content_length = len(payload)  # also re-frames a chunked one
-    extra = _with_trace(ex, ex.extra_headers)
+    extra = _with_trace(ex, ex.extra_headers + ex.sticky_cookie)
     head = _response_head(response, request, extra, close=close, chunked=False)
     conn.response_started = True
     if response.has_body and payload:

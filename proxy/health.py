@@ -35,6 +35,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -245,7 +246,9 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 class HealthChecker:
-    """Active checks for one upstream's servers (each has `.url` and `.health`)."""
+    """Active checks for one upstream's servers (each has `.health`, and `.check_url` with
+    `.check_host`: the URL to probe and the name it stands for, or None when the URL names
+    it already). DNS discovery changes the servers: ``add`` and ``remove``."""
 
     def __init__(
         self,
@@ -269,7 +272,7 @@ class HealthChecker:
         self._rng = rng if rng is not None else random.Random()
         self._wall_clock = wall_clock
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[Any, asyncio.Task[None]] = {}
 
     @property
     def running(self) -> bool:
@@ -288,16 +291,26 @@ class HealthChecker:
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             auto_decompress=False,
         )
-        self._tasks = [
-            asyncio.create_task(
-                self._loop(server), name=f"health {self.upstream_name} {server.url}"
-            )
-            for server in self.servers
-        ]
+        self._tasks = {server: self._spawn(server) for server in self.servers}
+
+    def _spawn(self, server: Any) -> asyncio.Task[None]:
+        name = f"health {self.upstream_name} {server.check_url}"
+        return asyncio.create_task(self._loop(server), name=name)
+
+    def add(self, server: Any) -> None:
+        """Check one more server (found by DNS), from now on."""
+        if self._session is not None and server not in self._tasks:
+            self._tasks[server] = self._spawn(server)
+
+    def remove(self, server: Any) -> None:
+        """Stop checking a server that left."""
+        task = self._tasks.pop(server, None)
+        if task is not None:
+            task.cancel()
 
     async def stop(self) -> None:
         """Cancel the loops and close the session; safe to call twice."""
-        tasks, self._tasks = self._tasks, []
+        tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -308,10 +321,16 @@ class HealthChecker:
     async def check(self, server: Any) -> tuple[bool, str]:
         """One check of one server: (passed, reason)."""
         assert self._session is not None, "start() first"
-        url = server.url.rstrip("/") + self.path
+        url = server.check_url.rstrip("/") + self.path
+        name = server.check_host
+        options: dict[str, Any] = {}
+        if name is not None:  # an address found by DNS: Host and SNI name the URL's host
+            options["headers"] = {"Host": urlsplit(server.url).netloc}
+            if url.startswith("https:"):
+                options["server_hostname"] = name
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._session.get(url, allow_redirects=False) as response:
+                async with self._session.get(url, allow_redirects=False, **options) as response:
                     status = response.status
         except asyncio.CancelledError:
             raise
@@ -328,5 +347,5 @@ class HealthChecker:
                 try:
                     self.on_result(server, ok, reason)
                 except Exception:  # a metrics/log hook must not stop the checks
-                    log.exception("health on_result hook failed for %s", server.url)
+                    log.exception("health on_result hook failed for %s", server.check_url)
             await asyncio.sleep(self.interval * self._rng.uniform(0.9, 1.1))

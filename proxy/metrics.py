@@ -178,6 +178,11 @@ CONFIG_RELOADS = Counter(
     "Configuration reloads, by result (success or failure).",
     ["result"],
 )
+DNS_RESOLUTIONS = Counter(
+    "sluicegate_dns_resolutions",
+    "DNS lookups of servers with `resolve`, by result (success, empty, failure).",
+    ["upstream", "result"],
+)
 OPEN_CONNECTIONS = Gauge(
     "sluicegate_open_connections",
     "Client connections currently open.",
@@ -411,6 +416,7 @@ class _LabelCache:
 
 
 _retries = _LabelCache(RETRIES)
+_dns_resolutions = _LabelCache(DNS_RESOLUTIONS)
 _rate_limit_backend_errors = RATE_LIMIT_BACKEND_ERRORS
 # Both results exist from the start so "rate of failures" alerts have a series to read.
 _reload_results = {True: CONFIG_RELOADS.labels("success"), False: CONFIG_RELOADS.labels("failure")}
@@ -421,6 +427,11 @@ in_flight_requests = _hot(IN_FLIGHT_REQUESTS)
 def retry(upstream: str, reason: str) -> None:
     """Count one retry on ``upstream`` caused by ``reason`` (a failure kind)."""
     _retries.get(upstream, reason).inc()
+
+
+def dns_resolution(upstream: str, result: str) -> None:
+    """Count one DNS lookup for ``upstream``: "success", "empty" or "failure"."""
+    _dns_resolutions.get(upstream, result).inc()
 
 
 def rate_limit_backend_error() -> None:

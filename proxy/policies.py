@@ -7,10 +7,21 @@ or None when there is none. Eligibility (health, breaker, draining) is the calle
 callback, so a policy never needs rebuilding when a server goes up or down.
 
 Invariants every policy keeps:
-- it reads only `weight` (fixed at construction), `in_flight` and `latency` (read per call);
+- it reads only `weight` (fixed at construction), `in_flight` and `latency` (read per call),
+  and `effective_weight(now)` while a slow-start ramp runs (see below);
 - weights apply to every policy; a server of weight w gets about w shares of the traffic;
 - randomness comes from the injected `rng`, so tests get exact picks;
 - `select` allocates nothing on the hot path beyond what the algorithm needs.
+
+Slow start (``proxy.slowstart``): a policy built with ``slow_start`` asks it once per call
+whether a ramp runs. When none does (nearly always) the integer weights fixed at
+construction are used, with no clock read and no float arithmetic. While one runs, the
+call uses every candidate's ``effective_weight(now)`` instead: round_robin and random
+draw by it, least_conn and p2c divide in-flight requests by it. ip_hash keeps its ring
+(moving ring points would move other servers' keys): a ramping server accepts a key that
+lands on it only when the key's hash, read as a fraction, is below its ramp fraction, and
+passes the others on clockwise. So its share grows with the ramp, and a key moves at most
+once (to the ramping server, for good) as the fraction rises.
 """
 
 from __future__ import annotations
@@ -28,6 +39,8 @@ class Selectable(Protocol):
     weight: int
     in_flight: int
     latency: float  # EWMA of seconds to response head
+
+    def effective_weight(self, now: float) -> float: ...  # read only while a ramp runs
 
 
 S = TypeVar("S", bound=Selectable)
@@ -62,8 +75,10 @@ class Policy(Generic[S]):
         *,
         rng: random.Random | None = None,
         hash_ring_points: int = DEFAULT_HASH_RING_POINTS,
+        slow_start: Any = None,
     ) -> None:
         self._servers: tuple[S, ...] = tuple(servers)
+        self._slow_start = slow_start  # a proxy.slowstart.SlowStart, or None
         weights = []
         for server in self._servers:
             weight = int(getattr(server, "weight", 1))
@@ -76,6 +91,14 @@ class Policy(Generic[S]):
     @property
     def servers(self) -> tuple[S, ...]:
         return self._servers
+
+    def _ramping(self) -> float | None:
+        """The time now while a slow-start ramp runs, else None."""
+        slow_start = self._slow_start
+        return slow_start.ramping() if slow_start is not None else None
+
+    def _weights_at(self, now: float) -> list[float]:
+        return [server.effective_weight(now) for server in self._servers]  # type: ignore[attr-defined]
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
         raise NotImplementedError
@@ -97,15 +120,21 @@ class _SmoothWeighted:
 
     def __init__(self, weights: tuple[int, ...]) -> None:
         self._weights = weights
-        self._current = [0] * len(weights)
+        self._current: list[float] = [0] * len(weights)
 
-    def pick(self, items: Sequence[Any], is_candidate: Callable[[Any], Any]) -> int:
-        """Index of the chosen item among those where `is_candidate(item)`, or -1."""
+    def pick(
+        self,
+        items: Sequence[Any],
+        is_candidate: Callable[[Any], Any],
+        weights: Sequence[float] | None = None,
+    ) -> int:
+        """Index of the chosen item among those where `is_candidate(item)`, or -1.
+        `weights`: this pick's weights when they differ from the fixed ones (slow start)."""
         current = self._current
         best = -1
-        best_current = 0
-        total = 0
-        for index, weight in enumerate(self._weights):
+        best_current: float = 0
+        total: float = 0
+        for index, weight in enumerate(self._weights if weights is None else weights):
             if not is_candidate(items[index]):
                 continue
             current[index] += weight
@@ -128,7 +157,9 @@ class RoundRobin(Policy[S]):
         self._wrr = _SmoothWeighted(self._weights)
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
-        index = self._wrr.pick(self._servers, is_eligible)
+        now = self._ramping()
+        weights = None if now is None else self._weights_at(now)
+        index = self._wrr.pick(self._servers, is_eligible, weights)
         return self._servers[index] if index >= 0 else None
 
 
@@ -148,11 +179,12 @@ class LeastConn(Policy[S]):
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
         servers = self._servers
-        weights = self._weights
+        now = self._ramping()
+        weights: Sequence[float] = self._weights if now is None else self._weights_at(now)
         flags = self._flags
         # Pass 1: the least load, compared by cross-multiplying to stay in integers.
         best_load = -1
-        best_weight = 1
+        best_weight: float = 1
         for index, server in enumerate(servers):
             ok = flags[index] = bool(is_eligible(server))
             if not ok:
@@ -168,7 +200,7 @@ class LeastConn(Policy[S]):
             if flags[index]:
                 load = server.in_flight
                 flags[index] = load * best_weight == best_load * weights[index]
-        index = self._wrr.pick(flags, bool)
+        index = self._wrr.pick(flags, bool, None if now is None else weights)
         return servers[index] if index >= 0 else None
 
 
@@ -200,8 +232,39 @@ class IpHash(Policy[S]):
         points.sort()
         self._ring_hashes: list[int] = [point for point, _ in points]
         self._ring_owners: tuple[int, ...] = tuple(owner for _, owner in points)
+        self._identities = tuple(_server_identity(server) for server in self._servers)
+        self._index_of = {id(server): index for index, server in enumerate(self._servers)}
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
+        now = self._ramping()
+        if now is None:
+            return self._select(is_eligible, key)
+        # A ramping server takes the keys whose hash fraction is below its ramp fraction;
+        # the others go on clockwise. Should every eligible server refuse, the first one
+        # asked serves (the key must land somewhere).
+        refused: list[S] = []
+        index_of = self._index_of
+
+        def accepts(server: S) -> bool:
+            if not is_eligible(server):
+                return False
+            index = index_of[id(server)]
+            full = self._weights[index]
+            weight = server.effective_weight(now)  # type: ignore[attr-defined]
+            if weight >= full:
+                return True
+            fraction = _hash64(f"{key or ''}@{self._identities[index]}") / 2.0**64
+            if fraction < weight / full:
+                return True
+            refused.append(server)
+            return False
+
+        chosen = self._select(accepts, key)
+        if chosen is None and refused:
+            chosen = refused[0]
+        return chosen
+
+    def _select(self, is_eligible: Callable[[S], bool], key: str | None) -> S | None:
         owners = self._ring_owners
         size = len(owners)
         if size == 0:
@@ -259,8 +322,16 @@ class _WeightedRandomPick:
         self._cumulative = cumulative
         self._total = running
 
-    def pick(self, items: Sequence[Any], is_candidate: Callable[[Any], Any]) -> int:
-        """Index of a randomly chosen item among those where `is_candidate(item)`, or -1."""
+    def pick(
+        self,
+        items: Sequence[Any],
+        is_candidate: Callable[[Any], Any],
+        weights: Sequence[float] | None = None,
+    ) -> int:
+        """Index of a randomly chosen item among those where `is_candidate(item)`, or -1.
+        `weights`: this pick's weights when they differ from the fixed ones (slow start)."""
+        if weights is not None:
+            return self._pick_among(items, is_candidate, weights)
         if self._total == 0:
             return -1
         weights = self._weights
@@ -268,7 +339,12 @@ class _WeightedRandomPick:
         index = min(index, len(weights) - 1)  # guards the float edge random() * total == total
         if is_candidate(items[index]):
             return index
-        candidates_total = 0
+        return self._pick_among(items, is_candidate, weights)
+
+    def _pick_among(
+        self, items: Sequence[Any], is_candidate: Callable[[Any], Any], weights: Sequence[float]
+    ) -> int:
+        candidates_total: float = 0
         for i, weight in enumerate(weights):
             if is_candidate(items[i]):
                 candidates_total += weight
@@ -295,7 +371,9 @@ class WeightedRandom(Policy[S]):
         self._picker = _WeightedRandomPick(self._weights, self._rng)
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
-        index = self._picker.pick(self._servers, is_eligible)
+        now = self._ramping()
+        weights = None if now is None else self._weights_at(now)
+        index = self._picker.pick(self._servers, is_eligible, weights)
         return self._servers[index] if index >= 0 else None
 
 
@@ -316,15 +394,17 @@ class PowerOfTwoChoices(Policy[S]):
         eligible = self._eligible
         for index, server in enumerate(servers):
             eligible[index] = bool(is_eligible(server))
-        first = self._picker.pick(eligible, bool)
+        now = self._ramping()
+        ramped = None if now is None else self._weights_at(now)
+        first = self._picker.pick(eligible, bool, ramped)
         if first < 0:
             return None
         eligible[first] = False  # the second draw must be a different server
-        second = self._picker.pick(eligible, bool)
+        second = self._picker.pick(eligible, bool, ramped)
         if second < 0:
             return servers[first]
         a, b = servers[first], servers[second]
-        weights = self._weights
+        weights: Sequence[float] = self._weights if ramped is None else ramped
         load_a = a.in_flight * weights[second]
         load_b = b.in_flight * weights[first]
         if load_b < load_a or (load_b == load_a and b.latency < a.latency):

@@ -424,13 +424,19 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 class ConnectionPool:
     """Idle keep-alive connections to one server, most recently used first."""
 
-    def __init__(self, server_cfg: Any, upstream_cfg: Any) -> None:
+    def __init__(
+        self, server_cfg: Any, upstream_cfg: Any, *, connect_to: tuple[str, int] | None = None
+    ) -> None:
+        """``connect_to``: the address DNS discovery found for the URL's host, if any; TLS
+        still names the URL's host (SNI, certificate check)."""
         self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._connect_to = connect_to
+        self.closed = False
         self.reconfigure(server_cfg, upstream_cfg)
 
     def reconfigure(self, server_cfg: Any, upstream_cfg: Any) -> None:
-        self.host = server_cfg.host
-        self.port = server_cfg.port
+        self.host, self.port = self._connect_to or (server_cfg.host, server_cfg.port)
+        self.tls_name = server_cfg.host
         self.tls = server_cfg.scheme == "https"
         self.max_idle = upstream_cfg.keepalive
         self.connect_timeout = upstream_cfg.timeouts.connect
@@ -460,7 +466,7 @@ class ConnectionPool:
                     self.host,
                     self.port,
                     ssl=client_ssl_context() if self.tls else None,
-                    server_hostname=self.host if self.tls else None,
+                    server_hostname=self.tls_name if self.tls else None,
                 )
         except TimeoutError:
             raise UpstreamError("timeout", "connect timed out", sent=False) from None
@@ -470,7 +476,7 @@ class ConnectionPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        if conn.reusable and len(self._idle) < self.max_idle:
+        if conn.reusable and len(self._idle) < self.max_idle and not self.closed:
             # Paused for the client's sake (a slow reader of the last response)? An idle
             # connection must read again, or its next exchange would never see the
             # response (begin() starts from an empty set of reasons).
@@ -495,3 +501,8 @@ class ConnectionPool:
     def close_idle(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+    def close(self) -> None:
+        """The server is gone: idle connections close now, busy ones when released."""
+        self.closed = True
+        self.close_idle()

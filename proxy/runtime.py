@@ -20,10 +20,12 @@ from proxy import metrics
 from proxy.accesslog import _json_value, format_time
 from proxy.breaker import BreakerState
 from proxy.clientip import ClientAddressResolver
+from proxy.discovery import Discovery, address_order
 from proxy.health import HealthChecker
 from proxy.retry import RetryPolicy
 from proxy.routing import Router
-from proxy.upstream import Server, UpstreamGroup
+from proxy.slowstart import SlowStart
+from proxy.upstream import Server, UpstreamGroup, server_label
 
 log = logging.getLogger("sluicegate")
 
@@ -153,30 +155,43 @@ class Runtime:
         # Decision traces are for whoever holds the admin token; without one, none are given.
         self.trace_token = token.encode() if token else None
         self._id_counter = itertools.count(1)
-        self.servers: dict[tuple[str, str], Server] = {}
+        # Servers by (upstream, URL, address): a resolved entry has one per address.
+        self.servers: dict[tuple[str, str, str], Server] = {}
         self.groups: dict[str, UpstreamGroup] = {}
+        self.slow_starts: dict[str, SlowStart] = {}
+        self._reloaded = previous is not None
         carried = previous.servers if previous is not None else {}
+        carried_slow_starts = previous.slow_starts if previous is not None else {}
         previous_upstreams = previous.config.upstreams if previous is not None else {}
         for name, upstream_cfg in config.upstreams.items():
-            group_servers = []
+            slow_start = carried_slow_starts.get(name) or SlowStart(upstream_cfg.slow_start)
+            slow_start.duration = upstream_cfg.slow_start
+            self.slow_starts[name] = slow_start
+            entries = []
             for server_cfg in upstream_cfg.servers:
-                key = (name, server_cfg.url)
+                if server_cfg.resolve:
+                    # Addresses the last generation knew stay until a lookup says otherwise.
+                    kept = [
+                        s
+                        for (upstream, url, _), s in carried.items()
+                        if upstream == name and url == server_cfg.url and s.discovered
+                    ]
+                    previous_cfg = previous_upstreams.get(name)
+                    for server in kept:
+                        self._carry(server, server_cfg, upstream_cfg, previous_cfg, slow_start)
+                    entries.append(sorted(kept, key=lambda s: address_order(s.connect_to)))
+                    continue
+                key = (name, server_cfg.url, f"{server_cfg.host}:{server_cfg.port}")
                 server = carried.get(key)
-                if server is not None and key not in self.servers:
-                    server.reconfigure(server_cfg, upstream_cfg, previous_upstreams[name])
-                    # A changed (or removed) health check starts over: the gauge follows.
-                    health = server.health
-                    server.metrics.set_healthy(health is None or health.eligible)
+                if server is not None and not server.discovered and key not in self.servers:
+                    previous_cfg = previous_upstreams[name]
+                    self._carry(server, server_cfg, upstream_cfg, previous_cfg, slow_start)
                 else:
-                    server = Server(
-                        name,
-                        server_cfg,
-                        upstream_cfg,
-                        metrics=metrics.ServerMetrics(name, f"{server_cfg.host}:{server_cfg.port}"),
-                        on_breaker_transition=_breaker_transition,
-                    )
+                    server = self._new_server(name, server_cfg, upstream_cfg, None)
+                    if self._reloaded:
+                        server.start_ramp()  # added by a reload: it joins
                 self.servers[key] = server
-                group_servers.append(server)
+                entries.append([server])
             retry_policy = RetryPolicy.from_config(upstream_cfg.retry)
             old_group = previous.groups.get(name) if previous is not None else None
             budget = (
@@ -185,8 +200,14 @@ class Runtime:
                 else retry_policy.new_budget()
             )
             self.groups[name] = UpstreamGroup(
-                upstream_cfg, group_servers, retry_policy=retry_policy, retry_budget=budget
+                upstream_cfg,
+                entries,
+                retry_policy=retry_policy,
+                retry_budget=budget,
+                zone=config.zone,
+                slow_start=slow_start,
             )
+        self.discovery = Discovery(config.upstreams, self._addresses_found)
         carried_counters = previous.route_counters if previous is not None else {}
         self.route_counters = {
             cfg.name: carried_counters.get(cfg.name) or RouteCounters() for cfg in config.routes
@@ -198,7 +219,91 @@ class Runtime:
         self.router = Router(
             (route, cfg.match) for route, cfg in zip(self.routes, config.routes, strict=True)
         )
-        self._checkers: list[HealthChecker] = []
+        self._checkers: dict[str, HealthChecker] = {}
+
+    def _new_server(
+        self, name: str, server_cfg: Any, upstream_cfg: Any, address: tuple[str, int] | None
+    ) -> Server:
+        return Server(
+            name,
+            server_cfg,
+            upstream_cfg,
+            metrics=metrics.ServerMetrics(name, server_label(server_cfg, address)),
+            on_breaker_transition=_breaker_transition,
+            address=address,
+            slow_start=self.slow_starts[name],
+        )
+
+    def _carry(
+        self, server: Server, server_cfg: Any, upstream_cfg: Any, old_cfg: Any, slow_start: Any
+    ) -> None:
+        """A server of the last generation stays: new settings, same live state."""
+        server.reconfigure(server_cfg, upstream_cfg, old_cfg)
+        server.slow_start = slow_start
+        self.servers[(server.upstream, server.url, server.address)] = server
+        # A changed (or removed) health check starts over: the gauge follows.
+        health = server.health
+        server.metrics.set_healthy(health is None or health.eligible)
+
+    # -- DNS discovery ---------------------------------------------------------------------
+
+    async def first_lookups(self) -> None:
+        """Look up the resolved entries that have no address yet (all of them at daemon
+        start, new ones on reload) before this generation serves. At daemon start they
+        join at full weight; on reload, with slow start."""
+        waiting = [
+            entry
+            for entry in self.discovery.entries
+            if not self.groups[entry.upstream].entry(entry.index)
+        ]
+        await self.discovery.first_lookups(waiting, ramp=self._reloaded)
+
+    def _addresses_found(self, entry: Any, addresses: list[tuple[str, int]], ramp: bool) -> None:
+        """Apply a successful lookup: new addresses join (ramping), vanished ones drain."""
+        name = entry.upstream
+        group = self.groups[name]
+        upstream_cfg = self.config.upstreams[name]
+        server_cfg = upstream_cfg.servers[entry.index]
+        current = {server.connect_to: server for server in group.entry(entry.index)}
+        servers = []
+        joined = []
+        for address in addresses:
+            server = current.pop(address, None)
+            if server is None:
+                server = self._new_server(name, server_cfg, upstream_cfg, address)
+                self.servers[(name, server.url, server.address)] = server
+                if ramp:
+                    server.start_ramp()
+                joined.append(server)
+            servers.append(server)
+        if not joined and not current:
+            return
+        group.set_entry(entry.index, servers)
+        checker = self._checkers.get(name)
+        for server in current.values():
+            # In-flight requests finish on it; its connections close as they come back.
+            del self.servers[(name, server.url, server.address)]
+            server.retire()
+            if checker is not None:
+                checker.remove(server)
+        if checker is not None:
+            for server in joined:
+                checker.add(server)
+        log.info(
+            "DNS: upstream %s %s now %s (joined: %s; left: %s)",
+            name,
+            entry.host,
+            ", ".join(s.address for s in servers),
+            ", ".join(s.address for s in joined) or "none",
+            ", ".join(s.address for s in current.values()) or "none",
+            extra={"event": "dns", "upstream": name},
+        )
+
+    def start_discovery(self) -> None:
+        self.discovery.start()
+
+    async def stop_discovery(self) -> None:
+        await self.discovery.stop()
 
     def retired_servers(self, successor: Runtime) -> list[Server]:
         return [s for key, s in self.servers.items() if successor.servers.get(key) is not s]
@@ -265,11 +370,11 @@ class Runtime:
                 continue
             checker = HealthChecker(name, group.servers, cfg, on_result=_health_result)
             checker.start()
-            self._checkers.append(checker)
+            self._checkers[name] = checker
 
     async def stop_health_checks(self) -> None:
-        checkers, self._checkers = self._checkers, []
-        for checker in checkers:
+        checkers, self._checkers = self._checkers, {}
+        for checker in checkers.values():
             await checker.stop()
 
     # -- admin views ---------------------------------------------------------------------------
@@ -285,6 +390,7 @@ class Runtime:
     def unready_reasons(self) -> list[str]:
         return [
             f"upstream {name}: no eligible server"
+            + ("" if group.servers else " (no address found for it in DNS yet)")
             for name, group in self.groups.items()
             if not group.has_eligible_server()
         ]
@@ -382,6 +488,8 @@ def _breaker_transition(server: Server, old: BreakerState, new: BreakerState, re
     )
     server.metrics.set_breaker(new.gauge_value)
     server.metrics.breaker_transition(new.value)
+    if new is BreakerState.CLOSED:
+        server.start_ramp()  # back from a failure: it rejoins
 
 
 def _health_result(server: Server, ok: bool, reason: str) -> None:
@@ -393,6 +501,8 @@ def _health_result(server: Server, ok: bool, reason: str) -> None:
     server.metrics.set_healthy(up)
     word = health.status.value
     if server.reported_health != word:
+        if server.reported_health == "down" and up:
+            server.start_ramp()  # back from down: it rejoins
         server.reported_health = word
         log.info(
             "health of %s/%s is now %s (%s)",

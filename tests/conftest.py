@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.backends",
     "tests.support.daemon",
     "tests.support.faulty",
+    "tests.support.dnsserver",
 ]

@@ -57,6 +57,11 @@ class HealthEndpoint:
 class FakeServer:
     url: str
     health: ServerHealth = field(default_factory=lambda: ServerHealth(2, 2))
+    check_host: str | None = None  # set for an address found by DNS
+
+    @property
+    def check_url(self) -> str:
+        return self.url
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -147,10 +148,17 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
 
 
 def spawn_backend_process(
-    name: str | None = None, *, host: str = "127.0.0.1", timeout: float = 10.0
+    name: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    timeout: float = 10.0,
 ) -> tuple[subprocess.Popen, int]:
-    """Run ``python -m proxy backend --port P [--name N]``; return it once /health is 200."""
-    port = free_port(host)
+    """Run ``python -m proxy backend --port P [--name N]``; return it once /health is 200.
+
+    ``host`` may be any of 127.0.0.0/8 (all loopback here): servers that DNS discovery
+    finds share one port, and differ by address."""
+    port = port or free_port(host)
     cmd = [sys.executable, "-m", "proxy", "backend", "--host", host, "--port", str(port)]
     if name is not None:
         cmd += ["--name", name]
@@ -174,8 +182,8 @@ def spawn_backend_process(
 def spawn_backend():
     procs: list[subprocess.Popen] = []
 
-    def _spawn(name: str | None = None) -> tuple[subprocess.Popen, int]:
-        proc, port = spawn_backend_process(name)
+    def _spawn(name: str | None = None, **options: Any) -> tuple[subprocess.Popen, int]:
+        proc, port = spawn_backend_process(name, **options)
         procs.append(proc)
         return proc, port
 
