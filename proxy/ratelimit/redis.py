@@ -89,16 +89,19 @@ class RedisBackend:
         self.unwind_limit = (
             unwind_limit if unwind_limit is not None else max(1.0, 10 * self.timeout)
         )
-        # Whole calls are bounded here (a deadline per batch, asyncio.timeout around
-        # pings and pipelines), so redis-py needs no socket_timeout of its own: that
-        # would add a timer per read and a task per send, measured at a third of a
-        # check's CPU.
-        self.redis = redisconn.connect(
-            config,
-            socket_timeout=None,
-            # Cluster: a batch's calls to one master may all run at once.
-            **({"max_connections": 2 * MAX_BATCH} if config.mode == "cluster" else {}),
-        )
+        # Single and sentinel: whole calls are bounded here (a deadline per batch,
+        # asyncio.timeout around pings and pipelines), so redis-py needs no
+        # socket_timeout of its own: that would add a timer per read and a task per
+        # send, measured at a third of a check's CPU.
+        if config.mode == "cluster":
+            # Cluster calls are left to finish after their deadline, and RedisCluster
+            # refreshes its slot map inside a call (under a lock every call waits on):
+            # each read needs its own bound, or one frozen node stalls them all. A
+            # batch's calls to one master may all run at once.
+            options = {"socket_timeout": self.timeout, "max_connections": 2 * MAX_BATCH}
+        else:
+            options = {"socket_timeout": None}
+        self.redis = redisconn.connect(config, **options)
         self._client = self.redis.client
         self.script_sha = hashlib.sha1(TOKEN_BUCKET_LUA.encode()).hexdigest()
         self._cluster = self.redis.cluster
@@ -252,7 +255,7 @@ class RedisBackend:
         for, and the next ping waits on it instead of starting another: one at a time.
         """
         if self._ping is None or self._ping.done():
-            self._ping = asyncio.get_running_loop().create_task(self._client.ping())
+            self._ping = asyncio.get_running_loop().create_task(self._bounded_ping())
             self._ping.add_done_callback(_retrieve)
         ping = self._ping
         try:
@@ -260,6 +263,10 @@ class RedisBackend:
                 await asyncio.shield(ping)
         except (RedisError, OSError, TimeoutError) as exc:
             raise RateLimitBackendError(_describe(exc, self.timeout)) from exc
+
+    async def _bounded_ping(self) -> None:
+        async with asyncio.timeout(self.unwind_limit):
+            await self._client.ping()
 
     async def close(self) -> None:
         """Stop what is still running and close the client, its pools and connections."""

@@ -68,17 +68,16 @@ def master_port_of(redis_set, bucket_key: str) -> int:
     return redis_set.master_of(bucket_key)
 
 
-def kill_master(redis_set, bucket_key: str, *, replicated: bool = False) -> int:
+def kill_master(
+    redis_set, bucket_key: str, *, replicated: bool = False, freeze: bool = False
+) -> int:
     """SIGKILL the master holding ``bucket_key``; ``replicated``: once its replica has
     every write so far (the test's choice; the proxy never waits for replication)."""
     port = master_port_of(redis_set, bucket_key)
     if replicated:
         with redis_set.servers[port].client() as client:
             assert client.execute_command("WAIT", 1, 5000) >= 1
-    if hasattr(redis_set, "kill_master"):
-        redis_set.kill_master()
-    else:
-        redis_set.kill(port)
+    redis_set.kill(port, freeze=freeze)
     return port
 
 
@@ -153,16 +152,19 @@ async def test_failover_without_the_script_on_the_new_master(redis_set, make_lim
         assert client.script_exists(sha) == [True]
 
 
-async def test_master_killed_under_a_steady_stream(redis_set, make_limiter):
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+async def test_master_lost_under_a_steady_stream(redis_set, make_limiter, how):
     """Every check is answered, none waits much more than 2 x redis.timeout, and once the
-    replica is promoted two limiters share one exact limit again."""
+    replica is promoted two limiters share one exact limit again. A killed master
+    refuses connections at once; a frozen one (SIGSTOP: a hung host) accepts them and
+    never answers, so every call to it runs into its deadline."""
     errors: list[Exception] = []
     limiters = [make_limiter(redis_set, instances=2, errors=errors) for _ in range(2)]
     rule = Rule(rate=20.0, burst=20)
     bucket = bucket_of(redis_set, "stream")
     report = await limiter_failover(
         limiters,
-        lambda: kill_master(redis_set, bucket),
+        lambda: kill_master(redis_set, bucket, freeze=how == "frozen"),
         redis_set.wait_failover,
         rule=rule,
         key="stream",

@@ -24,6 +24,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -76,6 +77,7 @@ class RedisServer:
         self.password = password
         self.workdir = workdir
         self._process: subprocess.Popen[bytes] | None = None
+        self.frozen = False
         self.extra_args = [*_debug_command_flag(binary), *args]
         if password is not None:
             self.extra_args += ["--requirepass", password, "--masterauth", password]
@@ -84,7 +86,8 @@ class RedisServer:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """Alive and answering (not frozen)."""
+        return self._process is not None and self._process.poll() is None and not self.frozen
 
     def start(self) -> None:
         """Start the server (again) on ``self.port`` and wait until it answers PING."""
@@ -115,6 +118,13 @@ class RedisServer:
         finally:
             client.close()
 
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): its port still accepts connections, nothing is
+        answered, as with a host that hangs. ``stop()`` still kills it."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+        self.frozen = True
+
     def stop(self) -> None:
         """Kill the server at once, as a crash would (SIGKILL), and reap it."""
         if self._process is None:
@@ -123,6 +133,7 @@ class RedisServer:
             self._process.kill()
         self._process.wait(timeout=START_TIMEOUT)
         self._process = None
+        self.frozen = False
 
     def client(self) -> redis.Redis:
         """A plain synchronous client, for looking into the server from a test."""
@@ -227,11 +238,17 @@ class SentinelSet:
         ) as client:
             return int(client.sentinel_get_master_addr_by_name(self.MASTER)[1])
 
-    def kill_master(self) -> int:
-        """SIGKILL the current master; returns its port."""
+    def kill_master(self, *, freeze: bool = False) -> int:
+        """SIGKILL (or ``freeze``: SIGSTOP) the current master; returns its port."""
         port = self.master_port()
-        self.servers[port].stop()
+        self.kill(port, freeze=freeze)
         return port
+
+    def kill(self, port: int, *, freeze: bool = False) -> None:
+        if freeze:
+            self.servers[port].freeze()
+        else:
+            self.servers[port].stop()
 
     def wait_failover(self, old_port: int, timeout: float = 20.0) -> int:
         """Wait until every sentinel names a new master and it accepts writes."""
@@ -351,8 +368,12 @@ class ClusterSet:
                             return int(master[1])
         raise RuntimeError(f"no master found for {key!r}")
 
-    def kill(self, port: int) -> None:
-        self.servers[port].stop()
+    def kill(self, port: int, *, freeze: bool = False) -> None:
+        """SIGKILL (or ``freeze``: SIGSTOP) the node on ``port``."""
+        if freeze:
+            self.servers[port].freeze()
+        else:
+            self.servers[port].stop()
 
     def wait_failover(self, old_port: int, timeout: float = 20.0) -> None:
         """Wait until a replica serves the killed master's slots and the cluster is ok."""
