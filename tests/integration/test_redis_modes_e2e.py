@@ -74,6 +74,10 @@ def _shared_again(daemon: Daemon) -> bool:
     return not events or "answers again" in events[-1]
 
 
+def _backend_errors(*daemons: Daemon) -> float:
+    return sum(_metric(d, "sluicegate_rate_limit_backend_errors_total") for d in daemons)
+
+
 def _metric(daemon: Daemon, name: str) -> float:
     for line in daemon.metrics().splitlines():
         if line.startswith(name + " "):
@@ -157,11 +161,16 @@ def test_requests_stay_fast_while_the_master_fails_over(start_sluicegate, spawn_
     assert max(latencies) < LATENCY_BOUND, f"slowest request {max(latencies):.3f}s"
     assert _metric(first, "sluicegate_rate_limit_backend_errors_total") >= 1
     # After the failover: one shared, exact bucket again (a fresh client key), once each
-    # daemon's probe has found the new master.
+    # daemon's probe has found the new master. A run in which a check still missed its
+    # deadline (a loaded machine, the client refreshing its slot map) was decided by the
+    # fallback, not by Redis: it does not count, a fresh key tries again.
     for daemon in (first, second):
         wait_for(lambda d=daemon: _shared_again(d), timeout=15)
-    after = _statuses([first, second], "after", 14)
-    assert after == [200] * 10 + [429] * 4, [
-        line for d in (first, second) for line in d.logs().splitlines() if "redis" in line
-    ]
+    for attempt in range(3):
+        errors_before = _backend_errors(first, second)
+        after = _statuses([first, second], f"after-{attempt}", 14)
+        if _backend_errors(first, second) == errors_before:
+            break
+        time.sleep(0.5)
+    assert after == [200] * 10 + [429] * 4
     _assert_password_never_shown(redis_set.password, first, second)
