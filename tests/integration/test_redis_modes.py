@@ -9,7 +9,12 @@ kill a master under a steady stream of checks and time every check.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +184,22 @@ async def test_master_lost_under_a_steady_stream(redis_set, make_limiter, how):
     decisions = await admitted_by_two(*limiters, key="after-failover", burst=10)
     assert [d.allowed for d in decisions] == [True] * 10 + [False] * 20
     assert not any(d.backend_failed for d in decisions)
+
+
+@pytest.mark.parametrize(
+    ("missing", "mode"), [("redis-sentinel", "sentinel"), ("redis-cli", "cluster")]
+)
+def test_under_ci_a_missing_tool_fails_the_test_instead_of_skipping_it(tmp_path, missing, mode):
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("redis-server", "redis-sentinel", "redis-cli"):
+        if tool != missing and shutil.which(tool):
+            (tools / tool).symlink_to(shutil.which(tool))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_limit_is_exact_and_shared[{mode}]"],
+        env={**os.environ, "PATH": str(tools), "CI": "1"},
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout
+    assert f"{missing} is not installed, and CI must run the Redis tests" in result.stdout
