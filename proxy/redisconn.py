@@ -25,6 +25,7 @@ costs. ``connect_timeout`` bounds each TCP connect (also to the sentinels).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -79,6 +80,22 @@ class SharedRedis:
         """True when calls go through ``RedisCluster``: one slot per call, no pipelines
         of scripts across slots."""
         return self.mode == "cluster"
+
+    async def ping(self) -> None:
+        """PING what the client writes to; raises redis-py's error if any part fails.
+
+        In cluster mode that is every master, each asked on its own: RedisCluster's own
+        ``ping()`` was seen answering True while a dead master still held slots. The
+        slot map is refreshed first when a failed call asked for it, so after a
+        failover the promoted replica is asked, not the dead node.
+        """
+        if not self.cluster:
+            await self.client.ping()
+            return
+        await self.client.initialize()
+        await asyncio.gather(
+            *[self.client.ping(target_nodes=node) for node in self.client.get_primaries()]
+        )
 
     async def aclose(self) -> None:
         """Close the client, its pools and (sentinel) the clients of the sentinels."""

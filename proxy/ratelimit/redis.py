@@ -249,7 +249,8 @@ class RedisBackend:
 
     async def ping(self) -> None:
         """Raise ``RateLimitBackendError`` unless Redis answers PING within ``timeout``
-        (in cluster mode: every master).
+        (in cluster mode: every master, so shared limiting resumes once every slot is
+        served again).
 
         A ping that times out is left to finish in the background rather than waited
         for, and the next ping waits on it instead of starting another: one at a time.
@@ -266,7 +267,7 @@ class RedisBackend:
 
     async def _bounded_ping(self) -> None:
         async with asyncio.timeout(self.unwind_limit):
-            await self._client.ping()
+            await self.redis.ping()
 
     async def close(self) -> None:
         """Stop what is still running and close the client, its pools and connections."""

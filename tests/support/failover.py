@@ -44,6 +44,7 @@ class FailoverReport:
     promoted_after: float = 0.0  # seconds from the kill to the promotion being visible
     shared_after: float = 0.0  # seconds from the kill to every limiter using Redis again
     rule: Rule = field(default_factory=Rule)
+    longest_stall: float = 0.0  # the event loop's longest late wake-up during the stream
 
     @property
     def longest_wait(self) -> float:
@@ -72,7 +73,8 @@ class FailoverReport:
             f"{self.promoted_after:.1f}s after the kill, shared again after "
             f"{self.shared_after:.1f}s; longest limiter wait {self.longest_wait * 1000:.0f}ms; "
             f"admitted {self.admitted} for a limit of {self.limit} "
-            f"(over-admission {self.over_admitted})"
+            f"(over-admission {self.over_admitted}); longest event-loop stall "
+            f"{self.longest_stall * 1000:.0f}ms"
         )
 
 
@@ -95,13 +97,26 @@ async def check_stream(
             Sample(started, time.monotonic() - started, decision.allowed, decision.backend_failed)
         )
 
-    tasks: list[asyncio.Task[None]] = []
+    # Only the checks still waiting are kept: gathering every task of the stream at the
+    # end would stall the loop, and the checks then in flight would seem slow.
+    pending: set[asyncio.Task[None]] = set()
+    failed: list[BaseException] = []
+
+    def finished(task: asyncio.Task[None]) -> None:
+        pending.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            failed.append(task.exception() or asyncio.CancelledError())
+
     turn = 0
     while not stop.is_set():
-        tasks.append(asyncio.create_task(one(limiters[turn % len(limiters)])))
+        task = asyncio.create_task(one(limiters[turn % len(limiters)]))
+        pending.add(task)
+        task.add_done_callback(finished)
         turn += 1
         await asyncio.sleep(interval)
-    await asyncio.gather(*tasks)  # raises if any check raised: every one must be answered
+    await asyncio.gather(*pending, return_exceptions=True)
+    if failed:  # every check must be answered
+        raise failed[0]
     samples.sort(key=lambda sample: sample.started)
     return samples
 
@@ -123,6 +138,7 @@ async def limiter_failover(
     report = FailoverReport(rule=rule)
     stop = asyncio.Event()
     stream = asyncio.create_task(check_stream(limiters, rule, key, stop))
+    watch = asyncio.create_task(_watch_stalls(report, stop))
     try:
         await asyncio.sleep(before)
         report.killed_at = time.monotonic()
@@ -139,4 +155,13 @@ async def limiter_failover(
     finally:
         stop.set()
         report.samples = await stream
+        await watch
     return report
+
+
+async def _watch_stalls(report: FailoverReport, stop: asyncio.Event) -> None:
+    """How late the loop wakes a 1 ms sleeper: a stall delays every check alike."""
+    while not stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(0.001)
+        report.longest_stall = max(report.longest_stall, time.monotonic() - before - 0.001)
