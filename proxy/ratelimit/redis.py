@@ -189,9 +189,13 @@ class RedisBackend:
                         replies[i] = reply
         except Exception as exc:  # whatever went wrong, no caller may be left waiting
             error = RateLimitBackendError(_describe(exc, self.timeout))
-            # The checks queued behind this batch have waited as long as it did: they fail
-            # with it (to the route's fallback) rather than wait another timeout.
-            waiting, self._batch = self._batch, []
+            waiting: list[_Check] = []
+            if asyncio.current_task() in self._in_flight:
+                # The checks queued behind this batch have waited as long as it did: they
+                # fail with it (to the route's fallback) rather than wait another timeout.
+                # (A batch given up at its deadline failed its queue then; the checks
+                # queued since have nothing to do with it.)
+                waiting, self._batch = self._batch, []
             _fail(batch + waiting, error)
             return
         for (_, _, burst, _, future), reply in zip(batch, replies, strict=True):
