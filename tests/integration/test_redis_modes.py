@@ -29,6 +29,7 @@ TIMEOUT = 0.1  # redis.timeout here: roomy for a loaded test machine
 # scheduling on a shared machine; a check waiting for a cancelled cluster call to unwind
 # (measured at 0.8-1.1s) or for a failover (seconds) is far beyond it.
 WAIT_BOUND = 2 * TIMEOUT + 0.15
+EXACT_TIMEOUT = 1.0  # redis.timeout where only the counts are asserted
 FROZEN = 0.001  # a rate so slow that no whole token refills while a test runs
 
 
@@ -46,9 +47,15 @@ async def make_limiter():
     limiters = []
 
     def make(
-        redis_set, *, instances: int = 1, errors=None, probe_interval=0.05, **options
+        redis_set,
+        *,
+        instances: int = 1,
+        errors=None,
+        probe_interval=0.05,
+        timeout=TIMEOUT,
+        **options,
     ) -> RateLimiter:
-        config = RedisConfig(**redis_set.redis_config(timeout=TIMEOUT, **options))
+        config = RedisConfig(**redis_set.redis_config(timeout=timeout, **options))
         limiter = RateLimiter(
             RedisBackend(config),
             instances=instances,
@@ -101,8 +108,10 @@ async def admitted_by_two(first: RateLimiter, second: RateLimiter, key: str, bur
 
 async def test_limit_is_exact_and_shared(redis_set, make_limiter):
     errors: list[Exception] = []
-    first = make_limiter(redis_set, errors=errors)
-    second = make_limiter(redis_set, errors=errors)
+    # Exactness does not depend on the timeout: a roomy one keeps a loaded machine from
+    # turning a slow answer into a fallback decision.
+    first = make_limiter(redis_set, errors=errors, timeout=EXACT_TIMEOUT)
+    second = make_limiter(redis_set, errors=errors, timeout=EXACT_TIMEOUT)
     decisions = await admitted_by_two(first, second, "10.0.0.1", burst=10)
     assert [d.allowed for d in decisions] == [True] * 10 + [False] * 20
     assert [d.remaining for d in decisions[:10]] == list(range(9, -1, -1))
@@ -113,7 +122,7 @@ async def test_cluster_buckets_carry_a_hash_tag_and_spread_over_the_masters(
     redis_cluster, make_limiter, monkeypatch
 ):
     monkeypatch.setenv(PASSWORD_ENV, redis_cluster.password)
-    limiter = make_limiter(redis_cluster)
+    limiter = make_limiter(redis_cluster, timeout=EXACT_TIMEOUT)
     keys = [f"10.0.0.{i}" for i in range(12)]
     for key in keys:
         assert (await limiter.check("api", key, Rule(rate=FROZEN, burst=3))).remaining == 2
@@ -130,7 +139,7 @@ async def test_cluster_buckets_carry_a_hash_tag_and_spread_over_the_masters(
 async def test_failover_without_the_script_on_the_new_master(redis_set, make_limiter):
     """The promoted replica never ran the script (Redis replicates its effects only):
     EVALSHA gets NOSCRIPT there, and the check must still be answered from Redis."""
-    limiter = make_limiter(redis_set)
+    limiter = make_limiter(redis_set, timeout=EXACT_TIMEOUT)
     rule = Rule(rate=FROZEN, burst=5)
     bucket = bucket_of(redis_set, "k")
     for remaining in (4, 3):
@@ -195,7 +204,14 @@ async def test_master_lost_under_a_steady_stream(redis_set, make_limiter, how, c
     # Fallback during the failover (burst/instances each), shared buckets before and after.
     assert report.over_admitted <= rule.burst + rule.rate * report.shared_after, report.summary()
 
-    decisions = await admitted_by_two(*limiters, key="after-failover", burst=10)
+    # A run in which a check missed its deadline (a loaded machine) was decided by the
+    # fallback, not by Redis: it does not count, a fresh bucket tries again.
+    for attempt in range(3):
+        errors_before = len(errors)
+        decisions = await admitted_by_two(*limiters, key=f"after-failover-{attempt}", burst=10)
+        if len(errors) == errors_before:
+            break
+        await asyncio.sleep(DEFAULT_PROBE_INTERVAL * 2)  # the probe closes the breaker
     assert [d.allowed for d in decisions] == [True] * 10 + [False] * 20
     assert not any(d.backend_failed for d in decisions)
 
