@@ -331,6 +331,8 @@ class RedisConfig(_Model):
                 raise ValueError("mode single needs url (e.g. redis://127.0.0.1:6379/0)")
             if self.nodes or self.master:
                 raise ValueError("nodes and master are for mode sentinel or cluster")
+            if self.password_env and urlsplit(self.url).password is not None:
+                raise ValueError("url carries a password and password_env names another: keep one")
         else:
             if self.url is not None:
                 raise ValueError(f"mode {self.mode} takes nodes, not url")

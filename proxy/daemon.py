@@ -268,7 +268,7 @@ class ProxyProcess:
     def _new_limiter(config: Config) -> RateLimiter:
         redis = None
         if config.redis is not None:
-            redis = RedisBackend(config.redis.url, config.redis.timeout)
+            redis = RedisBackend(config.redis)
         return RateLimiter(
             redis,
             instances=config.redis.instances if config.redis else 1,

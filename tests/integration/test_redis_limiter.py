@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio
 
+from proxy.config import RedisConfig
 from proxy.ratelimit import RateLimiter, RedisBackend
 from proxy.ratelimit.redis import DEFAULT_PREFIX, TOKEN_BUCKET_LUA
 
@@ -34,7 +35,7 @@ async def make_limiter():
 
     def make(url: str, *, timeout: float = 0.2, instances: int = 1, errors=None):
         limiter = RateLimiter(
-            RedisBackend(url, timeout),
+            RedisBackend(RedisConfig(url=url, timeout=timeout)),
             instances=instances,
             on_backend_error=None if errors is None else errors.append,
             probe_interval=0.05,
@@ -139,7 +140,7 @@ async def test_noscript_fallback_after_script_flush(redis_server, make_limiter):
     client.script_flush()
     decision = await limiter.check("api", "k", rule)
     assert decision.allowed and decision.remaining == 3 and not decision.backend_failed
-    assert client.script_exists(limiter._redis._script.sha) == [True]
+    assert client.script_exists(limiter._redis.script_sha) == [True]
     assert TOKEN_BUCKET_LUA  # shipped next to the module and loaded
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from proxy.config import RedisConfig
 from proxy.ratelimit import (
     BreakerState,
     Decision,
@@ -278,7 +279,7 @@ async def test_fallback_deny():
 
 
 async def test_refused_connection_falls_back_fast_and_close_stops_the_probe():
-    backend = RedisBackend(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5)
+    backend = RedisBackend(RedisConfig(url=f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5))
     errors = []
     waits = ProbeWaits()
     limiter = RateLimiter(backend, on_backend_error=errors.append, sleep=waits)
@@ -301,7 +302,7 @@ async def test_refused_connection_falls_back_fast_and_close_stops_the_probe():
 
 
 async def test_backend_error_wraps_every_failure():
-    backend = RedisBackend(f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5)
+    backend = RedisBackend(RedisConfig(url=f"redis://127.0.0.1:{closed_port()}/0", timeout=0.5))
     with pytest.raises(RateLimitBackendError):
         await backend.allow("k", 1.0, 1)
     with pytest.raises(RateLimitBackendError):
