@@ -51,15 +51,20 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     )
 )
-# Request headers we rewrite ourselves (framing, forwarding facts, 100-continue).
+# Request headers we rewrite ourselves (framing, forwarding facts, 100-continue). The
+# client's copies are dropped and ours added after the hop-by-hop ones are gone, so a
+# `Connection` that names one of them changes nothing (SPEC: Forwarding).
 REQUEST_REWRITTEN = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-request-id",  # always exactly one, the one the response carries
     b"x-sluicegate-trace",  # carries the admin token: never leaves the proxy
 }
+# Passed on even when `Connection` names it: an HTTP/1.1 request must have its Host.
+NEVER_HOP_BY_HOP = b"host"
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"content-length"}
 LAST_RESPONSE_LIMIT = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -338,7 +343,7 @@ def handle(conn: ClientConnection, request: Request) -> Any:
     when it is done), else the coroutine that serves it."""
     runtime = conn.listener.runtime
     ex = Exchange(conn, request, runtime)
-    if request.request_id is None:
+    if not request.request_id:  # absent, or sent empty: an ID that names nothing
         request.request_id = runtime.new_request_id()
     route = runtime.router.match(request.method, request.host, request.path, request)
     if request.trace is not None and runtime.wants_trace(request):
@@ -801,7 +806,7 @@ def _request_head(conn: ClientConnection, request: Request, route: Any, *, chunk
     parts = [request.method, b" ", target, b" HTTP/1.1\r\n"]
     dropped = request.connection_tokens
     for (name, value), lowered in zip(request.headers, request.lowered, strict=True):
-        if lowered in REQUEST_REWRITTEN or lowered in dropped:
+        if lowered in REQUEST_REWRITTEN or (lowered in dropped and lowered != NEVER_HOP_BY_HOP):
             continue
         parts += (name, b": ", value, b"\r\n")
     forwarded_for = request.forwarded_for
@@ -815,8 +820,8 @@ def _request_head(conn: ClientConnection, request: Request, route: Any, *, chunk
     )
     if request.host is not None:
         parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
-    if b"x-request-id" not in request.lowered:
-        parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
+    # The client's own ID when it sent one (the last, if several), else the one we made.
+    parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
     if request.upgrade:
         upgrade = request.header(b"upgrade") or b"websocket"
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
