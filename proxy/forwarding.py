@@ -177,6 +177,15 @@ class Exchange:
             response_started=response_started,
         )
 
+    def budget_left(self) -> float:
+        """Seconds left of ``retry.timeout``, which bounds the whole exchange from the moment
+        the request is complete (Envoy's route timeout): inf while a streamed body is still
+        arriving (its pace is ``client_body_timeout``'s business; see ``_BodyWriter``)."""
+        body = self.request.body
+        if body is not None and not body.complete:
+            return math.inf
+        return self.group.retry_policy.remaining(self.retry_started)
+
     def method_facts(self) -> tuple[str, bool]:
         """What decides whether the request may be repeated: its method, and whether it
         carries an Idempotency-Key."""
@@ -486,6 +495,9 @@ async def _forward(
                 last_error = UpstreamError(
                     "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
+            if error is not None and error.budget_spent:
+                last_response = None  # the budget is spent: the answer is 504 (SPEC)
+                break
             if ex.retry_refusal(failure_word, conn.response_started) is not None:
                 break
             if not group.retry_budget.try_acquire_retry():
@@ -589,9 +601,16 @@ class Attempt:
         request = ex.request
         conn = ex.conn
         self.upstream = upstream
-        upstream.begin(request.method == b"HEAD", waiter)
+        upstream.begin(request.method == b"HEAD", waiter, conn.loop.time() + ex.budget_left())
         conn.on_lost = upstream.abort
-        _send_request(upstream, request, ex.head_bytes, conn, chunked=ex.body_chunked)
+        _send_request(
+            upstream,
+            request,
+            ex.head_bytes,
+            conn,
+            chunked=ex.body_chunked,
+            budget=ex.group.retry_policy.timeout,
+        )
 
     def judge(self, response: Any) -> str | None:
         """Book the response head. Its failure word when it is a listed status the request
@@ -739,7 +758,7 @@ async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | N
         upstream = pool.take_idle()
         attempt.reused = upstream is not None
         if upstream is None:
-            upstream = await pool.connect()
+            upstream = await pool.connect(ex.budget_left())
         if conn.closed:
             upstream.close()
             ex.client_gone()
@@ -767,7 +786,9 @@ async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
     if not collector.too_big:
         try:
             await upstream.wait_done()
-        except UpstreamError:
+        except UpstreamError as error:
+            if error.budget_spent:
+                raise  # the exchange is over: 504, not this response
             return None
     if collector.too_big or not upstream.complete:
         return None
@@ -844,7 +865,9 @@ def _send_request(
     conn: ClientConnection,
     *,
     chunked: bool,
+    budget: float | None,
 ) -> None:
+    """``budget``: ``retry.timeout``, counted from the end of a body that streams."""
     body = request.body
     if body is None:
         upstream.write(head_bytes)
@@ -854,7 +877,7 @@ def _send_request(
         upstream.write(head_bytes + b"".join(body.chunks))
         upstream.request_complete = True
         return
-    writer = _BodyWriter(upstream, head_bytes, chunked)
+    writer = _BodyWriter(upstream, head_bytes, chunked, budget)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
     upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     body.stream_to(writer)
@@ -896,13 +919,24 @@ class _Reframed:
 
 
 class _BodyWriter(_Reframed):
-    """The client's body to the upstream, with backpressure (see ``_send_request``)."""
+    """The client's body to the upstream, with backpressure (see ``_send_request``).
 
-    __slots__ = ()
+    The request is complete when its body ends: the retry time budget (``budget``
+    seconds, None for none) starts bounding the exchange then.
+    """
+
+    __slots__ = ("budget",)
+
+    def __init__(self, out: Any, head: bytes, chunked: bool, budget: float | None) -> None:
+        super().__init__(out, head, chunked)
+        self.budget = budget
 
     def on_end(self) -> None:
         self.write_end()
-        self.out.request_complete = True
+        upstream = self.out
+        upstream.request_complete = True
+        if self.budget is not None:
+            upstream.limit_exchange(upstream.loop.time() + self.budget)
 
 
 class _ResponseRelay(_Reframed):
