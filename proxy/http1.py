@@ -405,7 +405,6 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         piece = memoryview(data)[start:end] if start or end < len(data) else data
         self._fed = 0  # bytes of this piece known to belong to earlier messages (approx.)
         self._head_began_at = -1
-        self._fed_tail = data[max(start, end - 3) : end]
         try:
             self._parser.feed_data(piece)
         except httptools.HttpParserUpgrade as upgrade:
@@ -427,6 +426,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             self.reject(400, _parser_reason(error))
             return False
         parsing = self._parsing
+        # Mid-message, the end of what was fed may be the start of the head's last CRLFCRLF.
+        self._fed_tail = b"" if parsing is None else data[max(start, end - 3) : end]
         if parsing is not None and not parsing.method:
             # Everything since the head began is still head: bound what llhttp accumulates.
             # A head that began in this piece owns only what follows the message before it
