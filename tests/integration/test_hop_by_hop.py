@@ -165,3 +165,27 @@ def test_a_websocket_upgrade_naming_the_request_id_still_switches(start_sluicega
     assert header_values(seen, "X-Request-ID") == ["ws-1"]
     assert header_values(seen, "Upgrade") == ["websocket"]
     assert "upgrade" in seen.header("Connection").lower()
+
+
+def _chunked_naming_its_framing(request: RawRequest, sock: socket.socket) -> bool:
+    sock.sendall(
+        b"HTTP/1.1 200 OK\r\nConnection: Transfer-Encoding, X-Request-ID\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Request-ID: upstream-made\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    return True
+
+
+def test_an_upstream_naming_its_own_framing_is_still_re_framed(start_sluicegate):
+    with RawUpstream(_chunked_naming_its_framing) as upstream:
+        daemon = start_sluicegate(config(upstream.url))
+        with RawClient(daemon.port) as client:
+            for _ in range(2):  # framed right: the connection stays in step
+                response = client.request(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                assert response.status == 200
+                # Re-framed by the proxy: with a length when the body came whole, else chunked.
+                framing = {"content-length", "transfer-encoding"} & response.header_names()
+                assert len(framing) == 1, response.headers
+                assert response.body == b"hello world"
+                sent = header_values(upstream.requests[-1], "X-Request-ID")
+                assert header_values(response, "X-Request-ID") == sent
