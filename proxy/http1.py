@@ -481,7 +481,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             waiter.set_result(None)
         if self._awaiting_drain:
             self._awaiting_drain = False
-            self._next_request()
+            if not self.closed:  # closed meanwhile (a shutdown): what waited is dropped
+                self._next_request()
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still read its response (curl does this with uploads):
