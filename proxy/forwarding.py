@@ -52,15 +52,20 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     )
 )
-# Request headers we rewrite ourselves (framing, forwarding facts, 100-continue).
+# Request headers we rewrite ourselves (framing, forwarding facts, 100-continue). The
+# client's copies are dropped and ours added after the hop-by-hop ones are gone, so a
+# `Connection` that names one of them changes nothing (SPEC: Forwarding).
 REQUEST_REWRITTEN = HOP_BY_HOP | {
     b"content-length",
     b"expect",
     b"x-forwarded-for",
     b"x-forwarded-proto",
     b"x-forwarded-host",
+    b"x-request-id",  # always exactly one, the one the response carries
     b"x-sluicegate-trace",  # carries the admin token: never leaves the proxy
 }
+# Passed on even when `Connection` names it: an HTTP/1.1 request must have its Host.
+NEVER_HOP_BY_HOP = b"host"
 RESPONSE_REWRITTEN = HOP_BY_HOP | {b"content-length"}
 LAST_RESPONSE_LIMIT = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -186,6 +191,15 @@ class Exchange:
             body_replayable=self.replayable,
             response_started=response_started,
         )
+
+    def budget_left(self) -> float:
+        """Seconds left of ``retry.timeout``, which bounds the whole exchange from the moment
+        the request is complete (Envoy's route timeout): inf while a streamed body is still
+        arriving (its pace is ``client_body_timeout``'s business; see ``_BodyWriter``)."""
+        body = self.request.body
+        if body is not None and not body.complete:
+            return math.inf
+        return self.group.retry_policy.remaining(self.retry_started)
 
     def method_facts(self) -> tuple[str, bool]:
         """What decides whether the request may be repeated: its method, and whether it
@@ -359,7 +373,7 @@ def handle(conn: ClientConnection, request: Request) -> Any:
     when it is done), else the coroutine that serves it."""
     runtime = conn.listener.runtime
     ex = Exchange(conn, request, runtime)
-    if request.request_id is None:
+    if not request.request_id:  # absent, or sent empty: an ID that names nothing
         request.request_id = runtime.new_request_id()
     route = runtime.router.match(request.method, request.host, request.path, request)
     if request.trace is not None and runtime.wants_trace(request):
@@ -503,6 +517,9 @@ async def _forward(
                 last_error = UpstreamError(
                     "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
+            if error is not None and error.budget_spent:
+                last_response = None  # the budget is spent: the answer is 504 (SPEC)
+                break
             if ex.retry_refusal(failure_word, conn.response_started) is not None:
                 break
             if not group.retry_budget.try_acquire_retry():
@@ -606,9 +623,16 @@ class Attempt:
         request = ex.request
         conn = ex.conn
         self.upstream = upstream
-        upstream.begin(request.method == b"HEAD", waiter)
+        upstream.begin(request.method == b"HEAD", waiter, conn.loop.time() + ex.budget_left())
         conn.on_lost = upstream.abort
-        _send_request(upstream, request, ex.head_bytes, conn, chunked=ex.body_chunked)
+        _send_request(
+            upstream,
+            request,
+            ex.head_bytes,
+            conn,
+            chunked=ex.body_chunked,
+            budget=ex.group.retry_policy.timeout,
+        )
 
     def judge(self, response: Any) -> str | None:
         """Book the response head. Its failure word when it is a listed status the request
@@ -760,7 +784,7 @@ async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | N
         upstream = pool.take_idle()
         attempt.reused = upstream is not None
         if upstream is None:
-            upstream = await pool.connect()
+            upstream = await pool.connect(ex.budget_left())
         if conn.closed:
             upstream.close()
             ex.client_gone()
@@ -788,7 +812,9 @@ async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
     if not collector.too_big:
         try:
             await upstream.wait_done()
-        except UpstreamError:
+        except UpstreamError as error:
+            if error.budget_spent:
+                raise  # the exchange is over: 504, not this response
             return None
     if collector.too_big or not upstream.complete:
         return None
@@ -827,7 +853,7 @@ def _request_head(conn: ClientConnection, request: Request, route: Any, *, chunk
     parts = [request.method, b" ", target, b" HTTP/1.1\r\n"]
     dropped = request.connection_tokens
     for (name, value), lowered in zip(request.headers, request.lowered, strict=True):
-        if lowered in REQUEST_REWRITTEN or lowered in dropped:
+        if lowered in REQUEST_REWRITTEN or (lowered in dropped and lowered != NEVER_HOP_BY_HOP):
             continue
         parts += (name, b": ", value, b"\r\n")
     forwarded_for = request.forwarded_for
@@ -841,8 +867,8 @@ def _request_head(conn: ClientConnection, request: Request, route: Any, *, chunk
     )
     if request.host is not None:
         parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
-    if b"x-request-id" not in request.lowered:
-        parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
+    # The client's own ID when it sent one (the last, if several), else the one we made.
+    parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
     if request.upgrade:
         upgrade = request.header(b"upgrade") or b"websocket"
         parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
@@ -865,7 +891,9 @@ def _send_request(
     conn: ClientConnection,
     *,
     chunked: bool,
+    budget: float | None,
 ) -> None:
+    """``budget``: ``retry.timeout``, counted from the end of a body that streams."""
     body = request.body
     if body is None:
         upstream.write(head_bytes)
@@ -875,7 +903,7 @@ def _send_request(
         upstream.write(head_bytes + b"".join(body.chunks))
         upstream.request_complete = True
         return
-    writer = _BodyWriter(upstream, head_bytes, chunked)
+    writer = _BodyWriter(upstream, head_bytes, chunked, budget)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
     upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
     body.stream_to(writer)
@@ -917,13 +945,24 @@ class _Reframed:
 
 
 class _BodyWriter(_Reframed):
-    """The client's body to the upstream, with backpressure (see ``_send_request``)."""
+    """The client's body to the upstream, with backpressure (see ``_send_request``).
 
-    __slots__ = ()
+    The request is complete when its body ends: the retry time budget (``budget``
+    seconds, None for none) starts bounding the exchange then.
+    """
+
+    __slots__ = ("budget",)
+
+    def __init__(self, out: Any, head: bytes, chunked: bool, budget: float | None) -> None:
+        super().__init__(out, head, chunked)
+        self.budget = budget
 
     def on_end(self) -> None:
         self.write_end()
-        self.out.request_complete = True
+        upstream = self.out
+        upstream.request_complete = True
+        if self.budget is not None:
+            upstream.limit_exchange(upstream.loop.time() + self.budget)
 
 
 class _ResponseRelay(_Reframed):

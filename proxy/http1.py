@@ -8,11 +8,16 @@ callbacks here add what it allows but a proxy must not (obs-fold, repeated frami
 CONNECT, foreign absolute-form targets, a missing Host). A request that fails any check is
 answered by us and the connection is closed: nothing unparsed is ever forwarded.
 
-Requests are handled one at a time in arrival order (pipelining): a request whose head is
-complete while another is in flight waits in ``_queue`` and reading pauses, so memory per
-connection stays bounded. Bodies stream through ``RequestBody``, which either buffers (so a
-retry can replay it) or hands chunks to the upstream as they come, with backpressure both
-ways through ``pause_reading``/``pause_writing``.
+Requests are handled one at a time in arrival order (pipelining), and the next one is read
+only once the current response is on its way (as nginx and HAProxy do), so memory per
+connection stays bounded whatever the pipelining depth. What the client sends while a
+response is being relayed stays unparsed in ``_backlog`` and reading pauses; the parser is
+fed one message at a time (``_piece_end``), never past the end of the current request. When
+the response has been handed to the transport and its write buffer is under the low-water
+mark (``pause_writing``/``resume_writing``: a client that does not read stops us here),
+``_next_request`` parses on. Bodies stream through ``RequestBody``, which either buffers
+(so a retry can replay it) or hands chunks to the upstream as they come, with backpressure
+both ways through ``pause_reading``/``pause_writing``.
 
 Deadlines (one coarse sweep, see timers.py): a new or kept-alive idle connection closes after
 ``keepalive_timeout`` (new ones after ``client_header_timeout``); a started head must be
@@ -38,6 +43,10 @@ if TYPE_CHECKING:
     from proxy.timers import Sweeper
 
 MAX_HEADER_COUNT = 100
+HEAD_END = b"\r\n\r\n"
+# Reasons to pause reading that are ours to lift: any other also stops the parser (a held
+# body, an upstream that cannot take the body, a connection closing or switching).
+OWN_PAUSE = "pipeline"
 WRITE_HIGH_WATER = 256 * 1024
 BODY_HIGH_WATER = 256 * 1024
 
@@ -276,6 +285,13 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._deferred: Request | None = None  # started meanwhile, for that loop to run
         self._fed = 0
         self._head_began_at = -1
+        self._backlog = b""  # received, not parsed yet: from _backlog_at on
+        self._backlog_at = 0
+        self._fed_tail = b""  # the last bytes fed: a head's end may straddle two reads
+        self._pumping = False
+        self._pump_scheduled = False
+        self._awaiting_drain = False  # answered; the next waits for the client to read
+        self._pipelined = False  # the backlog was sent behind a request in flight
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -314,34 +330,146 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if self.requests_served == 0:
                 self._head_started_at = self._sweeper.now
             self.deadline = self._head_started_at + self.limits.client_header_timeout
-        self._fed = 0  # bytes of this read known to belong to earlier messages (approx.)
+        if self._backlog:
+            self._backlog = self._backlog[self._backlog_at :] + data
+        else:
+            self._backlog = data
+            self._pipelined = False
+        self._backlog_at = 0
+        if self._current is not None or self._awaiting_drain:
+            self._pipelined = True
+        self._pump()
+
+    # -- parsing, one message at a time ---------------------------------------------------
+
+    def _may_parse(self) -> bool:
+        """May the parser go on? Not past the current request's end while it is answered
+        (nor while its answer waits for the client to read), nor while anything but the
+        pipeline itself holds reading paused."""
+        if self._awaiting_drain or self.closed:
+            return False
+        paused = self._reading_paused_for
+        if paused and (len(paused) > 1 or OWN_PAUSE not in paused):
+            return False
+        current = self._current
+        return current is None or self._parsing is current  # ... or its body still comes
+
+    def _pump(self) -> None:
+        """Feed the backlog to the parser while it may go on; pause reading while bytes
+        wait. Handlers that answer at once call back into here: the outer loop goes on."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._backlog and self._may_parse():
+                data, start = self._backlog, self._backlog_at
+                end = start + self._piece_end(data, start)
+                if end >= len(data):
+                    self._backlog, self._backlog_at = b"", 0
+                else:
+                    self._backlog_at = end
+                if not self._parse(data, start, end):
+                    break
+                if self._current is not None:
+                    self._pipelined = True  # what is left came behind it
+        finally:
+            self._pumping = False
+        if self.closed:
+            return
+        if self._backlog:
+            self.pause_reading(OWN_PAUSE)
+        elif OWN_PAUSE in self._reading_paused_for and not self._queue:
+            self.resume_reading(OWN_PAUSE)
+        if self._current is None and not self._awaiting_drain:
+            self._arm_wait_deadline()
+
+    def _piece_end(self, data: bytes, start: int) -> int:
+        """How many bytes of ``data`` from ``start`` to feed at once: up to the end of the
+        message being parsed (its head, or a body of known length), so that the parser
+        never runs ahead into the next request. A chunked body is fed up to its next
+        empty line (its end, or harmlessly less)."""
+        parsing = self._parsing
+        if parsing is not None and parsing.method and parsing.content_length is not None:
+            body = parsing.body
+            left = parsing.content_length - (body.received if body is not None else 0)
+            if left > 0:
+                return min(left, len(data) - start)
+        tail = self._fed_tail
+        if tail:
+            # The previous piece may have ended inside CRLFCRLF: this one ends with it.
+            for fed in (3, 2, 1):
+                if tail.endswith(HEAD_END[:fed]) and data.startswith(HEAD_END[fed:], start):
+                    return 4 - fed
+        end = data.find(HEAD_END, start)
+        return len(data) - start if end < 0 else end + 4 - start
+
+    def _parse(self, data: bytes, start: int, end: int) -> bool:
+        """Feed ``data[start:end]`` to the parser. False when parsing stops here for good
+        (a rejection, an upgrade, the end of the connection)."""
+        piece = memoryview(data)[start:end] if start or end < len(data) else data
+        self._fed = 0  # bytes of this piece known to belong to earlier messages (approx.)
         self._head_began_at = -1
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(piece)
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgrade_requested(data[upgrade.args[0] :])
-            return
+            # What follows the offer is the client's (tunnel or HTTP), never this parser's.
+            rest = data[start + upgrade.args[0] :]
+            self._backlog, self._backlog_at = b"", 0
+            self._upgrade_requested(rest)
+            return not self.closed and "upgrade" not in self._reading_paused_for
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, RequestRejected):
                 self.reject(cause.status, cause.reason)
             else:
                 self.reject(400, "malformed request")
-            return
+            return False
         except httptools.HttpParserError as error:
             if "closing" in self._reading_paused_for:
-                return  # bytes after a request that ends the connection: never parsed
+                return False  # bytes after a request that ends the connection: never parsed
             self.reject(400, _parser_reason(error))
-            return
+            return False
         parsing = self._parsing
+        # Mid-message, the end of what was fed may be the start of the head's last CRLFCRLF.
+        self._fed_tail = b"" if parsing is None else data[max(start, end - 3) : end]
         if parsing is not None and not parsing.method:
             # Everything since the head began is still head: bound what llhttp accumulates.
-            # A head that began in this read owns only what follows the messages before it
-            # (pipelined requests, a body): those must not count against it.
+            # A head that began in this piece owns only what follows the message before it
+            # (a body's last bytes): those must not count against it.
             began = self._head_began_at
-            self._head_bytes += len(data) - began if began >= 0 else len(data)
+            size = end - start
+            self._head_bytes += size - began if began >= 0 else size
             if self._head_bytes > self.limits.max_header_bytes:
                 self.reject(431, "request head too large")
+                return False
+        return True
+
+    def resume_reading(self, reason: str) -> None:
+        super().resume_reading(reason)
+        # Bytes that waited for this (a held body, a slow upstream) are parsed on the next
+        # tick: never from inside the code that lifted the pause.
+        if self._backlog and reason != OWN_PAUSE and not self._pump_scheduled:
+            self._pump_scheduled = True
+            self.loop.call_soon(self._scheduled_pump)
+
+    def _scheduled_pump(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
+
+    def _arm_wait_deadline(self) -> None:
+        """Nothing in flight: a started head must complete within client_header_timeout
+        (from the end of the previous response), an idle connection closes after
+        keepalive_timeout; a client that half-closed is done."""
+        if self._client_eof:
+            self.close()  # answered all it sent; it will send nothing more
+            return
+        if self._parsing is not None:
+            self._deadline_kind = "head"
+            self.deadline = self._head_started_at + self.limits.client_header_timeout
+        elif self.requests_served:
+            self._deadline_kind = "idle"
+            self.deadline = self._head_started_at + self.limits.keepalive_timeout
+        # else a new connection whose first bytes began no request yet: its deadline stands
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -355,6 +483,10 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self._awaiting_drain:
+            self._awaiting_drain = False
+            if not self.closed:  # closed meanwhile (a shutdown): what waited is dropped
+                self._next_request()
 
     def eof_received(self) -> bool | None:
         # A half-closed client may still read its response (curl does this with uploads):
@@ -371,7 +503,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             # it as a reset would (499, upstream exchange aborted), not at
             # client_body_timeout.
             return False
-        return current is not None
+        return current is not None or self._awaiting_drain or bool(self._backlog)
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -462,15 +594,21 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if (request.content_length or 0) > self.limits.max_body_bytes:
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
+        if request.upgrade and self._pipelined:
+            # A WebSocket offer sent behind another request, before its answer: whether
+            # the connection switches must not hang on what that answer turns out to be.
+            raise RequestRejected(400, "upgrade while a request is in flight")
         self._head_bytes = 0
         self._fed += request.head_size + 2
         if self._current is None:
             self._arm_body_deadline(request)
             self._start(request)
         else:
-            # Its body deadline starts when it does: until then reading is paused by us.
+            # Parsed in the same piece as the end of a chunked body (see _piece_end): it
+            # waits its turn. Its body deadline starts when it does: until then reading is
+            # paused by us.
             self._queue.append(request)
-            self.pause_reading("pipeline")
+            self.pause_reading(OWN_PAUSE)
 
     def _arm_body_deadline(self, request: Request) -> None:
         waiting = request.body is not None and not request.body.complete
@@ -597,7 +735,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self.close()
 
     def request_done(self, request: Request) -> None:
-        """``request`` has been answered: the next one may start."""
+        """``request`` has been answered (its response handed to the transport): the next
+        one may start once the client has taken most of it."""
         if request is not self._current:
             return
         self._current = None
@@ -617,12 +756,22 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             # be sending its next request, which will be answered with a close.
             self.close()
             return
+        if self._writing_paused:
+            # The client is not reading: answers would pile up in the write buffer. The
+            # next request waits until it is under its low-water mark (resume_writing).
+            self._awaiting_drain = True
+            self._deadline_kind = "busy"
+            self.deadline = 0.0
+            return
+        self._next_request()
+
+    def _next_request(self) -> None:
+        """The previous response is on its way: start the next request, or wait for one."""
         if self._queue:
             queued = self._queue.popleft()
             self._arm_body_deadline(queued)
             self._start(queued)
-            if not self._queue:
-                self.resume_reading("pipeline")
+            self._pump()  # lifts the pipeline pause once nothing waits
             return
         pending = self._pending_reject
         if pending is not None:
@@ -631,21 +780,13 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             self._parsing = pending[2]
             self.reject(pending[0], pending[1])
             return
-        if self._client_eof:
-            self.close()  # answered all it sent; it will send nothing more
-            return
-        now = self._sweeper.now
-        self._head_started_at = now
-        if self._parsing is not None:
-            self._deadline_kind = "head"
-            self.deadline = now + self.limits.client_header_timeout
-        else:
-            self._deadline_kind = "idle"
-            self.deadline = now + self.limits.keepalive_timeout
+        # client_header_timeout for a head that follows counts from here.
+        self._head_started_at = self._sweeper.now
         if self.tunnel is None and "upgrade" in self._reading_paused_for:
             # The upstream declined the upgrade (no 101): the connection goes on as HTTP.
             self.resume_reading("upgrade")
             self._continue_as_http(self.take_early_tunnel_bytes())
+        self._pump()
 
     def on_deadline(self) -> None:
         kind = self._deadline_kind
@@ -731,10 +872,12 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
 
     def _continue_as_http(self, tail: bytes) -> None:
         """No tunnel after all: llhttp stops for good at an upgrade, so a fresh parser
-        reads on, from what the client sent after that head."""
+        reads on (``_pump``), from what the client sent after that head."""
         self._parser = httptools.HttpRequestParser(self)
+        self._fed_tail = b""
         if tail and "closing" not in self._reading_paused_for:
-            self.data_received(tail)
+            self._backlog = tail + self._backlog[self._backlog_at :]
+            self._backlog_at = 0
 
     def take_early_tunnel_bytes(self) -> bytes:
         data, self._early_tunnel_bytes = self._early_tunnel_bytes, b""

@@ -15,12 +15,19 @@ response allowed keep-alive and whose request body was sent in full; anything el
 Failures carry the phase in which they happened (``UpstreamError.kind``): ``error`` (refused,
 reset, closed before a full head), ``timeout`` (connect or read), ``invalid_header``
 (malformed head). ``sent`` tells whether request bytes left us, which decides retry safety.
+
+Deadlines. Each wait for the upstream (the connect, the head, every gap in the body) is
+bounded by ``timeouts.connect``/``timeouts.read`` and, whichever comes first, by the
+exchange's ``budget_end``: the instant (loop clock) its ``retry.timeout`` runs out, as
+Envoy's route timeout bounds the whole exchange. A wait cut short by the budget fails as
+a ``timeout`` with ``budget_spent`` set, which no retry follows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +41,7 @@ RESPONSE_HEAD_LIMIT = 64 * 1024
 HELD_BODY_LIMIT = 256 * 1024
 POOL_IDLE_SECONDS = 60.0
 WRITE_HIGH_WATER = 256 * 1024
+TIMER_SLACK = 0.002
 
 _ssl_context: ssl.SSLContext | None = None
 
@@ -49,11 +57,12 @@ def client_ssl_context() -> ssl.SSLContext:
 class UpstreamError(Exception):
     """An attempt failed before a usable response head: ``kind`` is a retry.on word."""
 
-    def __init__(self, kind: str, detail: str, *, sent: bool) -> None:
+    def __init__(self, kind: str, detail: str, *, sent: bool, budget_spent: bool = False) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
         self.sent = sent
+        self.budget_spent = budget_spent  # cut by the retry time budget: retry nowhere
 
 
 class _HeadResponseDone(Exception):
@@ -136,6 +145,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.complete = False
         self.request_is_head = False
         self.request_complete = False  # the whole request body left us (set by forwarding)
+        self.budget_end = math.inf  # no read wait runs past this (loop clock), see begin()
         self.body_writer_paused: Callable[[bool], None] | None = None
         self._reading_paused_for: set[str] = set()
         self.tunnel_data: bytes = b""
@@ -145,7 +155,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        self._sweeper.watch(self)
+        self._sweeper.watch(self, precise=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -184,7 +194,12 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self.deadline = self._sweeper.now + self.read_timeout
             self.sink.on_body(data)
             return
-        self.deadline = self.loop.time() + self.read_timeout  # the fresh clock, see begin()
+        deadline = self.loop.time() + self.read_timeout  # the fresh clock, see begin()
+        if deadline >= self.budget_end:
+            deadline = self.budget_end
+            if deadline < self._sweeper.next_sweep:
+                self._sweeper.fire_at(self, deadline)
+        self.deadline = deadline
         if not self._head_done:
             # Checked after parsing: body bytes read together with the head do not count.
             self._head_bytes += len(data)
@@ -302,14 +317,27 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     # -- the exchange, driven by forwarding ----------------------------------------------
 
-    def begin(self, request_is_head: bool, waiter: Any) -> None:
-        """Start an exchange; ``waiter`` hears head_received(head) or head_failed(error)."""
+    def begin(self, request_is_head: bool, waiter: Any, budget_end: float = math.inf) -> None:
+        """Start an exchange; ``waiter`` hears head_received(head) or head_failed(error).
+        ``budget_end``: when its retry time budget runs out (loop clock), if known yet."""
         self._reset_exchange()
         self.request_is_head = request_is_head
         self.waiter = waiter
         # The loop's clock, not the sweeper's tick-cached one: a stale `now` fires the
         # timeout early.
         self.deadline = self.loop.time() + self.read_timeout
+        self.limit_exchange(budget_end)
+
+    def limit_exchange(self, budget_end: float) -> None:
+        """No wait of this exchange runs past ``budget_end`` (loop clock) from now on."""
+        if budget_end >= self.budget_end:
+            return
+        self.budget_end = budget_end
+        deadline = self.deadline
+        if deadline > budget_end and not self.complete and self.failure is None:
+            self.deadline = budget_end
+            if budget_end < self._sweeper.next_sweep:
+                self._sweeper.fire_at(self, budget_end)
 
     def attach(self, sink: Any) -> None:
         """Hand the response body to ``sink`` (on_body/on_end/on_abort), held bytes first."""
@@ -346,7 +374,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def start_tunnel(self, sink: Any) -> None:
         self.sink = sink
         pending, self.tunnel_data = self.tunnel_data, None  # type: ignore[assignment]
-        # An idle tunnel (no bytes either way, see tunnel_activity) ends after read_timeout.
+        # An idle tunnel (no bytes either way, see tunnel_activity) ends after read_timeout;
+        # the retry time budget bounded the exchange that opened it, not the tunnel.
+        self.budget_end = math.inf
         self.deadline = self._sweeper.refresh() + self.read_timeout
         if pending:
             sink.on_body(pending)
@@ -362,7 +392,16 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self.tunnel_data is None:
             self.close()  # idle tunnel: connection_lost tells the sink
             return
-        error = UpstreamError("timeout", "upstream read timed out", sent=True)
+        # Timers fire to the millisecond (uvloop truncates): that close, the budget is out.
+        if self.loop.time() >= self.budget_end - TIMER_SLACK:
+            error = UpstreamError(
+                "timeout",
+                "retry.timeout spent waiting for the upstream",
+                sent=True,
+                budget_spent=True,
+            )
+        else:
+            error = UpstreamError("timeout", "upstream read timed out", sent=True)
         if not self._head_done:
             self._fail(error)
         else:
@@ -457,10 +496,23 @@ class ConnectionPool:
                 return conn
         return None
 
-    async def connect(self) -> UpstreamConnection:
+    async def connect(self, budget_left: float = math.inf) -> UpstreamConnection:
+        """A new connection, within ``timeouts.connect`` and the ``budget_left`` seconds of
+        the exchange's retry time budget, whichever is shorter."""
         loop = asyncio.get_running_loop()
+        timeout = self.connect_timeout
+        clipped = budget_left < timeout
+        if clipped:
+            if budget_left <= 0:
+                raise UpstreamError(
+                    "timeout",
+                    "retry.timeout spent before connecting",
+                    sent=False,
+                    budget_spent=True,
+                )
+            timeout = budget_left
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
                     lambda: UpstreamConnection(self),
                     self.host,
@@ -469,6 +521,10 @@ class ConnectionPool:
                     server_hostname=self.tls_name if self.tls else None,
                 )
         except TimeoutError:
+            if clipped:
+                raise UpstreamError(
+                    "timeout", "retry.timeout spent while connecting", sent=False, budget_spent=True
+                ) from None
             raise UpstreamError("timeout", "connect timed out", sent=False) from None
         except OSError as error:
             reason = error.strerror or type(error).__name__

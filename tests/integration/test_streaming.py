@@ -102,7 +102,14 @@ class Pour:
 def config(url: str, **limits: Any) -> dict[str, Any]:
     return {
         "limits": {"max_body_bytes": "2GiB", **limits},
-        "upstreams": {"u": {"servers": [{"url": url}], "timeouts": {"read": "30s"}}},
+        # retry.timeout bounds the whole exchange, body included: a GiB must fit in it.
+        "upstreams": {
+            "u": {
+                "servers": [{"url": url}],
+                "timeouts": {"read": "30s"},
+                "retry": {"timeout": "5m"},
+            }
+        },
         "routes": [{"name": "all", "match": {"path_prefix": "/"}, "upstream": "u"}],
         "logging": {"access_log": False},
     }

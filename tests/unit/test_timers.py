@@ -1,49 +1,106 @@
-"""Sweeper: deadlines fire on the injected clock's time, one sweep at a time."""
+"""The deadline sweeper, driven by a fake loop whose clock and timers the test advances.
+
+Coarse items fire at the first tick past their deadline; precise ones (upstream exchanges,
+whose waits the retry time budget clips) fire at their deadline itself, whether it was
+armed long before (the tick before it arms a timer) or just before (``fire_at``).
+"""
 
 from __future__ import annotations
 
-import asyncio
+import heapq
+import itertools
+from typing import Any
+
+import pytest
 
 from proxy.timers import Sweeper
-from tests.support.clock import FakeClock
+
+
+class FakeLoop:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self._timers: list[tuple[float, int, Any, tuple[Any, ...]]] = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> Any:
+        heapq.heappush(self._timers, (when, next(self._order), callback, args))
+        return self
+
+    def cancel(self) -> None:  # the sweeper's own handle, on stop()
+        pass
+
+    def advance(self, seconds: float) -> None:
+        """Run every timer due within ``seconds``, each at its own time."""
+        end = self.now + seconds
+        while self._timers and self._timers[0][0] <= end:
+            when, _, callback, args = heapq.heappop(self._timers)
+            self.now = max(self.now, when)
+            callback(*args)
+        self.now = end
 
 
 class Item:
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.fired = 0
+    def __init__(self, loop: FakeLoop) -> None:
+        self.loop = loop
+        self.deadline = 0.0
+        self.fired_at: list[float] = []
 
     def on_deadline(self) -> None:
-        self.fired += 1
+        self.fired_at.append(self.loop.now)
 
 
-async def test_sweep_fires_only_deadlines_past_due_and_clears_them():
-    clock = FakeClock(100.0)
-    sweeper = Sweeper(asyncio.get_running_loop(), clock=clock)
-    assert sweeper.now == 100.0
-    due, later, unarmed = Item(101.0), Item(102.0), Item(0.0)
-    for item in (due, later, unarmed):
-        sweeper.watch(item)
-    clock.advance(1.0)
-    sweeper.sweep()
-    assert (due.fired, later.fired, unarmed.fired) == (1, 0, 0)
-    assert due.deadline == 0.0 and sweeper.now == 101.0
-    sweeper.unwatch(later)
-    clock.advance(5.0)
-    sweeper.sweep()
-    assert (due.fired, later.fired) == (1, 0)
+def started(tick: float = 0.05) -> tuple[FakeLoop, Sweeper]:
+    loop = FakeLoop()
+    sweeper = Sweeper(loop, tick=tick)  # type: ignore[arg-type]
+    sweeper.start()
+    return loop, sweeper
 
 
-async def test_refresh_reads_the_clock():
-    clock = FakeClock(5.0)
-    sweeper = Sweeper(asyncio.get_running_loop(), clock=clock)
-    clock.advance(2.5)
-    assert sweeper.now == 5.0
-    assert sweeper.refresh() == 7.5 == sweeper.now
+def test_a_coarse_deadline_fires_at_the_tick_after_it():
+    loop, sweeper = started()
+    item = Item(loop)
+    sweeper.watch(item)
+    item.deadline = loop.now + 0.12
+    loop.advance(1.0)
+    assert item.fired_at == [pytest.approx(100.15)]  # ticks at 100.05, 100.10, 100.15
+    assert item.deadline == 0.0
 
 
-async def test_the_default_clock_is_the_loops():
-    loop = asyncio.get_running_loop()
-    sweeper = Sweeper(loop)
-    before = loop.time()
-    assert before <= sweeper.refresh() <= loop.time()
+def test_a_precise_deadline_fires_at_its_time():
+    loop, sweeper = started()
+    item = Item(loop)
+    sweeper.watch(item, precise=True)
+    item.deadline = loop.now + 0.123
+    loop.advance(1.0)
+    assert item.fired_at == [pytest.approx(100.123)]
+
+
+def test_a_precise_deadline_armed_inside_the_current_tick_asks_for_its_timer():
+    loop, sweeper = started()
+    item = Item(loop)
+    sweeper.watch(item, precise=True)
+    loop.advance(0.051)  # just past a tick: the next one is at 100.10
+    item.deadline = loop.now + 0.02
+    assert item.deadline < sweeper.next_sweep
+    sweeper.fire_at(item, item.deadline)
+    loop.advance(1.0)
+    assert item.fired_at == [pytest.approx(100.071)]
+
+
+def test_a_timer_for_a_deadline_moved_or_cleared_meanwhile_does_nothing():
+    loop, sweeper = started()
+    moved, cleared, gone = Item(loop), Item(loop), Item(loop)
+    for item in (moved, cleared, gone):
+        sweeper.watch(item, precise=True)
+        item.deadline = loop.now + 0.03
+        sweeper.fire_at(item, item.deadline)
+    moved.deadline = loop.now + 0.5  # data came: the wait starts again
+    cleared.deadline = 0.0  # the exchange completed
+    sweeper.unwatch(gone)  # the connection closed
+    loop.advance(0.2)
+    assert (moved.fired_at, cleared.fired_at, gone.fired_at) == ([], [], [])
+    loop.advance(1.0)
+    assert moved.fired_at == [pytest.approx(100.5)]
