@@ -210,3 +210,27 @@ ENCODERS: dict[str, type] = {"gzip": GzipEncoder, "br": BrotliEncoder, "zstd": Z
 def compress_all(algorithm: str, body: bytes, level: int | None = None) -> bytes:
     encoder = ENCODERS[algorithm](level)
     return encoder.compress(body) + encoder.finish()
+
+
+def begin_compression(
+    rule: CompressRule, request: object, response: object, length: int | None
+) -> tuple[Encoder | None, str | None]:
+    """Apply ``rule`` to a response head about to leave (its fields rewritten in place):
+    the encoder for its body and the algorithm, or (None, None) when it goes as it is.
+    ``length``: the body's length when known."""
+    plan = rule.plan(
+        method=request.method,  # type: ignore[attr-defined]
+        status=response.status,  # type: ignore[attr-defined]
+        headers=response.headers,  # type: ignore[attr-defined]
+        content_length=length,
+        accept_encoding=request.header(b"accept-encoding"),  # type: ignore[attr-defined]
+    )
+    if not plan.varies:
+        return None, None
+    headers = compressed_headers(response.headers, plan)  # type: ignore[attr-defined]
+    response.headers = headers  # type: ignore[attr-defined]
+    response.lowered = [name.lower() for name, _ in headers]  # type: ignore[attr-defined]
+    if plan.algorithm is None:
+        return None, None
+    response.content_length = None  # type: ignore[attr-defined]
+    return rule.encoder(plan.algorithm), plan.algorithm

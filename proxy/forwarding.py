@@ -32,6 +32,7 @@ import time
 from functools import partial
 from typing import Any
 
+from proxy.compress import begin_compression
 from proxy.http1 import REASONS, ClientConnection, Request, error_response
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
 from proxy.ratelimit.bucket import Decision
@@ -931,6 +932,44 @@ class _ResponseRelay(_Reframed):
         # else the failure reaches the coroutine through wait_done()
 
 
+class _CompressingRelay(_ResponseRelay):
+    """The upstream's body coded on the way (``compress``), each chunk flushed as it comes."""
+
+    __slots__ = ("encoder",)
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        chunked: bool,
+        head: bytes,
+        close: bool,
+        listener: Any,
+        encoder: Any,
+    ) -> None:
+        super().__init__(conn, chunked, head, close, listener)
+        self.encoder = encoder
+
+    def on_body(self, chunk: bytes) -> None:
+        coded = self.encoder.compress(chunk)
+        if coded:  # an empty chunk would end chunked framing
+            super().on_body(coded)
+
+    def on_end(self) -> None:
+        tail = self.encoder.finish()
+        if tail:
+            super().on_body(tail)
+        super().on_end()
+
+
+def _begin_compression(ex: Exchange, response: Any, length: int | None) -> Any:
+    """The route's ``compress`` rule applied to a response head: its encoder, or None."""
+    route = ex.route_runtime
+    encoder, algorithm = begin_compression(route.compress, ex.request, response, length)
+    if algorithm is not None:
+        route.metrics.compressed(algorithm)
+    return encoder
+
+
 def _start_relay(
     ex: Exchange, response: Any, upstream: UpstreamConnection, listener: Any = None
 ) -> _ResponseRelay:
@@ -939,6 +978,10 @@ def _start_relay(
     conn = ex.conn
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
+    encoder = None
+    if ex.route_runtime.compress is not None and response.has_body:
+        length = None if response.chunked else response.content_length
+        encoder = _begin_compression(ex, response, length)
     chunked_out = False
     if response.has_body and response.content_length is None:
         if request.version == "1.1":
@@ -947,7 +990,10 @@ def _start_relay(
             close = True  # an HTTP/1.0 client reads to the end of the connection
     extra = _with_trace(ex, ex.extra_headers)
     head = _response_head(response, request, extra, close=close, chunked=chunked_out)
-    relay = _ResponseRelay(conn, chunked_out, head, close, listener)
+    if encoder is None:
+        relay = _ResponseRelay(conn, chunked_out, head, close, listener)
+    else:
+        relay = _CompressingRelay(conn, chunked_out, head, close, listener, encoder)
     conn.response_started = True
     ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.
@@ -1036,6 +1082,11 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
     conn = ex.conn
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
+    route = ex.route_runtime
+    if route is not None and route.compress is not None and response.has_body:
+        encoder = _begin_compression(ex, response, len(payload))
+        if encoder is not None:
+            payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:
         response.content_length = len(payload)  # also re-frames a chunked one
     extra = _with_trace(ex, ex.extra_headers)

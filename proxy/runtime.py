@@ -20,6 +20,7 @@ from proxy import metrics
 from proxy.accesslog import _json_value, format_time
 from proxy.breaker import BreakerState
 from proxy.clientip import ClientAddressResolver
+from proxy.compress import CompressRule
 from proxy.health import HealthChecker
 from proxy.retry import RetryPolicy
 from proxy.routing import Router
@@ -32,6 +33,8 @@ class RouteRuntime:
     """A route as the pipeline needs it: resolved group, prepared bytes, metric children."""
 
     __slots__ = (
+        "cache",
+        "compress",
         "group",
         "limit_key_kind",
         "limit_key_name",
@@ -54,6 +57,8 @@ class RouteRuntime:
             self.limit_key_kind = kind
             self.limit_key_name = name.lower().encode() if kind == "header" else name.encode()
         self.metrics = metrics.RouteMetrics(cfg.name)
+        self.compress = CompressRule(cfg.compress) if cfg.compress is not None else None
+        self.cache: Any = None  # a RouteCache when the route is cached (set by Runtime)
 
 
 class Refusal:
