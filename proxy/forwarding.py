@@ -81,6 +81,7 @@ class Exchange:
         "body_chunked",
         "budget",
         "bytes_out",
+        "cache_status",
         "conn",
         "error",
         "extra_headers",
@@ -92,6 +93,7 @@ class Exchange:
         "rate_limited",
         "replayable",
         "request",
+        "response_filter",
         "retry_started",
         "route",
         "route_runtime",
@@ -133,6 +135,10 @@ class Exchange:
         self.head_bytes = b""
         self.body_chunked = False
         self.attempt: Attempt | None = None  # the fast path's try in progress
+        # A cached route's filter (proxy.cache.serve): relays the response head it is
+        # given, or answers from the store when the upstream fails. None elsewhere.
+        self.response_filter: Any = None
+        self.cache_status = ""  # what the cache did, for the access log
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -260,6 +266,9 @@ class Exchange:
         in full first, by the coroutine."""
         self.join_group(self.route_runtime.group)
         request = self.request
+        cache = self.route_runtime.cache
+        if cache is not None:
+            return cache.serve(self)  # a coroutine that ends with close_books()
         if self.trace is None:
             if request.body is None:
                 return self.serve_fast()
@@ -502,6 +511,8 @@ async def _forward(
         return
     if conn.response_started:
         return
+    if ex.response_filter is not None and ex.response_filter.upstream_failed(ex, last_response):
+        return  # answered from the cache (stale-if-error)
     if last_response is not None:
         head, payload = last_response
         _send_buffered(ex, head, payload)
@@ -707,7 +718,11 @@ async def _attempt(
             attempt.upstream = None
             await _tunnel(ex, response, upstream)
             return None
-        await _relay(ex, response, upstream)
+        response_filter = ex.response_filter
+        if response_filter is None:
+            await _relay(ex, response, upstream)
+        elif not await response_filter.relay(ex, response, upstream):
+            return None  # the filter answered and left the upstream unread: not reusable
         attempt.release_upstream()
         return None
     except UpstreamError as error:
@@ -932,10 +947,11 @@ class _ResponseRelay(_Reframed):
         # else the failure reaches the coroutine through wait_done()
 
 
-class _CompressingRelay(_ResponseRelay):
-    """The upstream's body coded on the way (``compress``), each chunk flushed as it comes."""
+class _FilteredRelay(_ResponseRelay):
+    """The upstream's body coded on the way (``compress``: each chunk flushed as it comes),
+    and/or copied as it leaves to ``tap`` (the cache's ``BodyWriter``)."""
 
-    __slots__ = ("encoder",)
+    __slots__ = ("encoder", "tap")
 
     def __init__(
         self,
@@ -945,19 +961,28 @@ class _CompressingRelay(_ResponseRelay):
         close: bool,
         listener: Any,
         encoder: Any,
+        tap: Any,
     ) -> None:
         super().__init__(conn, chunked, head, close, listener)
         self.encoder = encoder
+        self.tap = tap
 
     def on_body(self, chunk: bytes) -> None:
-        coded = self.encoder.compress(chunk)
-        if coded:  # an empty chunk would end chunked framing
-            super().on_body(coded)
+        if self.encoder is not None:
+            chunk = self.encoder.compress(chunk)
+            if not chunk:  # an empty chunk would end chunked framing
+                return
+        if self.tap is not None and not self.tap.write(chunk):
+            self.tap = None  # too large to store: it only streams through
+        super().on_body(chunk)
 
     def on_end(self) -> None:
-        tail = self.encoder.finish()
-        if tail:
-            super().on_body(tail)
+        if self.encoder is not None:
+            tail = self.encoder.finish()
+            if tail:
+                if self.tap is not None:
+                    self.tap.write(tail)
+                super().on_body(tail)
         super().on_end()
 
 
@@ -971,7 +996,11 @@ def _begin_compression(ex: Exchange, response: Any, length: int | None) -> Any:
 
 
 def _start_relay(
-    ex: Exchange, response: Any, upstream: UpstreamConnection, listener: Any = None
+    ex: Exchange,
+    response: Any,
+    upstream: UpstreamConnection,
+    listener: Any = None,
+    tap: Any = None,
 ) -> _ResponseRelay:
     """Send the response head (with the first body bytes) and stream the rest as it comes.
     ``listener`` hears the end; without one, await ``upstream.wait_done()``."""
@@ -990,10 +1019,10 @@ def _start_relay(
             close = True  # an HTTP/1.0 client reads to the end of the connection
     extra = _with_trace(ex, ex.extra_headers)
     head = _response_head(response, request, extra, close=close, chunked=chunked_out)
-    if encoder is None:
+    if encoder is None and tap is None:
         relay = _ResponseRelay(conn, chunked_out, head, close, listener)
     else:
-        relay = _CompressingRelay(conn, chunked_out, head, close, listener, encoder)
+        relay = _FilteredRelay(conn, chunked_out, head, close, listener, encoder, tap)
     conn.response_started = True
     ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.

@@ -19,6 +19,7 @@ from typing import Any
 from proxy import metrics
 from proxy.accesslog import _json_value, format_time
 from proxy.breaker import BreakerState
+from proxy.cache.serve import RouteCache, SharedCache
 from proxy.clientip import ClientAddressResolver
 from proxy.compress import CompressRule
 from proxy.health import HealthChecker
@@ -67,7 +68,7 @@ class Refusal:
     logs those too. Same fields as a forwarded request's ``Exchange``."""
 
     __slots__ = ("bytes_out", "error", "status")
-    route = upstream = server = ""
+    route = upstream = server = cache_status = ""
     upstream_seconds = 0.0
     tries = 0
     rate_limited = False
@@ -135,6 +136,14 @@ class Runtime:
                 upstream_cfg, group_servers, retry_policy=retry_policy, retry_budget=budget
             )
         self.routes = [RouteRuntime(cfg, self.groups[cfg.upstream]) for cfg in config.routes]
+        # The response cache: one store for every cached route, kept across reloads while
+        # the `cache` section stays the same.
+        self.cache: SharedCache | None = None
+        if config.cache is not None:
+            self.cache = SharedCache(config.cache, previous.cache if previous else None)
+            for route, cfg in zip(self.routes, config.routes, strict=True):
+                if cfg.cache is not None:
+                    route.cache = RouteCache(cfg, self.cache, route.metrics)
         self.router = Router(
             (route, cfg.match) for route, cfg in zip(self.routes, config.routes, strict=True)
         )
@@ -191,6 +200,7 @@ class Runtime:
             "tries": outcome.tries,
             "rate_limited": outcome.rate_limited,
             "error": outcome.error,
+            "cache": outcome.cache_status,
         }
         if outcome.attempts:
             record["attempts"] = outcome.attempts
@@ -230,7 +240,7 @@ _JSON_FIELDS = (
     '{"time":"%s","request_id":%s,"client_ip":%s,"method":%s,"host":%s,"path":%s,'
     '"route":%s,"upstream":%s,"server":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
     '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
-    '"error":%s'
+    '"error":%s,"cache":%s'
 )
 _ATTEMPT = '{"server":%s,"outcome":%s,"ms":%r%s}'  # one entry of "attempts"
 _JSON_LINE = _JSON_FIELDS + "%s}"  # then "attempts" formatted apart, or nothing
@@ -280,6 +290,7 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
         outcome.tries,
         "true" if outcome.rate_limited else "false",
         _escape(outcome.error) if outcome.error else '""',
+        names[outcome.cache_status],
     )
     attempts = outcome.attempts
     if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:

@@ -1,0 +1,273 @@
+"""The response cache through the real daemon, with a counting upstream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.support.daemon import http_request, wait_for
+from tests.support.rawupstream import RawUpstream
+
+
+class Origin:
+    """A scripted origin: ``answer(request) -> (status line, header lines, body)``; counts
+    the requests it gets per path."""
+
+    def __init__(self, answer, delay: float = 0.0) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.seen: list = []
+        self.lock = threading.Lock()
+
+    def __call__(self, request, sock) -> bool:
+        with self.lock:
+            self.seen.append(request)
+        if self.delay:
+            time.sleep(self.delay)
+        status, headers, body = self.answer(request)
+        payload = b"" if request.method == b"HEAD" or status.startswith(b"304") else body
+        sock.sendall(
+            b"HTTP/1.1 %b\r\n%bContent-Length: %d\r\n\r\n%b"
+            % (status, b"".join(h + b"\r\n" for h in headers), len(body), payload)
+        )
+        return True
+
+    def count(self, path: bytes | None = None) -> int:
+        return sum(1 for r in self.seen if path is None or r.target == path)
+
+
+def cached_config(upstream: RawUpstream, route_cache=None, **route) -> dict:
+    return {
+        "cache": {"max_size": "16MiB", "max_object_size": "1MiB", "lock_timeout": "5s"},
+        "upstreams": {"app": {"servers": [{"url": upstream.url}], "retry": {"tries": 1}}},
+        "routes": [
+            {
+                "name": "cached",
+                "match": {"path_prefix": "/"},
+                "upstream": "app",
+                "cache": route_cache or {},
+                **route,
+            }
+        ],
+    }
+
+
+def fresh_for(seconds: int, body: bytes = b"hello", extra=()):
+    def answer(request):
+        return b"200 OK", [b"Cache-Control: max-age=%d" % seconds, *extra], body
+
+    return answer
+
+
+def test_a_hit_is_served_without_the_upstream(start_sluicegate):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        status, headers, body = daemon.get("/a?x=1")
+        assert (status, body) == (200, b"hello")
+        assert headers["cache-status"] == "sluicegate; fwd=uri-miss; stored"
+        status, headers, body = daemon.get("/a?x=1")
+        assert (status, body) == (200, b"hello")
+        assert headers["cache-status"] == "sluicegate; hit"
+        assert int(headers["age"]) >= 0
+        assert origin.count() == 1
+        _, headers, _ = daemon.get("/a?x=2")  # another query: another key
+        assert headers["cache-status"].startswith("sluicegate; fwd=uri-miss")
+        assert origin.count() == 2
+        status, headers, body = http_request(daemon.port, "HEAD", "/a?x=1")
+        assert headers["cache-status"] == "sluicegate; hit" and body == b""
+        assert headers["content-length"] == "5"
+        assert origin.count() == 2
+        metrics = daemon.metrics()
+        assert 'sluicegate_cache_requests_total{result="hit",route="cached"} 2.0' in metrics
+        assert 'sluicegate_cache_requests_total{result="miss",route="cached"} 2.0' in metrics
+        assert "sluicegate_cache_objects 2.0" in metrics
+        lines = wait_for(
+            lambda: [line["cache"] for line in daemon.access_log() if line.get("path") == "/a"],
+            message="access lines",
+        )
+        assert lines[:2] == ["miss", "hit"]
+
+
+def test_never_stored_responses_go_upstream_each_time(start_sluicegate):
+    origin = Origin(lambda r: (b"200 OK", [b"Cache-Control: no-store"], b"x"))
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        for _ in range(3):
+            _, headers, _ = daemon.get("/n")
+            assert headers["cache-status"] == "sluicegate; fwd=uri-miss"
+        assert origin.count() == 3
+
+
+def test_vary_keeps_variants_apart(start_sluicegate):
+    def answer(request):
+        language = (request.header("accept-language") or "none").encode()
+        return b"200 OK", [b"Cache-Control: max-age=60", b"Vary: Accept-Language"], language
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        for language in ("fr", "de", "fr", "de"):
+            _, _, body = daemon.get("/v", headers={"Accept-Language": language})
+            assert body == language.encode()
+        assert origin.count() == 2
+        _, headers, body = daemon.get("/v")
+        assert body == b"none" and headers["cache-status"] == "sluicegate; fwd=miss; stored"
+
+
+def test_route_key_parts_separate_entries(start_sluicegate):
+    origin = Origin(
+        lambda r: (
+            b"200 OK",
+            [b"Cache-Control: max-age=60"],
+            (r.header("x-tenant") or "-").encode(),
+        )
+    )
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream, {"key": ["header:X-Tenant"]}))
+        assert daemon.get("/k", headers={"X-Tenant": "a"})[2] == b"a"
+        assert daemon.get("/k", headers={"X-Tenant": "b"})[2] == b"b"
+        assert daemon.get("/k", headers={"X-Tenant": "a"})[2] == b"a"
+        assert origin.count() == 2
+
+
+def test_fifty_concurrent_misses_make_one_upstream_request(start_sluicegate):
+    origin = Origin(fresh_for(60, b"slow"), delay=0.5)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        with ThreadPoolExecutor(50) as pool:
+            results = list(pool.map(lambda _: daemon.get("/cold"), range(50)))
+        assert all(status == 200 and body == b"slow" for status, _, body in results)
+        assert origin.count() == 1
+        statuses = sorted(headers["cache-status"] for _, headers, _ in results)
+        assert statuses.count("sluicegate; fwd=uri-miss; stored") == 1
+        assert all(
+            s
+            in (
+                "sluicegate; fwd=uri-miss; collapsed",
+                "sluicegate; hit",
+                "sluicegate; fwd=uri-miss; stored",
+            )
+            for s in statuses
+        )
+        assert 'result="coalesced"' in daemon.metrics()
+
+
+def test_followers_go_themselves_when_the_answer_is_not_storable(start_sluicegate):
+    origin = Origin(lambda r: (b"200 OK", [b"Cache-Control: private"], b"mine"), delay=0.3)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        with ThreadPoolExecutor(5) as pool:
+            results = list(pool.map(lambda _: daemon.get("/p"), range(5)))
+        assert all(body == b"mine" for _, _, body in results)
+        assert origin.count() == 5
+
+
+def test_revalidation_with_etag_and_a_304_updating_headers(start_sluicegate):
+    version = {"n": 1}
+
+    def answer(request):
+        headers = [b"Cache-Control: max-age=0", b'ETag: "e1"', b"X-Version: %d" % version["n"]]
+        if request.header("if-none-match") == '"e1"':
+            return b"304 Not Modified", headers, b""
+        return b"200 OK", headers, b"body-one"
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        _, headers, body = daemon.get("/r")
+        assert headers["cache-status"] == "sluicegate; fwd=uri-miss; stored"
+        version["n"] = 2
+        status, headers, body = daemon.get("/r")
+        assert (status, body) == (200, b"body-one")
+        assert headers["x-version"] == "2"
+        assert headers["cache-status"] == "sluicegate; fwd=stale; fwd-status=304"
+        assert origin.seen[1].header("if-none-match") == '"e1"'
+        status, headers, _ = daemon.get("/r", headers={"If-None-Match": '"e1"'})
+        assert status == 304  # the client's own conditional, answered from the entry
+        assert 'result="revalidated"' in daemon.metrics()
+
+
+def test_revalidation_with_last_modified(start_sluicegate):
+    last_modified = b"Last-Modified: Sun, 06 Nov 1994 08:49:37 GMT"
+
+    def answer(request):
+        if request.header("if-modified-since"):
+            return b"304 Not Modified", [b"Cache-Control: no-cache", last_modified], b""
+        return b"200 OK", [b"Cache-Control: no-cache", last_modified], b"lm-body"
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/lm")
+        status, _headers, body = daemon.get("/lm")
+        assert (status, body) == (200, b"lm-body")
+        assert origin.seen[1].header("if-modified-since") == "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+def test_unsafe_methods_invalidate_target_and_location(start_sluicegate):
+    def answer(request):
+        if request.method == b"POST":
+            return b"201 Created", [b"Location: /items/2"], b""
+        return b"200 OK", [b"Cache-Control: max-age=60"], request.target
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/items")
+        daemon.get("/items/2")
+        assert daemon.get("/items")[1]["cache-status"] == "sluicegate; hit"
+        status, headers, _ = http_request(daemon.port, "POST", "/items", body=b"{}")
+        assert status == 201 and headers["cache-status"] == "sluicegate; fwd=bypass"
+        assert daemon.get("/items")[1]["cache-status"].startswith("sluicegate; fwd=uri-miss")
+        assert daemon.get("/items/2")[1]["cache-status"].startswith("sluicegate; fwd=uri-miss")
+        metrics = daemon.metrics()
+        assert 'sluicegate_cache_purged_total{by="invalidation"} 2.0' in metrics
+
+
+def test_stale_if_error_serves_the_stale_entry(start_sluicegate):
+    state = {"fail": False}
+
+    def answer(request):
+        if state["fail"]:
+            return b"503 Service Unavailable", [], b"down"
+        return b"200 OK", [b"Cache-Control: max-age=0, stale-if-error=60", b'ETag: "s"'], b"good"
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/s")
+        state["fail"] = True
+        status, headers, body = daemon.get("/s")
+        assert (status, body) == (200, b"good")
+        assert headers["cache-status"] == "sluicegate; fwd=stale; fwd-status=503"
+
+
+def test_only_if_cached_miss_is_504(start_sluicegate):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        status, _, _ = daemon.get("/o", headers={"Cache-Control": "only-if-cached"})
+        assert status == 504 and origin.count() == 0
+
+
+def test_compressed_variant_is_stored_and_not_compressed_again(start_sluicegate):
+    page = b"<p>cache me and squeeze me</p>" * 200
+    origin = Origin(
+        lambda r: (b"200 OK", [b"Cache-Control: max-age=60", b"Content-Type: text/html"], page)
+    )
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream, compress={"algorithms": ["gzip"]}))
+        import gzip
+
+        for _ in range(3):
+            _status, headers, body = daemon.get("/z", headers={"Accept-Encoding": "gzip"})
+            assert headers["content-encoding"] == "gzip" and gzip.decompress(body) == page
+        _, headers, body = daemon.get("/z")
+        assert "content-encoding" not in headers and body == page
+        assert origin.count() == 2
+        metrics = daemon.metrics()
+        assert (
+            'sluicegate_compressed_responses_total{algorithm="gzip",route="cached"} 1.0' in metrics
+        )
