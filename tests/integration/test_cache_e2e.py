@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -271,3 +273,110 @@ def test_compressed_variant_is_stored_and_not_compressed_again(start_sluicegate)
         assert (
             'sluicegate_compressed_responses_total{algorithm="gzip",route="cached"} 1.0' in metrics
         )
+
+
+def test_admin_purge_by_url_prefix_and_tag(start_sluicegate):
+    def answer(request):
+        tags = b"Cache-Tag: product, p-%b" % request.target.rsplit(b"/", 1)[-1]
+        return b"200 OK", [b"Cache-Control: max-age=60", tags], request.target
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["admin"] = {"token_env": "CACHE_TEST_TOKEN"}
+        daemon = start_sluicegate(config, env={"CACHE_TEST_TOKEN": "tok"})
+        paths = ["/shop/a?x=1", "/shop/b", "/shop/c", "/blog/d"]
+        for path in paths:
+            daemon.get(path, headers={"Host": "example.com"})
+        auth = {"Authorization": "Bearer tok", "Content-Type": "application/json"}
+
+        def purge(body: bytes, headers=auth):
+            return daemon.admin("POST", "/cache/purge", body=body, headers=headers)
+
+        assert purge(b'{"url": "http://example.com/shop/a?x=1"}', headers={})[0] == 401
+        status, _, body = purge(b'{"url": "http://example.com/shop/a?x=1"}')
+        assert (status, body) == (200, b'{"purged": 1}')
+        assert purge(b'{"tag": "p-b"}')[2] == b'{"purged": 1}'
+        assert purge(b'{"prefix": "http://EXAMPLE.com/shop/"}')[2] == b'{"purged": 1}'
+        assert purge(b'{"tag": "product"}')[2] == b'{"purged": 1}'  # only /blog/d is left
+        assert purge(b'{"tag": "product"}')[2] == b'{"purged": 0}'
+        for bad in (
+            b"not json",
+            b"[]",
+            b"{}",
+            b'{"url": 1}',
+            b'{"colour": "x"}',
+            b'{"url": "a", "tag": "b"}',
+        ):
+            status, _, body = purge(bad)
+            assert status == 400, bad
+            assert b"error" in body
+        metrics = daemon.metrics()
+        for by in ("url", "prefix", "tag"):
+            assert f'sluicegate_cache_purged_total{{by="{by}"}}' in metrics
+        assert "sluicegate_cache_objects 0.0" in metrics
+        daemon.get("/shop/b", headers={"Host": "example.com"})
+        assert origin.count(b"/shop/b") == 2  # purged: fetched again
+
+
+def test_purge_without_a_cache_is_404(start_sluicegate):
+    with RawUpstream(Origin(fresh_for(1))) as upstream:
+        config = cached_config(upstream)
+        del config["cache"]
+        del config["routes"][0]["cache"]
+        daemon = start_sluicegate(config)
+        status, _, _ = daemon.admin("POST", "/cache/purge", body=b'{"tag": "x"}')
+        assert status == 404
+
+
+def test_store_stays_within_max_size_and_counts_evictions(start_sluicegate):
+    body = b"x" * 100_000
+    origin = Origin(fresh_for(60, body))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["cache"]["max_size"] = "1MiB"
+        daemon = start_sluicegate(config)
+        for i in range(30):
+            daemon.get(f"/big/{i}")
+        metrics = daemon.metrics()
+        stored = float(re.search(r"^sluicegate_cache_stored_bytes (\S+)$", metrics, re.M).group(1))
+        evictions = float(
+            re.search(r"^sluicegate_cache_evictions_total (\S+)$", metrics, re.M).group(1)
+        )
+        assert 0 < stored <= 1024 * 1024
+        assert evictions >= 20
+
+
+def test_larger_than_max_object_size_streams_through_unstored(start_sluicegate):
+    origin = Origin(fresh_for(60, b"y" * (2 * 1024 * 1024)))
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        for _ in range(2):
+            status, headers, body = daemon.get("/huge")
+            assert status == 200 and len(body) == 2 * 1024 * 1024
+            assert headers["cache-status"] == "sluicegate; fwd=uri-miss"
+        assert origin.count() == 2
+
+
+def test_purge_reaches_every_worker(start_sluicegate):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["workers"] = 2
+        daemon = start_sluicegate(config)
+        status, _, body = daemon.admin("POST", "/cache/purge", body=b'{"prefix": "http://x/"}')
+        assert (status, body) == (200, b'{"purged": 0}')
+        for _ in range(6):  # connections spread over the workers; each stores its own copy
+            daemon.get("/w")
+        stored = origin.count()
+        assert 1 <= stored <= 2
+        status, _, body = daemon.admin(
+            "POST", "/cache/purge", body=b'{"url": "http://127.0.0.1/w"}'
+        )
+        assert status == 200
+        assert json.loads(body)["purged"] == 0  # the Host is 127.0.0.1:PORT, not 127.0.0.1
+        host = f"127.0.0.1:{daemon.port}"
+        status, _, body = daemon.admin(
+            "POST", "/cache/purge", body=f'{{"url": "http://{host}/w"}}'.encode()
+        )
+        assert json.loads(body)["purged"] == stored
