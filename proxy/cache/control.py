@@ -104,12 +104,59 @@ def delta_seconds(value: str | None) -> int | None:
 
 
 def response_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:
-    """The directives this cache obeys: CDN-Cache-Control when present (RFC 9213 §2.1: it
-    then replaces Cache-Control for this cache entirely), else Cache-Control."""
+    """The directives this cache obeys: CDN-Cache-Control when present and valid (RFC 9213
+    §2.1: it then replaces Cache-Control for this cache entirely), else Cache-Control."""
     cdn = field_values(headers, b"cdn-cache-control")
-    if cdn:
+    if cdn and valid_cdn_cache_control(cdn):
         return CacheControl.parse(cdn)
     return CacheControl.parse(field_values(headers, b"cache-control"))
+
+
+# RFC 9213 makes CDN-Cache-Control a Structured Field dictionary (RFC 8941 §3.2): one that
+# does not parse, or gives a delta-seconds directive another type, is ignored as a whole.
+_SF_KEY = r"[a-z*][a-z0-9_\-.*]*"
+_SF_ITEM = (
+    r"(?:-?\d{1,15}(?:\.\d{1,3})?"  # integer or decimal
+    r'|"(?:[^"\\]|\\["\\])*"'  # string
+    r"|[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*"  # token
+    r"|:[A-Za-z0-9+/=]*:"  # byte sequence
+    r"|\?[01])"  # boolean
+)
+_SF_MEMBER = re.compile(
+    rf"^({_SF_KEY})(?:=({_SF_ITEM}))?(?:;{_SF_KEY}(?:={_SF_ITEM})?)*$"
+)
+_DELTA_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+
+
+def valid_cdn_cache_control(values: list[bytes]) -> bool:
+    text = ",".join(value.decode("latin-1") for value in values)
+    for member in _split_members(text):
+        match = _SF_MEMBER.match(member.strip(" \t"))
+        if match is None:
+            return False
+        name, value = match.groups()
+        if name in _DELTA_DIRECTIVES and (value is None or not value.lstrip("-").isdigit()):
+            return False
+    return True
+
+
+def _split_members(text: str) -> list[str]:
+    """Split at commas outside quoted strings."""
+    members, current, quoted, escaped = [], [], False, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            members.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    members.append("".join(current))
+    return members
 
 
 def request_control(headers: list[tuple[bytes, bytes]]) -> CacheControl:

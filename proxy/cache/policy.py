@@ -199,7 +199,8 @@ def _initial_age(
     age_value = field_value(headers, b"age")
     age = 0.0
     if age_value is not None:
-        text = age_value.decode("latin-1").strip()
+        # A list ("7200, 0") is invalid; its first member is what an old cache meant.
+        text = age_value.decode("latin-1").split(",")[0].strip()
         if text.isdigit():
             age = float(min(int(text), 2**31))
     response_delay = max(0.0, response_time - request_time)

@@ -53,7 +53,8 @@ from proxy.forwarding import (
 )
 from proxy.pool import HeadFuture, ResponseHead
 
-UNSAFE_METHODS = frozenset({b"POST", b"PUT", b"PATCH", b"DELETE"})
+# RFC 9111 §4.4: a method not known to be safe invalidates (M-SEARCH and the like too).
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 CONDITIONAL_FIELDS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
 )
@@ -304,7 +305,7 @@ class _CachedRequest:
         answer from the store: True when ``upstream`` ended cleanly and may be reused."""
         request = self.request
         now = self.shared.clock()
-        if request.method in UNSAFE_METHODS and 200 <= response.status < 400:
+        if request.method not in SAFE_METHODS and 200 <= response.status < 400:
             await self.invalidate(response)
         entry = self.revalidating
         if entry is not None:

@@ -380,3 +380,15 @@ def test_purge_reaches_every_worker(start_sluicegate):
             "POST", "/cache/purge", body=f'{{"url": "http://{host}/w"}}'.encode()
         )
         assert json.loads(body)["purged"] == stored
+
+
+def test_a_method_of_unknown_safety_invalidates_too(start_sluicegate):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/m")
+        assert daemon.get("/m")[1]["cache-status"] == "sluicegate; hit"
+        assert http_request(daemon.port, "M-SEARCH", "/m")[0] == 200
+        assert daemon.get("/m")[1]["cache-status"].startswith("sluicegate; fwd=uri-miss")
+        assert http_request(daemon.port, "OPTIONS", "/m")[0] == 200  # safe: no invalidation
+        assert daemon.get("/m")[1]["cache-status"] == "sluicegate; hit"

@@ -114,3 +114,20 @@ def test_invalid_dates_are_none(text):
 
 def test_date_round_trip():
     assert parse_http_date(format_http_date(EPOCH_1994)) == EPOCH_1994
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["max-age=10000, &&&&&", 'max-age="10000"', "max-age=1.5", "Max-Age=5", "max-age"],
+)
+def test_an_invalid_cdn_cache_control_is_ignored_as_a_whole(value):
+    headers = [(b"CDN-Cache-Control", value.encode()), (b"Cache-Control", b"no-store")]
+    assert "no-store" in response_control(headers)
+
+
+@pytest.mark.parametrize(
+    "value", ["max-age=60", "max-age=60, no-store", 'max-age=60, x="a,b"', "private;a=1, max-age=9"]
+)
+def test_valid_cdn_cache_control_structured_fields(value):
+    headers = [(b"CDN-Cache-Control", value.encode()), (b"Cache-Control", b"max-age=1")]
+    assert response_control(headers).directives != {"max-age": "1"}

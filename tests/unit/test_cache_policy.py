@@ -247,3 +247,9 @@ def test_a_304_replaces_fields_but_not_the_length():
 def test_hop_by_hop_and_connection_listed_fields_are_not_stored():
     headers = hdrs(Connection="X-Hop", X_Hop="1", Keep_Alive="5", Age="3", Content_Type="a/b")
     assert stored_headers(headers) == [(b"Content-Type", b"a/b")]
+
+
+def test_an_age_list_counts_its_first_member():
+    freshness = compute_freshness(200, hdrs(Age="7200, 0"), False, NOW, NOW)
+    assert freshness.initial_age == 7200
+    assert compute_freshness(200, hdrs(Age="0, 7200"), False, NOW, NOW).initial_age == 0
