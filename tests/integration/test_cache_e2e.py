@@ -392,3 +392,34 @@ def test_a_method_of_unknown_safety_invalidates_too(start_sluicegate):
         assert daemon.get("/m")[1]["cache-status"].startswith("sluicegate; fwd=uri-miss")
         assert http_request(daemon.port, "OPTIONS", "/m")[0] == 200  # safe: no invalidation
         assert daemon.get("/m")[1]["cache-status"] == "sluicegate; hit"
+
+
+def test_stale_while_revalidate_answers_at_once_and_revalidates_behind(start_sluicegate):
+    def answer(request):
+        headers = [b"Cache-Control: max-age=10, stale-while-revalidate=600", b'ETag: "w"']
+        if request.header("if-none-match") == '"w"':
+            return b"304 Not Modified", headers, b""
+        return b"200 OK", [*headers, b"Age: 100"], b"old"  # stale on arrival, within swr
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/swr")
+        status, headers, body = daemon.get("/swr")
+        assert (status, body) == (200, b"old")
+        assert headers["cache-status"] == "sluicegate; hit; detail=stale-while-revalidate"
+        wait_for(lambda: origin.count() == 2, message="the background revalidation")
+        assert origin.seen[1].header("if-none-match") == '"w"'
+        # Freshened by the 304 (no Age this time): fresh again.
+        wait_for(lambda: daemon.get("/swr")[1]["cache-status"] == "sluicegate; hit")
+        assert origin.count() == 2
+
+
+def test_a_reload_keeps_the_store(start_sluicegate):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/kept")
+        assert daemon.admin("POST", "/reload")[0] == 200
+        assert daemon.get("/kept")[1]["cache-status"] == "sluicegate; hit"
+        assert origin.count() == 1
