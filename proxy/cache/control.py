@@ -122,9 +122,7 @@ _SF_ITEM = (
     r"|:[A-Za-z0-9+/=]*:"  # byte sequence
     r"|\?[01])"  # boolean
 )
-_SF_MEMBER = re.compile(
-    rf"^({_SF_KEY})(?:=({_SF_ITEM}))?(?:;{_SF_KEY}(?:={_SF_ITEM})?)*$"
-)
+_SF_MEMBER = re.compile(rf"^({_SF_KEY})(?:=({_SF_ITEM}))?(?:;{_SF_KEY}(?:={_SF_ITEM})?)*$")
 _DELTA_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
 
 

@@ -139,9 +139,18 @@ class RouteCache:
             "bytes": stats.bytes,
         }
 
-    async def serve(self, ex: Any) -> None:
+    def serve(self, ex: Any) -> Any:
+        """None when answered at once from a store that answers at once (a hit needs no
+        task), else the coroutine that serves the request."""
+        cached = _CachedRequest(self, ex)
+        if cached.answer_now():
+            ex.answered()
+            return None
+        return self._serve(ex, cached)
+
+    async def _serve(self, ex: Any, cached: _CachedRequest) -> None:
         try:
-            await _CachedRequest(self, ex).run()
+            await cached.run()
         finally:
             ex.close_books()
 
@@ -168,6 +177,7 @@ class _CachedRequest:
         self.stored = False
         self.result = Result.MISS
         self.status_word = b"fwd=uri-miss"
+        self.found: tuple[StoredResponse | None, bool] | None = None  # looked up at once
         self.base_extra = ex.extra_headers  # RateLimit-*: Cache-Status goes after them
         # The client's own conditionals (a revalidation replaces them with the entry's).
         self.if_none_match = request.header(b"if-none-match")
@@ -183,11 +193,13 @@ class _CachedRequest:
             self.status_word = b"fwd=bypass"
             await self.forward()
             return
-        entry, any_variant = await self.lookup()
-        if entry is not None:
-            if await self.answer_from(entry):
+        if self.found is None:
+            entry, any_variant = await self.lookup()
+            if entry is not None and self.answer_from(entry):
                 return
-        elif any_variant:
+        else:  # answer_now() looked, and answer_from() did not answer
+            entry, any_variant = self.found
+        if entry is None and any_variant:
             self.status_word = b"fwd=miss"
         if "only-if-cached" in self.control:
             self.cache.count(ex, Result.MISS)
@@ -199,9 +211,20 @@ class _CachedRequest:
             return
         await self.forward_once()
 
+    def answer_now(self) -> bool:
+        """Answer from a store that answers at once (memory), when the entry allows."""
+        variants_now = getattr(self.store, "variants_now", None)
+        if variants_now is None or self.request.method not in (b"GET", b"HEAD"):
+            return False
+        self.found = self.choose(variants_now(self.primary))
+        entry = self.found[0]
+        return entry is not None and self.answer_from(entry)
+
     async def lookup(self) -> tuple[StoredResponse | None, bool]:
         """The stored variant this request may use, and whether any variant exists."""
-        variants = await self.store.variants(self.primary)
+        return self.choose(await self.store.variants(self.primary))
+
+    def choose(self, variants: list[StoredResponse]) -> tuple[StoredResponse | None, bool]:
         for entry in variants:
             if matches(entry.variance, self.request_values):
                 return entry, True
@@ -222,7 +245,7 @@ class _CachedRequest:
             return [(chosen or "identity").encode()]
         return values
 
-    async def answer_from(self, entry: StoredResponse) -> bool:
+    def answer_from(self, entry: StoredResponse) -> bool:
         """Answer from ``entry`` when its freshness allows; else set up its revalidation."""
         ex = self.ex
         now = self.shared.clock()

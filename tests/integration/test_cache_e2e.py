@@ -423,3 +423,31 @@ def test_a_reload_keeps_the_store(start_sluicegate):
         assert daemon.admin("POST", "/reload")[0] == 200
         assert daemon.get("/kept")[1]["cache-status"] == "sluicegate; hit"
         assert origin.count() == 1
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_stays_bounded_while_the_store_churns(start_sluicegate):
+    """100 MiB of distinct cacheable responses through a 16 MiB store: the stored bytes
+    stay under max_size and the process grows by about that much, not by what passed."""
+    body = bytes(range(256)) * 1024  # 256 KiB
+    origin = Origin(fresh_for(600, body))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["cache"]["max_size"] = "16MiB"
+        daemon = start_sluicegate(config)
+        daemon.get("/warm")
+        before = rss_bytes(daemon.pid)
+        for i in range(400):
+            assert len(daemon.get(f"/churn/{i}")[2]) == len(body)
+        grown = rss_bytes(daemon.pid) - before
+        metrics = daemon.metrics()
+        stored = float(re.search(r"^sluicegate_cache_stored_bytes (\S+)$", metrics, re.M).group(1))
+        assert stored <= 16 * 1024 * 1024
+        assert grown < 40 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
