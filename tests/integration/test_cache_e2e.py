@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from tests.support.daemon import http_request, wait_for
 from tests.support.rawupstream import RawUpstream
@@ -451,3 +454,25 @@ def test_memory_stays_bounded_while_the_store_churns(start_sluicegate):
         stored = float(re.search(r"^sluicegate_cache_stored_bytes (\S+)$", metrics, re.M).group(1))
         assert stored <= 16 * 1024 * 1024
         assert grown < 40 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
+
+
+def test_a_body_cut_short_is_not_stored(start_sluicegate):
+    calls = {"n": 0}
+
+    def respond(request, sock):
+        calls["n"] += 1
+        head = b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 1000\r\n\r\n"
+        if calls["n"] == 1:
+            sock.sendall(head + b"x" * 500)  # then the connection closes: 500 bytes short
+            return False
+        sock.sendall(head + b"y" * 1000)
+        return True
+
+    with RawUpstream(respond) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            daemon.get("/cut")  # the client sees the cut
+        status, headers, body = daemon.get("/cut")
+        assert (status, body) == (200, b"y" * 1000)
+        assert headers["cache-status"] == "sluicegate; fwd=uri-miss; stored"
+        assert daemon.get("/cut")[1]["cache-status"] == "sluicegate; hit"
