@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,8 @@ from proxy.forwarding import (
 )
 from proxy.pool import HeadFuture, ResponseHead
 
+log = logging.getLogger("sluicegate")
+
 # RFC 9111 §4.4: a method not known to be safe invalidates (M-SEARCH and the like too).
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 CONDITIONAL_FIELDS = frozenset(
@@ -77,6 +80,13 @@ class SharedCache:
             self._evictions_told = previous._evictions_told
             self._background = previous._background
         else:
+            if config.store != "memory":
+                # The shared Redis store is not built yet: say so rather than pretend.
+                log.warning(
+                    "cache.store: %s is not available yet; each process caches in memory",
+                    config.store,
+                    extra={"event": "cache"},
+                )
             self.store = MemoryStore(config.max_size, config.max_object_size)
             self.lock = StampedeLock(config.lock_timeout)
             self._evictions_told = 0
