@@ -140,7 +140,9 @@ class Runtime:
         # the `cache` section stays the same.
         self.cache: SharedCache | None = None
         if config.cache is not None:
-            self.cache = SharedCache(config.cache, previous.cache if previous else None)
+            self.cache = SharedCache(
+                config.cache, previous.cache if previous else None, redis_config=config.redis
+            )
             for route, cfg in zip(self.routes, config.routes, strict=True):
                 if cfg.cache is not None:
                     route.cache = RouteCache(cfg, self.cache, route.metrics)

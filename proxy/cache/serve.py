@@ -39,6 +39,7 @@ from proxy.cache.policy import (
     updated_headers,
     vary_names,
 )
+from proxy.cache.redisstore import RedisStore
 from proxy.cache.store import BodyWriter, StoredResponse, tags_of
 from proxy.cache.variance import matches, variance
 from proxy.compress import negotiate
@@ -71,23 +72,34 @@ class SharedCache:
         config: Any,
         previous: SharedCache | None = None,
         clock: Callable[[], float] = time.time,
+        redis_config: Any = None,
     ) -> None:
         self.config = config
+        self.redis_config = redis_config
         self.clock = clock
-        if previous is not None and previous.config == config:
+        if (
+            previous is not None
+            and previous.config == config
+            and (config.store != "redis" or previous.redis_config == redis_config)
+        ):
             self.store: Any = previous.store
             self.lock: StampedeLock = previous.lock
             self._evictions_told = previous._evictions_told
             self._background = previous._background
         else:
-            if config.store != "memory":
-                # The shared Redis store is not built yet: say so rather than pretend.
+            if config.store == "redis" and redis_config.mode != "single":
                 log.warning(
-                    "cache.store: %s is not available yet; each process caches in memory",
-                    config.store,
+                    "cache.store: redis works with redis mode single for now (not %s); "
+                    "each process caches in memory",
+                    redis_config.mode,
                     extra={"event": "cache"},
                 )
-            self.store = MemoryStore(config.max_size, config.max_object_size)
+            if config.store == "redis" and redis_config.mode == "single":
+                self.store = RedisStore(
+                    redis_client(redis_config), config.max_object_size, clock=clock
+                )
+            else:
+                self.store = MemoryStore(config.max_size, config.max_object_size)
             self.lock = StampedeLock(config.lock_timeout)
             self._evictions_told = 0
             self._background: set[asyncio.Task[None]] = set()
@@ -115,6 +127,23 @@ class SharedCache:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._background.discard)
+
+
+def redis_client(redis_config: Any) -> Any:
+    """The cache's own connection pool to the configured Redis (mode single).
+
+    Calls time out after ``redis.timeout`` (at least 250 ms: a body of a few MiB must get
+    through); a Redis that fails is a miss, never an error for the client.
+    """
+    import redis.asyncio
+
+    timeout = max(redis_config.timeout, 0.25)
+    return redis.asyncio.from_url(
+        redis_config.url,
+        password=redis_config.password,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+    )
 
 
 class Result(enum.Enum):
