@@ -39,6 +39,7 @@ from proxy.cache.policy import (
     updated_headers,
     vary_names,
 )
+from proxy.cache.redislock import RedisLock
 from proxy.cache.redisstore import RedisStore
 from proxy.cache.store import BodyWriter, StoredResponse, tags_of
 from proxy.cache.variance import matches, variance
@@ -84,6 +85,7 @@ class SharedCache:
         ):
             self.store: Any = previous.store
             self.lock: StampedeLock = previous.lock
+            self.remote_lock: RedisLock | None = previous.remote_lock
             self._evictions_told = previous._evictions_told
             self._background = previous._background
         else:
@@ -95,11 +97,14 @@ class SharedCache:
                     extra={"event": "cache"},
                 )
             if config.store == "redis" and redis_config.mode == "single":
-                self.store = RedisStore(
-                    redis_client(redis_config), config.max_object_size, clock=clock
-                )
+                client = redis_client(redis_config)
+                self.store = RedisStore(client, config.max_object_size, clock=clock)
+                # The subscription waits for messages as long as it takes: no timeout.
+                subscriber = redis_client(redis_config, waits=True)
+                self.remote_lock = RedisLock(client, config.lock_timeout, subscriber=subscriber)
             else:
                 self.store = MemoryStore(config.max_size, config.max_object_size)
+                self.remote_lock = None
             self.lock = StampedeLock(config.lock_timeout)
             self._evictions_told = 0
             self._background: set[asyncio.Task[None]] = set()
@@ -129,7 +134,7 @@ class SharedCache:
         task.add_done_callback(self._background.discard)
 
 
-def redis_client(redis_config: Any) -> Any:
+def redis_client(redis_config: Any, *, waits: bool = False) -> Any:
     """The cache's own connection pool to the configured Redis (mode single).
 
     Calls time out after ``redis.timeout`` (at least 250 ms: a body of a few MiB must get
@@ -141,7 +146,7 @@ def redis_client(redis_config: Any) -> Any:
     return redis.asyncio.from_url(
         redis_config.url,
         password=redis_config.password,
-        socket_timeout=timeout,
+        socket_timeout=None if waits else timeout,
         socket_connect_timeout=timeout,
     )
 
@@ -310,24 +315,48 @@ class _CachedRequest:
         return False
 
     async def forward_once(self) -> None:
-        """A miss: the first goes upstream, concurrent ones wait for it (stampede lock)."""
+        """A miss: the first goes upstream, concurrent ones wait for it (stampede lock:
+        within the process, and across instances with a shared store)."""
         lock = self.shared.lock
-        if lock.lead(self.primary):
-            try:
-                await self.forward()
-            finally:
-                lock.release(self.primary, Outcome.STORED if self.stored else Outcome.NOT_STORED)
+        primary = self.primary
+        if not lock.lead(primary):
+            if await lock.follow(primary) is Outcome.STORED and await self.answer_collapsed():
+                return
+            await self.forward()
             return
-        outcome = await lock.follow(self.primary)
-        if outcome is Outcome.STORED:
-            entry, _ = await self.lookup()
-            if entry is not None:
-                now = self.shared.clock()
-                if judge(entry.freshness, self.control, now) in (Use.FRESH, Use.STALE):
-                    self.cache.count(self.ex, Result.COALESCED)
-                    self.send_stored(entry, b"fwd=uri-miss; collapsed", now)
+        outcome = Outcome.NOT_STORED
+        try:
+            remote = self.shared.remote_lock
+            if remote is None:
+                await self.forward()
+            elif await remote.lead(primary):
+                try:
+                    await self.forward()
+                finally:
+                    await remote.release(primary, self.stored_outcome())
+            else:
+                if await remote.follow(primary) is Outcome.STORED and await self.answer_collapsed():
+                    outcome = Outcome.STORED
                     return
-        await self.forward()
+                await self.forward()
+            outcome = self.stored_outcome()
+        finally:
+            lock.release(primary, outcome)
+
+    def stored_outcome(self) -> Outcome:
+        return Outcome.STORED if self.stored else Outcome.NOT_STORED
+
+    async def answer_collapsed(self) -> bool:
+        """After waiting for another request's answer: answer from the store if we may."""
+        entry, _ = await self.lookup()
+        if entry is None:
+            return False
+        now = self.shared.clock()
+        if judge(entry.freshness, self.control, now) not in (Use.FRESH, Use.STALE):
+            return False
+        self.cache.count(self.ex, Result.COALESCED)
+        self.send_stored(entry, b"fwd=uri-miss; collapsed", now)
+        return True
 
     async def forward(self) -> None:
         ex = self.ex

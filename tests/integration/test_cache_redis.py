@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 import redis.asyncio
 
 from proxy.cache.policy import Freshness
@@ -144,3 +147,63 @@ def test_cached_routes_keep_answering_when_redis_is_down(start_sluicegate, redis
             status, headers, body = daemon.get("/r")
             assert (status, body) == (200, b"hello")
             assert headers["cache-status"].startswith("sluicegate; fwd=uri-miss")
+
+
+async def test_redis_lock_one_leader_and_a_woken_follower(redis_server):
+    from proxy.cache.lock import Outcome
+    from proxy.cache.redislock import RedisLock
+
+    one = RedisLock(redis.asyncio.from_url(redis_server.url), timeout=5.0)
+    other = RedisLock(redis.asyncio.from_url(redis_server.url), timeout=5.0)
+    assert await one.lead("k")
+    assert not await other.lead("k")
+    waiting = asyncio.ensure_future(other.follow("k"))
+    await asyncio.sleep(0.05)  # let it subscribe and register
+    assert not waiting.done()
+    await one.release("k", Outcome.STORED)
+    assert await asyncio.wait_for(waiting, 2) is Outcome.STORED
+    assert await other.lead("k")  # released: free again
+
+
+async def test_redis_lock_follower_times_out_and_a_released_lock_is_seen(redis_server):
+    from proxy.cache.lock import Outcome
+    from proxy.cache.redislock import RedisLock
+
+    one = RedisLock(redis.asyncio.from_url(redis_server.url), timeout=5.0)
+    other = RedisLock(redis.asyncio.from_url(redis_server.url), timeout=0.2)
+    assert await one.lead("k")
+    assert await other.follow("k") is Outcome.TIMED_OUT
+    await one.release("k", Outcome.NOT_STORED)
+    assert await other.follow("k") is Outcome.STORED  # nobody holds it: look again
+
+
+async def test_redis_lock_without_redis_makes_everyone_leader(redis_server):
+    from proxy.cache.lock import Outcome
+    from proxy.cache.redislock import RedisLock
+
+    lock = RedisLock(redis.asyncio.from_url(redis_server.url), timeout=1.0)
+    redis_server.stop()
+    assert await lock.lead("k")
+    assert await lock.follow("k") is Outcome.TIMED_OUT
+    await lock.release("k", Outcome.STORED)
+
+
+def test_concurrent_misses_on_two_instances_make_one_upstream_request(
+    start_sluicegate, redis_server
+):
+    origin = Origin(fresh_for(60, b"slow"), delay=0.5)
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+        config["cache"]["store"] = "redis"
+        daemons = [start_sluicegate(config), start_sluicegate(config)]
+        with ThreadPoolExecutor(40) as pool:
+            results = list(
+                pool.map(
+                    # One Host for both: the key has the host, and each listens on its port.
+                    lambda i: daemons[i % 2].get("/cold", headers={"Host": "shop.example"}),
+                    range(40),
+                )
+            )
+        assert all(status == 200 and body == b"slow" for status, _, body in results)
+        assert origin.count() == 1
