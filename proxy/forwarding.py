@@ -268,7 +268,7 @@ class Exchange:
         request = self.request
         cache = self.route_runtime.cache
         if cache is not None:
-            return cache.serve(self)  # a coroutine that ends with close_books()
+            return cache.serve(self)  # None for a hit answered at once, else a coroutine
         if self.trace is None:
             if request.body is None:
                 return self.serve_fast()
