@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench bench-instr loadtest venv clean
+.PHONY: run test lint bench bench-instr loadtest cache-tests venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-instr: $(STAMP)
 loadtest: $(STAMP)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[load]'
 	$(PY) loadtests/run_loadtest.py
+
+# RFC 9111 conformance (http-tests/cache-tests, checked out apart: see scripts/cache_tests.py).
+CACHE_TESTS_DIR ?=
+cache-tests: $(STAMP)
+	$(PY) scripts/cache_tests.py --suite "$(CACHE_TESTS_DIR)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench-results

@@ -47,6 +47,7 @@ FIELDS = (
     "tries",
     "rate_limited",
     "error",
+    "cache",  # what the response cache did (hit, miss, ...), or ""
 )
 OPTIONAL_FIELDS = ("attempts",)
 FORMATS = ("json", "text")
@@ -151,6 +152,8 @@ def format_text(record: dict[str, Any]) -> str:
         parts.append("rate_limited")
     if get("error"):
         parts.append(f"error={json.dumps(str(get('error')))}")
+    if get("cache"):
+        parts.append(f"cache={get('cache')}")
     return " ".join(parts)
 
 

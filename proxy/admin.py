@@ -12,6 +12,8 @@ Endpoints (SPEC "Admin API"):
                                                     400 {"error": ..} and nothing changes
     POST /upstreams/{name}/servers/{index}/drain     200 the server's status object
     POST /upstreams/{name}/servers/{index}/undrain   404 for an unknown upstream or index
+    POST /cache/purge                               {"url"|"prefix"|"tag": ".."} -> 200
+                                                    {"purged": N}; 400 on a bad body
 
 The application knows nothing of the proxy's internals: it talks to a ``control`` object
 (see ``AdminControl``), so it is tested with a small fake and the daemon supplies the
@@ -60,6 +62,7 @@ class AdminControl(Protocol):
     def set_draining(self, upstream: str, index: int, draining: bool) -> dict | None: ...
 
     # Optional: ``render_metrics() -> (body, content type)``; defaults to metrics.render().
+    # Optional: ``purge_cache(by, value) -> int | None`` (None: no cache configured).
 
 
 def build_admin_app(control: AdminControl, *, token: str | None) -> web.Application:
@@ -75,6 +78,7 @@ def build_admin_app(control: AdminControl, *, token: str | None) -> web.Applicat
     app.router.add_get("/", status_page)
     app.router.add_post("/reload", reload)
     app.router.add_post("/upstreams/{name}/servers/{index}/{action:drain|undrain}", drain)
+    app.router.add_post("/cache/purge", purge_cache)
     return app
 
 
@@ -190,3 +194,23 @@ def _server_index(raw: str) -> int | None:
     if not raw.isascii() or not raw.isdigit():
         return None
     return int(raw)
+
+
+PURGE_KINDS = ("url", "prefix", "tag")
+
+
+async def purge_cache(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+    except ValueError:
+        return error_response(400, "body must be JSON")
+    if not isinstance(body, dict) or len(body) != 1:
+        return error_response(400, 'body must have one of "url", "prefix" or "tag"')
+    ((by, value),) = body.items()
+    if by not in PURGE_KINDS or not isinstance(value, str) or not value:
+        return error_response(400, 'body must have one of "url", "prefix" or "tag" (a string)')
+    purge = getattr(_control(request), "purge_cache", None)
+    purged = None if purge is None else await _answer(purge(by, value))
+    if purged is None:
+        return error_response(404, "no cache configured")
+    return web.json_response({"purged": purged})

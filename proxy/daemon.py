@@ -453,6 +453,12 @@ class ProxyProcess:
         )
         return server.status()
 
+    async def purge_cache(self, by: str, value: str) -> int | None:
+        cache = self.runtime.cache
+        if cache is None:
+            return None
+        return await cache.purge(by, value)
+
     def render_metrics(self) -> tuple[bytes, str]:
         return metrics.render()
 

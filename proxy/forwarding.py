@@ -32,6 +32,7 @@ import time
 from functools import partial
 from typing import Any
 
+from proxy.compress import begin_compression
 from proxy.http1 import REASONS, ClientConnection, Request, error_response
 from proxy.metrics import in_flight_requests
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
@@ -87,6 +88,7 @@ class Exchange:
         "books_closed",
         "budget",
         "bytes_out",
+        "cache_status",
         "conn",
         "error",
         "extra_headers",
@@ -99,6 +101,7 @@ class Exchange:
         "rate_limited",
         "replayable",
         "request",
+        "response_filter",
         "retry_started",
         "route",
         "route_runtime",
@@ -147,6 +150,10 @@ class Exchange:
         self.pinned: Any = None  # the server the sticky cookie names
         self.sticky_presented: bytes | None = None  # the sticky cookie's value, if any
         self.sticky_cookie = b""  # Set-Cookie for the answer, when the pin changes
+        # A cached route's filter (proxy.cache.serve): relays the response head it is
+        # given, or answers from the store when the upstream fails. None elsewhere.
+        self.response_filter: Any = None
+        self.cache_status = ""  # what the cache did, for the access log
 
     # -- shared by both paths ------------------------------------------------------------
 
@@ -294,6 +301,9 @@ class Exchange:
         in full first, by the coroutine."""
         self.join_group(self.route_runtime.group)
         request = self.request
+        cache = self.route_runtime.cache
+        if cache is not None:
+            return cache.serve(self)  # None for a hit answered at once, else a coroutine
         if self.trace is None:
             if request.body is None:
                 return self.serve_fast()
@@ -540,6 +550,8 @@ async def _forward(
         return
     if conn.response_started:
         return
+    if ex.response_filter is not None and ex.response_filter.upstream_failed(ex, last_response):
+        return  # answered from the cache (stale-if-error)
     if last_response is not None:
         head, payload = last_response
         _send_buffered(ex, head, payload)
@@ -756,7 +768,11 @@ async def _attempt(
             attempt.upstream = None
             await _tunnel(ex, response, upstream)
             return None
-        await _relay(ex, response, upstream)
+        response_filter = ex.response_filter
+        if response_filter is None:
+            await _relay(ex, response, upstream)
+        elif not await response_filter.relay(ex, response, upstream):
+            return None  # the filter answered and left the upstream unread: not reusable
         attempt.release_upstream()
         return None
     except UpstreamError as error:
@@ -996,14 +1012,70 @@ class _ResponseRelay(_Reframed):
         # else the failure reaches the coroutine through wait_done()
 
 
+class _FilteredRelay(_ResponseRelay):
+    """The upstream's body coded on the way (``compress``: each chunk flushed as it comes),
+    and/or copied as it leaves to ``tap`` (the cache's ``BodyWriter``)."""
+
+    __slots__ = ("encoder", "tap")
+
+    def __init__(
+        self,
+        conn: ClientConnection,
+        chunked: bool,
+        head: bytes,
+        close: bool,
+        listener: Any,
+        encoder: Any,
+        tap: Any,
+    ) -> None:
+        super().__init__(conn, chunked, head, close, listener)
+        self.encoder = encoder
+        self.tap = tap
+
+    def on_body(self, chunk: bytes) -> None:
+        if self.encoder is not None:
+            chunk = self.encoder.compress(chunk)
+            if not chunk:  # an empty chunk would end chunked framing
+                return
+        if self.tap is not None and not self.tap.write(chunk):
+            self.tap = None  # too large to store: it only streams through
+        super().on_body(chunk)
+
+    def on_end(self) -> None:
+        if self.encoder is not None:
+            tail = self.encoder.finish()
+            if tail:
+                if self.tap is not None:
+                    self.tap.write(tail)
+                super().on_body(tail)
+        super().on_end()
+
+
+def _begin_compression(ex: Exchange, response: Any, length: int | None) -> Any:
+    """The route's ``compress`` rule applied to a response head: its encoder, or None."""
+    route = ex.route_runtime
+    encoder, algorithm = begin_compression(route.compress, ex.request, response, length)
+    if algorithm is not None:
+        route.metrics.compressed(algorithm)
+    return encoder
+
+
 def _start_relay(
-    ex: Exchange, response: Any, upstream: UpstreamConnection, listener: Any = None
+    ex: Exchange,
+    response: Any,
+    upstream: UpstreamConnection,
+    listener: Any = None,
+    tap: Any = None,
 ) -> _ResponseRelay:
     """Send the response head (with the first body bytes) and stream the rest as it comes.
     ``listener`` hears the end; without one, await ``upstream.wait_done()``."""
     conn = ex.conn
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
+    encoder = None
+    if ex.route_runtime.compress is not None and response.has_body:
+        length = None if response.chunked else response.content_length
+        encoder = _begin_compression(ex, response, length)
     chunked_out = False
     if response.has_body and response.content_length is None:
         if request.version == "1.1":
@@ -1012,7 +1084,10 @@ def _start_relay(
             close = True  # an HTTP/1.0 client reads to the end of the connection
     extra = _with_trace(ex, ex.extra_headers + ex.sticky_cookie)
     head = _response_head(response, request, extra, close=close, chunked=chunked_out)
-    relay = _ResponseRelay(conn, chunked_out, head, close, listener)
+    if encoder is None and tap is None:
+        relay = _ResponseRelay(conn, chunked_out, head, close, listener)
+    else:
+        relay = _FilteredRelay(conn, chunked_out, head, close, listener, encoder, tap)
     conn.response_started = True
     ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.
@@ -1101,6 +1176,11 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
     conn = ex.conn
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
+    route = ex.route_runtime
+    if route is not None and route.compress is not None and response.has_body:
+        encoder = _begin_compression(ex, response, len(payload))
+        if encoder is not None:
+            payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:
         response.content_length = len(payload)  # also re-frames a chunked one
     extra = _with_trace(ex, ex.extra_headers + ex.sticky_cookie)

@@ -202,6 +202,36 @@ EVENT_LOOP_LAG = Histogram(
     "How late the event loop ran a timer it had scheduled (one every 0.25 s).",
     buckets=LOOP_LAG_BUCKETS,
 )
+CACHE_REQUESTS = Counter(
+    "sluicegate_cache_requests",
+    "Requests on cached routes, by what the cache did (hit, miss, stale, revalidated, "
+    "coalesced, bypass).",
+    ["route", "result"],
+)
+CACHE_STORED_BYTES = Gauge(
+    "sluicegate_cache_stored_bytes",
+    "Bytes of responses held by the cache store.",
+    multiprocess_mode="livesum",
+)
+CACHE_OBJECTS = Gauge(
+    "sluicegate_cache_objects",
+    "Responses held by the cache store.",
+    multiprocess_mode="livesum",
+)
+CACHE_EVICTIONS = Counter(
+    "sluicegate_cache_evictions",
+    "Responses the cache store evicted to stay within max_size.",
+)
+CACHE_PURGED = Counter(
+    "sluicegate_cache_purged",
+    "Stored responses removed, by how (url, prefix, tag, invalidation).",
+    ["by"],
+)
+COMPRESSED_RESPONSES = Counter(
+    "sluicegate_compressed_responses",
+    "Responses compressed on the fly, by route and algorithm.",
+    ["route", "algorithm"],
+)
 
 
 class _BufferedValue(_LoopValue):
@@ -274,10 +304,19 @@ class _HotHistogram:
 class RouteMetrics:
     """The per-route series, resolved once per route when a config is loaded."""
 
-    __slots__ = ("_duration", "_rate_limited", "_requests", "route")
+    __slots__ = (
+        "_cache_results",
+        "_compressed",
+        "_duration",
+        "_rate_limited",
+        "_requests",
+        "route",
+    )
 
     def __init__(self, route: str) -> None:
         self.route = route
+        self._cache_results: dict[str, object] = {}  # result word -> counter child
+        self._compressed: dict[str, object] = {}  # algorithm -> counter child
         self._duration = _HotHistogram(REQUEST_DURATION.labels(route))
         self._rate_limited = RATE_LIMITED.labels(route)
         # (method label, status) -> counter value. Bounded: ~10 methods x status codes.
@@ -300,6 +339,19 @@ class RouteMetrics:
     def rate_limited(self) -> None:
         """Count one request over the route's limit."""
         self._rate_limited.inc()
+
+    def cache_result(self, result: str) -> None:
+        """Count one request on a cached route by what the cache did."""
+        child = self._cache_results.get(result)
+        if child is None:
+            child = self._cache_results[result] = CACHE_REQUESTS.labels(self.route, result)
+        child.inc()  # type: ignore[attr-defined]
+
+    def compressed(self, algorithm: str) -> None:
+        child = self._compressed.get(algorithm)
+        if child is None:
+            child = self._compressed[algorithm] = COMPRESSED_RESPONSES.labels(self.route, algorithm)
+        child.inc()  # type: ignore[attr-defined]
 
 
 class ServerMetrics:
@@ -432,6 +484,22 @@ def retry(upstream: str, reason: str) -> None:
 def dns_resolution(upstream: str, result: str) -> None:
     """Count one DNS lookup for ``upstream``: "success", "empty" or "failure"."""
     _dns_resolutions.get(upstream, result).inc()
+
+
+_purged = _LabelCache(CACHE_PURGED)
+
+
+def cache_store(objects: int, stored_bytes: int, new_evictions: int) -> None:
+    """The cache store's size after a change, and evictions since the last report."""
+    CACHE_OBJECTS.set(objects)
+    CACHE_STORED_BYTES.set(stored_bytes)
+    if new_evictions:
+        CACHE_EVICTIONS.inc(new_evictions)
+
+
+def cache_purged(by: str, count: int) -> None:
+    if count:
+        _purged.get(by).inc(count)
 
 
 def rate_limit_backend_error() -> None:

@@ -19,7 +19,9 @@ from typing import Any
 from proxy import metrics
 from proxy.accesslog import _json_value, format_time
 from proxy.breaker import BreakerState
+from proxy.cache.serve import RouteCache, SharedCache
 from proxy.clientip import ClientAddressResolver
+from proxy.compress import CompressRule
 from proxy.discovery import Discovery, address_order
 from proxy.health import HealthChecker
 from proxy.retry import RetryPolicy
@@ -32,47 +34,22 @@ log = logging.getLogger("sluicegate")
 
 class RouteCounters:
     """What one route has seen, for ``/status``. Carried across reloads by route name, as
-    servers are, so a reload does not zero the page.
+    servers are, so a reload does not zero the page. (The cache's own figures are its
+    ``RouteCache.status()``.)"""
 
-    The response cache is the one writer of the ``cache_*`` fields: it counts the hits,
-    misses and stale answers it gives on the route, and keeps ``cache_objects`` and
-    ``cache_bytes`` equal to what it holds for the route. Until it does, they read zero.
-    """
-
-    __slots__ = (
-        "cache_bytes",
-        "cache_hits",
-        "cache_misses",
-        "cache_objects",
-        "cache_stale",
-        "rate_limited",
-        "requests",
-    )
+    __slots__ = ("rate_limited", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
         self.rate_limited = 0  # over the limit, in either mode (shadow counts too)
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.cache_stale = 0
-        self.cache_objects = 0
-        self.cache_bytes = 0
-
-    def cache_status(self) -> dict[str, int]:
-        return {
-            "hits": self.cache_hits,
-            "misses": self.cache_misses,
-            "stale": self.cache_stale,
-            "objects": self.cache_objects,
-            "bytes": self.cache_bytes,
-        }
 
 
 class RouteRuntime:
     """A route as the pipeline needs it: resolved group, prepared bytes, metric children."""
 
     __slots__ = (
-        "cached",
+        "cache",
+        "compress",
         "counters",
         "group",
         "limit_key_kind",
@@ -87,7 +64,6 @@ class RouteRuntime:
         self.name = cfg.name
         self.group = group
         self.counters = counters
-        self.cached = cfg.cache is not None
         prefix = cfg.match.path_prefix or "/"
         self.strip_prefix = prefix.rstrip("/").encode() if cfg.strip_prefix else b""
         self.rate_limit = cfg.rate_limit
@@ -98,6 +74,8 @@ class RouteRuntime:
             self.limit_key_kind = kind
             self.limit_key_name = name.lower().encode() if kind == "header" else name.encode()
         self.metrics = metrics.RouteMetrics(cfg.name)
+        self.compress = CompressRule(cfg.compress) if cfg.compress is not None else None
+        self.cache: Any = None  # a RouteCache when the route is cached (set by Runtime)
 
     def status(self) -> dict[str, Any]:
         """The route's entry in ``/status``: ``limit`` and ``cache`` are null when the route
@@ -112,7 +90,7 @@ class RouteRuntime:
             "limit": None
             if limit is None
             else {"rate": limit.rate, "burst": limit.burst, "key": limit.key, "mode": limit.mode},
-            "cache": counters.cache_status() if self.cached else None,
+            "cache": self.cache.status() if self.cache is not None else None,
         }
 
 
@@ -122,7 +100,7 @@ class Refusal:
     logs those too. Same fields as a forwarded request's ``Exchange``."""
 
     __slots__ = ("bytes_out", "error", "status")
-    route = upstream = server = ""
+    route = upstream = server = cache_status = ""
     upstream_seconds = 0.0
     tries = 0
     rate_limited = False
@@ -216,6 +194,16 @@ class Runtime:
             RouteRuntime(cfg, self.groups[cfg.upstream], self.route_counters[cfg.name])
             for cfg in config.routes
         ]
+        # The response cache: one store for every cached route, kept across reloads while
+        # the `cache` section stays the same.
+        self.cache: SharedCache | None = None
+        if config.cache is not None:
+            self.cache = SharedCache(
+                config.cache, previous.cache if previous else None, redis_config=config.redis
+            )
+            for route, cfg in zip(self.routes, config.routes, strict=True):
+                if cfg.cache is not None:
+                    route.cache = RouteCache(cfg, self.cache, route.metrics)
         self.router = Router(
             (route, cfg.match) for route, cfg in zip(self.routes, config.routes, strict=True)
         )
@@ -356,6 +344,7 @@ class Runtime:
             "tries": outcome.tries,
             "rate_limited": outcome.rate_limited,
             "error": outcome.error,
+            "cache": outcome.cache_status,
         }
         if outcome.attempts:
             record["attempts"] = outcome.attempts
@@ -401,7 +390,7 @@ _JSON_FIELDS = (
     '{"time":"%s","request_id":%s,"client_ip":%s,"method":%s,"host":%s,"path":%s,'
     '"route":%s,"upstream":%s,"server":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
     '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
-    '"error":%s'
+    '"error":%s,"cache":%s'
 )
 _ATTEMPT = '{"server":%s,"outcome":%s,"ms":%r%s}'  # one entry of "attempts"
 _JSON_LINE = _JSON_FIELDS + "%s}"  # then "attempts" formatted apart, or nothing
@@ -451,6 +440,7 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
         outcome.tries,
         "true" if outcome.rate_limited else "false",
         _escape(outcome.error) if outcome.error else '""',
+        names[outcome.cache_status],
     )
     attempts = outcome.attempts
     if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:

@@ -97,7 +97,7 @@ class Supervisor:
     # -- talking to workers --------------------------------------------------------------
 
     async def _ask(
-        self, worker: Worker, method: str, path: str, parse: bool = True
+        self, worker: Worker, method: str, path: str, parse: bool = True, payload: Any = None
     ) -> tuple[int, Any]:
         import aiohttp
 
@@ -105,15 +105,20 @@ class Supervisor:
         async with (
             aiohttp.ClientSession(connector=connector) as session,
             session.request(
-                method, f"http://worker{path}", timeout=aiohttp.ClientTimeout(total=5)
+                method,
+                f"http://worker{path}",
+                json=payload,
+                timeout=aiohttp.ClientTimeout(total=5),
             ) as reply,
         ):
             body = await reply.json(content_type=None) if parse else await reply.read()
             return reply.status, body
 
-    async def _ask_all(self, method: str, path: str, parse: bool = True) -> list[tuple[int, Any]]:
+    async def _ask_all(
+        self, method: str, path: str, parse: bool = True, payload: Any = None
+    ) -> list[tuple[int, Any]]:
         replies = await asyncio.gather(
-            *(self._ask(worker, method, path, parse) for worker in self.workers),
+            *(self._ask(worker, method, path, parse, payload) for worker in self.workers),
             return_exceptions=True,
         )
         return [r for r in replies if not isinstance(r, BaseException)]
@@ -169,6 +174,12 @@ class Supervisor:
         replies = await self._ask_all("POST", f"/upstreams/{upstream}/servers/{index}/{action}")
         ok = [body for status, body in replies if status == 200]
         return ok[0] if ok else None
+
+    async def purge_cache(self, by: str, value: str) -> int | None:
+        """Each worker keeps its own memory store: all of them purge, the counts add up."""
+        replies = await self._ask_all("POST", "/cache/purge", payload={by: value})
+        counts = [body["purged"] for status, body in replies if status == 200]
+        return sum(counts) if counts else None
 
     async def render_metrics(self) -> tuple[bytes, str]:
         # Workers count their hot series in memory: each flushes to its files as it renders

@@ -30,6 +30,7 @@ def _exchange(path: bytes, error: str, attempts: list) -> tuple:
         rate_limited=True,
         error=error,
         attempts=attempts,
+        cache_status="hit",
     )
     return request, outcome
 
@@ -71,6 +72,7 @@ def test_fast_line_matches_the_generic_formatter(path, error, attempts):
         "tries": 2,
         "rate_limited": True,
         "error": error,
+        "cache": "hit",
         "attempts": attempts or None,
     }
     generic = json.loads(format_json(record))

@@ -27,6 +27,7 @@ SPEC_FIELDS = [
     "tries",
     "rate_limited",
     "error",
+    "cache",
 ]
 
 
@@ -49,6 +50,7 @@ def a_record(**overrides):
         "tries": 1,
         "rate_limited": False,
         "error": None,
+        "cache": "",
     }
     record.update(overrides)
     return record

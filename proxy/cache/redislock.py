@@ -1,0 +1,109 @@
+"""The stampede lock across instances (``cache.store: redis``).
+
+Within a process, ``lock.StampedeLock`` already lets one request per key go on; this lock
+makes that one request wait for another *instance* already fetching the key. The leader
+holds ``sluicegate:cache:l:<key>`` (SET NX with a lifetime of ``lock_timeout``, so a
+crashed leader frees it) and, when done, deletes it and publishes the key and its outcome
+on one channel. Each process listens on that channel with one subscription and resolves
+the futures of its waiters: no polling. A waiter registers before it looks at the lock
+key, so a release between the two is seen; a lost message costs at most ``timeout``.
+
+Redis failing makes every caller a leader: the cache then works as if unshared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from proxy.cache.lock import Outcome
+from proxy.cache.redisstore import PREFIX, REDIS_FAILURES
+
+log = logging.getLogger("sluicegate")
+
+CHANNEL = PREFIX + "released"
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  redis.call('publish', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+class RedisLock:
+    def __init__(self, client: Any, timeout: float, subscriber: Any = None) -> None:
+        self.client = client
+        # The subscription's own client: one without a read timeout (it waits for news).
+        self.subscriber = subscriber if subscriber is not None else client
+        self.timeout = timeout
+        self._token = os.urandom(8).hex()
+        self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed: asyncio.Future[None] | None = None
+        self._release = client.register_script(_RELEASE)
+
+    async def lead(self, key: str) -> bool:
+        """True when this process now fetches ``key`` for every instance."""
+        try:
+            acquired = await self.client.set(
+                PREFIX + "l:" + key, self._token, nx=True, px=max(1, int(self.timeout * 1000))
+            )
+        except REDIS_FAILURES:
+            return True
+        return bool(acquired)
+
+    async def follow(self, key: str) -> Outcome:
+        """Until the instance fetching ``key`` is done (or ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outcome] = loop.create_future()
+        try:
+            await self._listen()
+            self._waiters.setdefault(key, []).append(future)
+            if not await self.client.exists(PREFIX + "l:" + key):
+                return Outcome.STORED  # released meanwhile: look (a miss costs one lookup)
+            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+        except (TimeoutError, *REDIS_FAILURES):
+            return Outcome.TIMED_OUT
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[key]
+
+    async def release(self, key: str, outcome: Outcome) -> None:
+        try:
+            await self._release(
+                keys=[PREFIX + "l:" + key], args=[self._token, CHANNEL, f"{outcome.value} {key}"]
+            )
+        except REDIS_FAILURES:
+            pass  # the lock expires by itself; waiters time out
+
+    async def _listen(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._subscribed = asyncio.get_running_loop().create_future()
+            self._listener = asyncio.get_running_loop().create_task(self._run())
+        await asyncio.shield(self._subscribed)  # type: ignore[arg-type]
+
+    async def _run(self) -> None:
+        subscribed = self._subscribed
+        try:
+            pubsub = self.subscriber.pubsub()
+            await pubsub.subscribe(CHANNEL)
+            if subscribed is not None and not subscribed.done():
+                subscribed.set_result(None)
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                word, _, key = message["data"].decode("latin-1").partition(" ")
+                for future in self._waiters.get(key, ()):
+                    if not future.done():
+                        future.set_result(Outcome(word))
+        except REDIS_FAILURES as error:
+            if subscribed is not None and not subscribed.done():
+                subscribed.set_exception(error)
+            log.warning("cache lock subscription failed: %s", error, extra={"event": "cache"})

@@ -1,0 +1,639 @@
+"""The cache as the request pipeline sees it: one filter per cached route.
+
+``RouteCache.serve(ex)`` is the coroutine that answers a request on a cached route. It
+looks the key up and answers from the store when it may (RFC 9111 §4); otherwise it sends
+the request on through ``forwarding._forward`` with itself as the exchange's
+``response_filter``, which the pipeline calls with the upstream's response head
+(``relay``: store it as it streams to the client, or answer a revalidation's 304 from the
+store) and when the upstream failed (``upstream_failed``: stale-if-error).
+
+``SharedCache`` is what every cached route of a process shares: the store, the stampede
+lock, the clock. A reload keeps it when the top-level ``cache`` section is unchanged.
+
+Every answer on a cached route carries ``Cache-Status`` (RFC 9211) and, from the store,
+``Age``; the result word (hit, miss, stale, revalidated, coalesced, bypass) is counted per
+route and written to the access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from proxy import metrics
+from proxy.cache.control import CacheControl, field_value, parse_http_date, request_control
+from proxy.cache.key import KeyMaker, cache_url, url_from_purge
+from proxy.cache.lock import Outcome, StampedeLock
+from proxy.cache.memory import MemoryStore
+from proxy.cache.policy import (
+    Use,
+    compute_freshness,
+    decide_storage,
+    judge,
+    may_serve_on_error,
+    stored_headers,
+    updated_headers,
+    vary_names,
+)
+from proxy.cache.redislock import RedisLock
+from proxy.cache.redisstore import RedisStore
+from proxy.cache.store import BodyWriter, StoredResponse, tags_of
+from proxy.cache.variance import matches, variance
+from proxy.compress import negotiate
+
+# The pipeline's own pieces: the cache is one of its phases (see the module docstring).
+from proxy.forwarding import (
+    _forward,
+    _relay_over,
+    _request_head,
+    _send_buffered,
+    _send_error,
+    _start_relay,
+)
+from proxy.pool import HeadFuture, ResponseHead
+
+log = logging.getLogger("sluicegate")
+
+# RFC 9111 §4.4: a method not known to be safe invalidates (M-SEARCH and the like too).
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+CONDITIONAL_FIELDS = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+)
+
+
+class SharedCache:
+    """The store and stampede lock every cached route of this process uses."""
+
+    def __init__(
+        self,
+        config: Any,
+        previous: SharedCache | None = None,
+        clock: Callable[[], float] = time.time,
+        redis_config: Any = None,
+    ) -> None:
+        self.config = config
+        self.redis_config = redis_config
+        self.clock = clock
+        if (
+            previous is not None
+            and previous.config == config
+            and (config.store != "redis" or previous.redis_config == redis_config)
+        ):
+            self.store: Any = previous.store
+            self.lock: StampedeLock = previous.lock
+            self.remote_lock: RedisLock | None = previous.remote_lock
+            self._evictions_told = previous._evictions_told
+            self._background = previous._background
+        else:
+            if config.store == "redis" and redis_config.mode != "single":
+                log.warning(
+                    "cache.store: redis works with redis mode single for now (not %s); "
+                    "each process caches in memory",
+                    redis_config.mode,
+                    extra={"event": "cache"},
+                )
+            if config.store == "redis" and redis_config.mode == "single":
+                client = redis_client(redis_config)
+                self.store = RedisStore(client, config.max_object_size, clock=clock)
+                # The subscription waits for messages as long as it takes: no timeout.
+                subscriber = redis_client(redis_config, waits=True)
+                self.remote_lock = RedisLock(client, config.lock_timeout, subscriber=subscriber)
+            else:
+                self.store = MemoryStore(config.max_size, config.max_object_size)
+                self.remote_lock = None
+            self.lock = StampedeLock(config.lock_timeout)
+            self._evictions_told = 0
+            self._background: set[asyncio.Task[None]] = set()
+
+    def report(self) -> None:
+        """The store's size to the gauges, and evictions since the last report."""
+        stats = self.store.stats()
+        metrics.cache_store(stats.objects, stats.bytes, stats.evictions - self._evictions_told)
+        self._evictions_told = stats.evictions
+
+    async def purge(self, by: str, value: str) -> int:
+        """The admin purge: by "url", "prefix" or "tag"."""
+        store = self.store
+        if by == "url":
+            count = await store.purge_url(url_from_purge(value))
+        elif by == "prefix":
+            count = await store.purge_prefix(url_from_purge(value))
+        else:
+            count = await store.purge_tag(value)
+        metrics.cache_purged(by, count)
+        self.report()
+        return count
+
+    def in_background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._background.discard)
+
+
+def redis_client(redis_config: Any, *, waits: bool = False) -> Any:
+    """The cache's own connection pool to the configured Redis (mode single).
+
+    Calls time out after ``redis.timeout`` (at least 250 ms: a body of a few MiB must get
+    through); a Redis that fails is a miss, never an error for the client.
+    """
+    import redis.asyncio
+
+    timeout = max(redis_config.timeout, 0.25)
+    return redis.asyncio.from_url(
+        redis_config.url,
+        password=redis_config.password,
+        socket_timeout=None if waits else timeout,
+        socket_connect_timeout=timeout,
+    )
+
+
+class Result(enum.Enum):
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    REVALIDATED = "revalidated"
+    COALESCED = "coalesced"
+    BYPASS = "bypass"
+
+
+class RouteCache:
+    """A cached route's part of the cache: its key parts, heuristic, and counters."""
+
+    def __init__(self, route_config: Any, shared: SharedCache, route_metrics: Any) -> None:
+        self.keys = KeyMaker.from_config(route_config.cache.key)
+        self.heuristic = route_config.cache.heuristic
+        self.shared = shared
+        self.metrics = route_metrics
+        self.compress_algorithms: tuple[str, ...] | None = (
+            route_config.compress.algorithms if route_config.compress is not None else None
+        )
+        self.counts = dict.fromkeys((r.value for r in Result), 0)
+
+    def status(self) -> dict[str, int]:
+        stats = self.shared.store.stats()
+        return {
+            "hits": self.counts["hit"] + self.counts["coalesced"],
+            "misses": self.counts["miss"],
+            "stale": self.counts["stale"],
+            "objects": stats.objects,
+            "bytes": stats.bytes,
+        }
+
+    def serve(self, ex: Any) -> Any:
+        """None when answered at once from a store that answers at once (a hit needs no
+        task), else the coroutine that serves the request."""
+        cached = _CachedRequest(self, ex)
+        if cached.answer_now():
+            ex.answered()
+            return None
+        return self._serve(ex, cached)
+
+    async def _serve(self, ex: Any, cached: _CachedRequest) -> None:
+        try:
+            await cached.run()
+        finally:
+            ex.close_books()
+
+    def count(self, ex: Any, result: Result) -> None:
+        self.counts[result.value] += 1
+        self.metrics.cache_result(result.value)
+        ex.cache_status = result.value
+
+
+class _CachedRequest:
+    """One request on a cached route; the exchange's ``response_filter`` when forwarded."""
+
+    def __init__(self, route_cache: RouteCache, ex: Any) -> None:
+        self.cache = route_cache
+        self.shared = route_cache.shared
+        self.store = route_cache.shared.store
+        self.ex = ex
+        request = ex.request
+        self.request = request
+        self.url = cache_url(request.host, request.path, request.target)
+        self.primary = route_cache.keys.primary(self.url, request.header)
+        self.control: CacheControl = request_control(request.headers)
+        self.revalidating: StoredResponse | None = None  # the entry a conditional asks about
+        self.stored = False
+        self.result = Result.MISS
+        self.status_word = b"fwd=uri-miss"
+        self.found: tuple[StoredResponse | None, bool] | None = None  # looked up at once
+        self.base_extra = ex.extra_headers  # RateLimit-*: Cache-Status goes after them
+        # The client's own conditionals (a revalidation replaces them with the entry's).
+        self.if_none_match = request.header(b"if-none-match")
+        self.if_modified_since = request.header(b"if-modified-since")
+
+    # -- the request ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ex = self.ex
+        method = self.request.method
+        if method not in (b"GET", b"HEAD"):
+            self.result = Result.BYPASS
+            self.status_word = b"fwd=bypass"
+            await self.forward()
+            return
+        if self.found is None:
+            entry, any_variant = await self.lookup()
+            if entry is not None and self.answer_from(entry):
+                return
+        else:  # answer_now() looked, and answer_from() did not answer
+            entry, any_variant = self.found
+        if entry is None and any_variant:
+            self.status_word = b"fwd=miss"
+        if "only-if-cached" in self.control:
+            self.cache.count(ex, Result.MISS)
+            ex.extra_headers += b"Cache-Status: sluicegate; " + self.status_word + b"\r\n"
+            _send_error(ex, 504, "not in cache (only-if-cached)", ex.extra_headers)
+            return
+        if self.revalidating is not None or method == b"HEAD":
+            await self.forward()
+            return
+        await self.forward_once()
+
+    def answer_now(self) -> bool:
+        """Answer from a store that answers at once (memory), when the entry allows."""
+        variants_now = getattr(self.store, "variants_now", None)
+        if variants_now is None or self.request.method not in (b"GET", b"HEAD"):
+            return False
+        self.found = self.choose(variants_now(self.primary))
+        entry = self.found[0]
+        return entry is not None and self.answer_from(entry)
+
+    async def lookup(self) -> tuple[StoredResponse | None, bool]:
+        """The stored variant this request may use, and whether any variant exists."""
+        return self.choose(await self.store.variants(self.primary))
+
+    def choose(self, variants: list[StoredResponse]) -> tuple[StoredResponse | None, bool]:
+        for entry in variants:
+            if matches(entry.variance, self.request_values):
+                return entry, True
+        return None, bool(variants)
+
+    def request_values(self, lowered_name: bytes) -> list[bytes]:
+        """A request field's values as Vary compares them. Accept-Encoding on a compressing
+        route is the coding it negotiates to, so that equivalent lists share one variant."""
+        request = self.request
+        values = [
+            value
+            for (_, value), lowered in zip(request.headers, request.lowered, strict=True)
+            if lowered == lowered_name
+        ]
+        algorithms = self.cache.compress_algorithms
+        if lowered_name == b"accept-encoding" and algorithms is not None:
+            chosen = negotiate(b", ".join(values) if values else None, algorithms)
+            return [(chosen or "identity").encode()]
+        return values
+
+    def answer_from(self, entry: StoredResponse) -> bool:
+        """Answer from ``entry`` when its freshness allows; else set up its revalidation."""
+        ex = self.ex
+        now = self.shared.clock()
+        use = judge(entry.freshness, self.control, now)
+        if use is Use.FRESH:
+            self.cache.count(ex, Result.HIT)
+            self.send_stored(entry, b"hit", now)
+            return True
+        if use is Use.STALE:
+            self.cache.count(ex, Result.STALE)
+            self.send_stored(entry, b"hit; detail=stale", now)
+            return True
+        if use is Use.STALE_WHILE_REVALIDATE:
+            self.cache.count(ex, Result.STALE)
+            self.send_stored(entry, b"hit; detail=stale-while-revalidate", now)
+            key = "revalidate\x1f" + self.primary
+            if self.shared.lock.lead(key):  # one background revalidation per key
+                self.shared.in_background(self.revalidate_in_background(key, entry))
+            return True
+        self.revalidating = entry
+        self.status_word = b"fwd=stale"
+        self.make_conditional(entry)
+        return False
+
+    async def forward_once(self) -> None:
+        """A miss: the first goes upstream, concurrent ones wait for it (stampede lock:
+        within the process, and across instances with a shared store)."""
+        lock = self.shared.lock
+        primary = self.primary
+        if not lock.lead(primary):
+            if await lock.follow(primary) is Outcome.STORED and await self.answer_collapsed():
+                return
+            await self.forward()
+            return
+        outcome = Outcome.NOT_STORED
+        try:
+            remote = self.shared.remote_lock
+            if remote is None:
+                await self.forward()
+            elif await remote.lead(primary):
+                try:
+                    await self.forward()
+                finally:
+                    await remote.release(primary, self.stored_outcome())
+            else:
+                if await remote.follow(primary) is Outcome.STORED and await self.answer_collapsed():
+                    outcome = Outcome.STORED
+                    return
+                await self.forward()
+            outcome = self.stored_outcome()
+        finally:
+            lock.release(primary, outcome)
+
+    def stored_outcome(self) -> Outcome:
+        return Outcome.STORED if self.stored else Outcome.NOT_STORED
+
+    async def answer_collapsed(self) -> bool:
+        """After waiting for another request's answer: answer from the store if we may."""
+        entry, _ = await self.lookup()
+        if entry is None:
+            return False
+        now = self.shared.clock()
+        if judge(entry.freshness, self.control, now) not in (Use.FRESH, Use.STALE):
+            return False
+        self.cache.count(self.ex, Result.COALESCED)
+        self.send_stored(entry, b"fwd=uri-miss; collapsed", now)
+        return True
+
+    async def forward(self) -> None:
+        ex = self.ex
+        ex.response_filter = self
+        # Errors the proxy makes carry the same Cache-Status; relay() adds "stored".
+        self.cache_status_headers(ex)
+        await _forward(ex, set())
+        if not ex.cache_status:
+            self.cache.count(ex, self.result)
+
+    def cache_status_headers(self, ex: Any, stored: bool = False) -> None:
+        value = b"sluicegate; " + self.status_word + (b"; stored" if stored else b"")
+        ex.extra_headers = self.base_extra + b"Cache-Status: " + value + b"\r\n"
+
+    def make_conditional(self, entry: StoredResponse) -> None:
+        """Ask the origin whether ``entry`` is still good: its validators replace the
+        client's own conditionals (those are answered from the entry afterwards)."""
+        request = self.request
+        kept = [
+            (field, lowered)
+            for field, lowered in zip(request.headers, request.lowered, strict=True)
+            if lowered not in CONDITIONAL_FIELDS
+        ]
+        request.headers = [field for field, _ in kept]
+        request.lowered = [lowered for _, lowered in kept]
+        etag = field_value(entry.headers, b"etag")
+        if etag is not None:
+            request.add_header(b"If-None-Match", etag)
+        last_modified = field_value(entry.headers, b"last-modified")
+        if last_modified is not None:
+            request.add_header(b"If-Modified-Since", last_modified)
+
+    # -- the response (called by forwarding) ----------------------------------------------
+
+    async def relay(self, ex: Any, response: Any, upstream: Any) -> bool:
+        """Relay ``response`` to the client (storing it as it goes, when storable), or
+        answer from the store: True when ``upstream`` ended cleanly and may be reused."""
+        request = self.request
+        now = self.shared.clock()
+        if request.method not in SAFE_METHODS and 200 <= response.status < 400:
+            await self.invalidate(response)
+        entry = self.revalidating
+        if entry is not None:
+            if response.status == 304:
+                await upstream.wait_done()
+                await self.freshen(entry, response, now)
+                self.cache.count(ex, Result.REVALIDATED)
+                self.send_stored(entry, b"fwd=stale; fwd-status=304", self.shared.clock())
+                return True
+            if response.status >= 500 and may_serve_on_error(entry.freshness, self.control, now):
+                self.cache.count(ex, Result.STALE)
+                self.send_stored(entry, b"fwd=stale; fwd-status=%d" % response.status, now)
+                return False
+        decision = None
+        if request.method == b"GET" and response.status != 304:
+            decision = decide_storage(
+                method=request.method,
+                status=response.status,
+                headers=response.headers,
+                request_control=self.control,
+                has_authorization=b"authorization" in request.lowered,
+                heuristic=self.cache.heuristic,
+                request_time=self.started,
+                response_time=now,
+            )
+            if not decision.storable:
+                decision = None
+        length = response.content_length
+        if decision is not None and length is not None and length > self.store.max_object_size:
+            decision = None  # streams through
+        self.cache_status_headers(ex, stored=decision is not None)
+        writer = BodyWriter(self.store.max_object_size) if decision is not None else None
+        relay = _start_relay(ex, response, upstream, tap=writer)
+        try:
+            await upstream.wait_done()
+        finally:
+            _relay_over(ex, relay)
+        if writer is not None and decision is not None:
+            body = writer.body()
+            if body is not None:
+                await self.put(response, decision, body)
+        self.cache.count(ex, self.result)
+        return True
+
+    def upstream_failed(self, ex: Any, last_response: Any) -> bool:
+        """No good answer came: answer stale where stale-if-error allows (True)."""
+        entry = self.revalidating
+        if entry is None:
+            return False
+        now = self.shared.clock()
+        if not may_serve_on_error(entry.freshness, self.control, now):
+            return False
+        self.cache.count(ex, Result.STALE)
+        status = b"fwd=stale"
+        if last_response is not None:
+            status += b"; fwd-status=%d" % last_response[0].status
+        self.send_stored(entry, status, now)
+        return True
+
+    @property
+    def started(self) -> float:
+        # The exchange's monotonic start, on the store's clock.
+        return self.shared.clock() - (time.monotonic() - self.ex.started)
+
+    # -- the store -------------------------------------------------------------------------
+
+    async def put(self, response: Any, decision: Any, body: bytes) -> None:
+        headers = stored_headers(response.headers, decision.strip)
+        entry = StoredResponse(
+            primary=self.primary,
+            url=self.url,
+            variance=variance(vary_names(headers), self.request_values),
+            status=response.status,
+            reason=response.reason,
+            headers=headers,
+            body=body,
+            freshness=decision.freshness,
+            tags=tags_of(headers),
+        )
+        self.stored = await self.store.put(entry)
+        self.shared.report()
+
+    async def freshen(self, entry: StoredResponse, response: Any, now: float) -> None:
+        headers = updated_headers(entry.headers, response.headers)
+        freshness = compute_freshness(
+            entry.status, headers, self.cache.heuristic, self.started, now
+        )
+        await self.store.freshen(entry, headers, freshness)
+        self.shared.report()
+
+    async def invalidate(self, response: Any) -> None:
+        """An unsafe method succeeded: what is stored for its target (and for a same-host
+        Location / Content-Location) is out of date (RFC 9111 §4.4)."""
+        urls = {self.url}
+        host = (self.request.host or b"").lower().decode("latin-1")
+        for name in (b"location", b"content-location"):
+            value = field_value(response.headers, name)
+            if value is None:
+                continue
+            text = value.decode("latin-1").strip()
+            if text.startswith("/"):
+                urls.add(host + text)
+            elif "://" in text and url_from_purge(text).partition("/")[0] == host:
+                urls.add(url_from_purge(text))
+        count = 0
+        for url in urls:
+            count += await self.store.purge_url(url)
+        metrics.cache_purged("invalidation", count)
+        self.shared.report()
+
+    async def revalidate_in_background(self, key: str, entry: StoredResponse) -> None:
+        try:
+            await _background_revalidation(self, entry)
+        finally:
+            self.shared.lock.release(key, Outcome.NOT_STORED)
+
+    # -- answering from the store ---------------------------------------------------------
+
+    def send_stored(self, entry: StoredResponse, status_word: bytes, now: float) -> None:
+        ex = self.ex
+        request = self.request
+        head = ResponseHead()
+        head.reason = entry.reason
+        headers = [(n, v) for n, v in entry.headers if n.lower() != b"content-length"]
+        age = int(entry.freshness.age(now))
+        headers.append((b"Age", b"%d" % age))
+        status = entry.status
+        if _not_modified(self.if_none_match, self.if_modified_since, entry):
+            status = 304
+            head.reason = b"Not Modified"
+        head.status = status
+        head.has_body = request.method != b"HEAD" and status not in (204, 304)
+        if status != 304:
+            headers.append((b"Content-Length", b"%d" % len(entry.body)))
+        head.headers = headers
+        head.lowered = [name.lower() for name, _ in headers]
+        head.content_length = len(entry.body)
+        ex.extra_headers = self.base_extra + b"Cache-Status: sluicegate; " + status_word + b"\r\n"
+        _send_buffered(ex, head, entry.body if head.has_body else b"")
+
+
+def _not_modified(
+    if_none_match: bytes | None, if_modified_since_value: bytes | None, entry: StoredResponse
+) -> bool:
+    """The client's own conditional, answered from the stored response (RFC 9110 §13)."""
+    if entry.status != 200:
+        return False
+    if if_none_match is not None:
+        etag = field_value(entry.headers, b"etag")
+        if etag is None:
+            return False
+        if if_none_match.strip() == b"*":
+            return True
+        wanted = _opaque(etag)
+        return any(_opaque(tag) == wanted for tag in if_none_match.split(b","))
+    if_modified_since = parse_http_date(if_modified_since_value)
+    if if_modified_since is None:
+        return False
+    last_modified = parse_http_date(field_value(entry.headers, b"last-modified"))
+    if last_modified is None:
+        last_modified = parse_http_date(field_value(entry.headers, b"date"))
+    return last_modified is not None and last_modified <= if_modified_since
+
+
+def _opaque(tag: bytes) -> bytes:
+    """Weak comparison: the opaque tag without W/."""
+    tag = tag.strip()
+    return tag[2:] if tag.startswith(b"W/") else tag
+
+
+async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse) -> None:
+    """stale-while-revalidate: a conditional request of our own, off the client's path."""
+    ex = cached.ex
+    group = ex.group
+    server = group.select(ex.key, set())
+    if server is None or not server.breaker.acquire():
+        return
+    request = cached.request
+    cached.make_conditional(entry)
+    head_bytes = _request_head(ex.conn, request, ex.route_runtime, chunked=False)
+    pool = server.pool
+    upstream = None
+    success = False
+    try:
+        upstream = pool.take_idle() or await pool.connect()
+        waiter = HeadFuture(loop=asyncio.get_running_loop())
+        upstream.begin(False, waiter)
+        upstream.write(head_bytes)
+        upstream.request_complete = True
+        response = await waiter
+        collector = BodyWriter(cached.store.max_object_size)
+        upstream.attach(_WriterSink(collector))
+        await upstream.wait_done()
+        success = response.status < 500
+        now = cached.shared.clock()
+        if response.status == 304:
+            await cached.freshen(entry, response, now)
+        else:
+            body = collector.body()
+            decision = decide_storage(
+                method=b"GET",
+                status=response.status,
+                headers=response.headers,
+                request_control=CacheControl({}, frozenset()),
+                has_authorization=b"authorization" in request.lowered,
+                heuristic=cached.cache.heuristic,
+                request_time=now,
+                response_time=now,
+            )
+            if decision.storable and body is not None and response.status < 500:
+                await cached.put(response, decision, body)
+        pool.release(upstream)
+        upstream = None
+    except Exception:  # a failed background revalidation leaves the stale entry as it is
+        success = False
+    finally:
+        if upstream is not None:
+            upstream.abort()
+        if success:
+            server.breaker.record_success()
+        else:
+            server.breaker.release()
+
+
+class _WriterSink:
+    """An upstream body into a ``BodyWriter`` (no client on the other end)."""
+
+    __slots__ = ("writer",)
+
+    def __init__(self, writer: BodyWriter) -> None:
+        self.writer = writer
+
+    def on_body(self, chunk: bytes) -> None:
+        self.writer.write(chunk)
+
+    def on_end(self) -> None:
+        pass
+
+    def on_abort(self, error: Exception) -> None:
+        self.writer.abandon()
