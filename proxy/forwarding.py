@@ -33,26 +33,13 @@ from functools import partial
 from typing import Any
 
 from proxy.compress import begin_compression
-from proxy.http1 import REASONS, ClientConnection, Request, error_response
+from proxy.http1 import HOP_BY_HOP, REASONS, ClientConnection, Request, error_response
 from proxy.metrics import in_flight_requests
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
 from proxy.ratelimit.bucket import Decision
 from proxy.retry import status_word
 from proxy.routing import cookie_value
 
-HOP_BY_HOP = frozenset(
-    (
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-    )
-)
 # Request headers we rewrite ourselves (framing, forwarding facts, 100-continue). The
 # client's copies are dropped and ours added after the hop-by-hop ones are gone, so a
 # `Connection` that names one of them changes nothing (SPEC: Forwarding).

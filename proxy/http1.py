@@ -42,6 +42,21 @@ from proxy.timers import sweeper_for
 if TYPE_CHECKING:
     from proxy.timers import Sweeper
 
+# Headers that describe one connection, not the message (RFC 9110 7.6.1): never
+# forwarded, never stored.
+HOP_BY_HOP = frozenset(
+    (
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+    )
+)
 MAX_HEADER_COUNT = 100
 HEAD_END = b"\r\n\r\n"
 # Reasons to pause reading that are ours to lift: any other also stops the parser (a held

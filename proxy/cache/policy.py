@@ -18,6 +18,7 @@ from proxy.cache.control import (
     parse_http_date,
     response_control,
 )
+from proxy.http1 import HOP_BY_HOP
 
 # RFC 9110 §15.1: statuses a cache may store with heuristic freshness (and that a response
 # with only a validator can be stored for).
@@ -27,21 +28,7 @@ UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | {302, 303, 307, 400, 403, 451, 500, 5
 HEURISTIC_FRACTION = 0.1
 
 # Never stored with a response (RFC 9111 §3.1: hop-by-hop, and what we recompute).
-NOT_STORED_FIELDS = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"age",
-        b"x-request-id",
-    }
-)
+NOT_STORED_FIELDS = HOP_BY_HOP | {b"age", b"x-request-id"}
 # Not replaced by a 304's fields when a stored response is freshened (RFC 9111 §3.2).
 NOT_UPDATED_FIELDS = NOT_STORED_FIELDS | {b"content-length", b"content-encoding"}
 
