@@ -17,7 +17,8 @@ same connection, and the waiter hears only that final one. The exchange's
 ``interim_listener``, when forwarding sets one, hears each 1xx but 100 (the proxy answers
 ``Expect`` itself) as ``interim_received(head)``, from inside the parser, so that it goes out
 before the final head: it may only write it on. Interim heads count against the response
-head limit, so what an upstream can make us relay before its answer stays bounded.
+head limit, checked as each is parsed, so that what an upstream can make us relay before
+its answer stays bounded.
 
 Framing. Transfer-Encoding is accepted only as a lone ``chunked`` on an HTTP/1.1 response,
 as on the request side: any other coding (RFC 9112 6.3 would read the body to the close,
@@ -305,6 +306,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             raise ValueError("Transfer-Encoding in an HTTP/1.0 response")
         if 100 <= status < 200 and status != 101:
             self._informational = True  # an interim response: the final head follows
+            # Its status line and blank line count too: bare 1xx heads add up like fields.
+            self._head_fields_bytes += len(response.reason) + 17
+            if self._head_fields_bytes > RESPONSE_HEAD_LIMIT:
+                raise ValueError("response head too large")
             return
         if response.chunked and response.content_length is not None:
             raise ValueError("both Content-Length and Transfer-Encoding")

@@ -9,7 +9,9 @@ never to an HTTP/1.0 client. What the cases pin down:
 - an HTTP/1.0 client gets the final response alone;
 - an interim response is never the answer: the cache stores the final response only
   (neither the 103 nor its fields come back on a hit), and a try that dies after a 103
-  is retried as one with no answer at all.
+  is retried as one with no answer at all;
+- interim heads count against the 64 KiB response head limit: an upstream cannot make the
+  proxy relay without end before it answers.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class Script:
             if die:
                 return False  # closed before a final response
             sock.sendall(final(b"second try"))
+            return True
+        if target.startswith(b"/flood"):  # 76 KB of bare 102s, then an answer
+            sock.sendall(PROCESSING * 4000 + final(b"too late"))
             return True
         if target.startswith(b"/cached"):
             sock.sendall(EARLY_HINTS + final(b"stored", b"Cache-Control: max-age=100"))
@@ -179,3 +184,13 @@ def test_a_try_that_dies_after_a_103_is_retried(daemon, script):
         assert [r.status for r in interim] == [103, 103]
         assert (response.status, response.body) == (200, b"second try")
     assert script.retries_died == 2
+
+
+def test_interim_heads_count_against_the_response_head_limit(daemon):
+    with RawClient(daemon.port) as client:
+        client.send(get("/flood"))
+        interim, response = read_until_final(client)
+        assert {r.status for r in interim} == {102}
+        assert 0 < len(interim) * len(PROCESSING) <= 64 * 1024
+        assert response.status == 502
+        assert response.json()["error"]
