@@ -260,6 +260,11 @@ class Exchange:
     def head_failed(self, error: Exception) -> None:
         self._hand_over(error)
 
+    def interim_received(self, response: Any) -> None:
+        """A 1xx (103 Early Hints, 102...) before the answer: on to the client as it comes.
+        Not the response: the client may still get any final one, from any server."""
+        self.conn.write(_interim_head(response))
+
     def relay_ended(self, relay: _ResponseRelay) -> None:
         try:
             _relay_over(self, relay)
@@ -623,6 +628,8 @@ class Attempt:
         conn = ex.conn
         self.upstream = upstream
         upstream.begin(request.method == b"HEAD", waiter, conn.loop.time() + ex.budget_left())
+        if request.version == "1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 15.2)
+            upstream.interim_listener = ex
         conn.on_lost = upstream.abort
         _send_request(
             upstream,
@@ -1106,13 +1113,9 @@ def _response_head(
     status = response.status
     reason = response.reason or REASONS.get(status, b"")
     parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-    dropped: tuple[bytes, ...] = ()
     has_request_id = False
     lowered_names = response.lowered
-    if b"connection" in lowered_names:
-        for (_, value), lowered in zip(response.headers, lowered_names, strict=True):
-            if lowered == b"connection":
-                dropped += tuple(t.strip().lower() for t in value.split(b","))
+    dropped = _named_in_connection(response)
     for (name, value), lowered in zip(response.headers, lowered_names, strict=True):
         if lowered in RESPONSE_REWRITTEN or lowered in dropped:
             if lowered == b"content-length" and not response.has_body:
@@ -1139,6 +1142,28 @@ def _response_head(
         parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _interim_head(response: Any) -> bytes:
+    """A 1xx head as the upstream sent it, less its hop-by-hop fields."""
+    status = response.status
+    parts = [b"HTTP/1.1 %d %b\r\n" % (status, response.reason or REASONS.get(status, b""))]
+    dropped = _named_in_connection(response)
+    for (name, value), lowered in zip(response.headers, response.lowered, strict=True):
+        if lowered not in RESPONSE_REWRITTEN and lowered not in dropped:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _named_in_connection(response: Any) -> tuple[bytes, ...]:
+    """The fields the response's ``Connection`` names: hop-by-hop, never passed on."""
+    dropped: tuple[bytes, ...] = ()
+    if b"connection" in response.lowered:
+        for (_, value), lowered in zip(response.headers, response.lowered, strict=True):
+            if lowered == b"connection":
+                dropped += tuple(t.strip().lower() for t in value.split(b","))
+    return dropped
 
 
 def _with_trace(ex: Exchange, extra_headers: bytes) -> bytes:

@@ -12,6 +12,19 @@ over in order; the sink hears ``on_end`` once, when it is attached and the body 
 A connection goes back to the pool only after a complete, well-framed exchange whose
 response allowed keep-alive and whose request body was sent in full; anything else closes it.
 
+Interim responses. A 1xx other than 101 is not the response: the next head follows on the
+same connection, and the waiter hears only that final one. The exchange's
+``interim_listener``, when forwarding sets one, hears each 1xx but 100 (the proxy answers
+``Expect`` itself) as ``interim_received(head)``, from inside the parser, so that it goes out
+before the final head: it may only write it on. Interim heads count against the response
+head limit, checked as each is parsed, so that what an upstream can make us relay before
+its answer stays bounded.
+
+Framing. Transfer-Encoding is accepted only as a lone ``chunked`` on an HTTP/1.1 response,
+as on the request side: any other coding (RFC 9112 6.3 would read the body to the close,
+still coded in a way we cannot undo for a client that never asked for it) is a malformed
+response, as is Transfer-Encoding in HTTP/1.0 (RFC 9112 6.1: faulty framing).
+
 Failures carry the phase in which they happened (``UpstreamError.kind``): ``error`` (refused,
 reset, closed before a full head), ``timeout`` (connect or read), ``invalid_header``
 (malformed head). ``sent`` tells whether request bytes left us, which decides retry safety.
@@ -142,6 +155,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._head_untold = False  # parsed, not yet handed to the waiter
         self._end_told = False
         self._informational = False
+        self.interim_listener: Any = None  # hears 1xx heads but 100 (set by forwarding)
         self.complete = False
         self.request_is_head = False
         self.request_complete = False  # the whole request body left us (set by forwarding)
@@ -277,6 +291,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
                 raise ValueError("invalid Content-Length")
             response.content_length = length
         elif lowered == b"transfer-encoding":
+            # Only a lone "chunked" (OWS around a value is not part of it, RFC 9110 5.5).
+            if response.chunked or value.strip(b" \t").lower() != b"chunked":
+                raise ValueError("unsupported Transfer-Encoding")
             response.chunked = True
 
     def on_headers_complete(self) -> None:
@@ -285,8 +302,14 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         status = self._parser.get_status_code()
         response.status = status
         response.version = self._parser.get_http_version()
+        if response.chunked and response.version == "1.0":
+            raise ValueError("Transfer-Encoding in an HTTP/1.0 response")
         if 100 <= status < 200 and status != 101:
-            self._informational = True  # 1xx interim responses are not forwarded
+            self._informational = True  # an interim response: the final head follows
+            # Its status line and blank line count too: bare 1xx heads add up like fields.
+            self._head_fields_bytes += len(response.reason) + 17
+            if self._head_fields_bytes > RESPONSE_HEAD_LIMIT:
+                raise ValueError("response head too large")
             return
         if response.chunked and response.content_length is not None:
             raise ValueError("both Content-Length and Transfer-Encoding")
@@ -311,6 +334,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
+            listener = self.interim_listener
+            if listener is not None and self._response.status != 100:  # type: ignore[union-attr]
+                listener.interim_received(self._response)
             return
         self.complete = True  # told after the parser returns (data_received)
         self.deadline = 0.0
@@ -541,6 +567,7 @@ class ConnectionPool:
             # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
             conn.waiter = None
             conn.sink = None
+            conn.interim_listener = None
             conn._response = None
             conn.body_writer_paused = None
             conn.deadline = conn._sweeper.now + POOL_IDLE_SECONDS

@@ -290,7 +290,9 @@ class Answer:
         self.body += chunk
 
     def on_message_complete(self) -> None:
-        self.messages.append((self.parser.get_status_code(), self.body))
+        status = self.parser.get_status_code()
+        if status >= 200:  # an interim response (a relayed 103) comes before the answer
+            self.messages.append((status, self.body))
 
 
 def read_answer(sock: socket.socket) -> tuple[int, bytes] | None:

@@ -660,6 +660,25 @@ BAD_RESPONSES = [
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ),
     ("two_content_lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"),
+    # A transfer coding we cannot undo (what cache-tests' origin sends, kept alive), one
+    # under chunked, chunked twice, and chunked on HTTP/1.0 (RFC 9112 6.1: faulty framing).
+    (
+        "unknown_transfer_encoding",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: VHJhbnNmZXI\r\nConnection: keep-alive\r\n\r\nok",
+    ),
+    (
+        "coding_under_chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ),
+    (
+        "chunked_twice",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+    ),
+    (
+        "chunked_in_http10",
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    ),
     ("negative_content_length", b"HTTP/1.1 200 OK\r\nContent-Length: -2\r\n\r\nok"),
     ("garbage_status_line", b"HTTP/1.1 OK FINE\r\nContent-Length: 2\r\n\r\nok"),
     ("not_http", b"SSH-2.0-OpenSSH_9.6\r\n\r\n"),
