@@ -35,11 +35,18 @@ return 0
 
 
 class RedisLock:
-    def __init__(self, client: Any, timeout: float, subscriber: Any = None) -> None:
+    """``deadline`` bounds each call to Redis in all (the wait for a release is bounded by
+    ``timeout``). A cluster client subscribes on the node of the channel's slot; PUBLISH
+    reaches every node of a cluster, so the release is heard wherever it was published."""
+
+    def __init__(
+        self, client: Any, timeout: float, subscriber: Any = None, deadline: float | None = None
+    ) -> None:
         self.client = client
         # The subscription's own client: one without a read timeout (it waits for news).
         self.subscriber = subscriber if subscriber is not None else client
         self.timeout = timeout
+        self.deadline = deadline
         self._token = os.urandom(8).hex()
         self._waiters: dict[str, list[asyncio.Future[Outcome]]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -49,9 +56,10 @@ class RedisLock:
     async def lead(self, key: str) -> bool:
         """True when this process now fetches ``key`` for every instance."""
         try:
-            acquired = await self.client.set(
-                PREFIX + "l:" + key, self._token, nx=True, px=max(1, int(self.timeout * 1000))
-            )
+            async with asyncio.timeout(self.deadline):
+                acquired = await self.client.set(
+                    PREFIX + "l:" + key, self._token, nx=True, px=max(1, int(self.timeout * 1000))
+                )
         except REDIS_FAILURES:
             return True
         return bool(acquired)
@@ -61,9 +69,11 @@ class RedisLock:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
         try:
-            await self._listen()
-            self._waiters.setdefault(key, []).append(future)
-            if not await self.client.exists(PREFIX + "l:" + key):
+            async with asyncio.timeout(self.deadline):
+                await self._listen()
+                self._waiters.setdefault(key, []).append(future)
+                held = await self.client.exists(PREFIX + "l:" + key)
+            if not held:
                 return Outcome.STORED  # released meanwhile: look (a miss costs one lookup)
             return await asyncio.wait_for(asyncio.shield(future), self.timeout)
         except (TimeoutError, *REDIS_FAILURES):
@@ -77,11 +87,18 @@ class RedisLock:
 
     async def release(self, key: str, outcome: Outcome) -> None:
         try:
-            await self._release(
-                keys=[PREFIX + "l:" + key], args=[self._token, CHANNEL, f"{outcome.value} {key}"]
-            )
+            async with asyncio.timeout(self.deadline):
+                await self._release(
+                    keys=[PREFIX + "l:" + key],
+                    args=[self._token, CHANNEL, f"{outcome.value} {key}"],
+                )
         except REDIS_FAILURES:
             pass  # the lock expires by itself; waiters time out
+
+    def stop(self) -> None:
+        """End the subscription (the cache is being closed)."""
+        if self._listener is not None:
+            self._listener.cancel()
 
     async def _listen(self) -> None:
         if self._listener is None or self._listener.done():
@@ -91,6 +108,7 @@ class RedisLock:
 
     async def _run(self) -> None:
         subscribed = self._subscribed
+        pubsub = None
         try:
             pubsub = self.subscriber.pubsub()
             await pubsub.subscribe(CHANNEL)
@@ -107,3 +125,18 @@ class RedisLock:
             if subscribed is not None and not subscribed.done():
                 subscribed.set_exception(error)
             log.warning("cache lock subscription failed: %s", error, extra={"event": "cache"})
+            # Nobody will hear their release now: let them go upstream instead of waiting.
+            for futures in self._waiters.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(Outcome.TIMED_OUT)
+        finally:
+            if pubsub is not None:
+                await _close_quietly(pubsub)
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception as error:  # its connection may be dead already: nothing to do
+        log.debug("closing the cache lock subscription: %s", error)

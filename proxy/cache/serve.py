@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy import metrics
+from proxy import metrics, redisconn
 from proxy.cache.control import CacheControl, field_value, parse_http_date, request_control
 from proxy.cache.key import KeyMaker, cache_url, url_from_purge
 from proxy.cache.lock import Outcome, StampedeLock
@@ -55,6 +55,7 @@ from proxy.forwarding import (
     _start_relay,
 )
 from proxy.pool import HeadFuture, ResponseHead
+from proxy.redisconn import SharedRedis
 
 log = logging.getLogger("sluicegate")
 
@@ -88,26 +89,30 @@ class SharedCache:
             self.remote_lock: RedisLock | None = previous.remote_lock
             self._evictions_told = previous._evictions_told
             self._background = previous._background
+            self.redis, self.subscriber = previous.redis, previous.subscriber
         else:
-            if config.store == "redis" and redis_config.mode != "single":
-                log.warning(
-                    "cache.store: redis works with redis mode single for now (not %s); "
-                    "each process caches in memory",
-                    redis_config.mode,
-                    extra={"event": "cache"},
+            self.redis: SharedRedis | None = None
+            self.subscriber: SharedRedis | None = None
+            if config.store == "redis":
+                self.redis, self.subscriber = open_redis(redis_config)
+                deadline = call_deadline(redis_config)
+                self.store = RedisStore(
+                    self.redis.client, config.max_object_size, clock=clock, deadline=deadline
                 )
-            if config.store == "redis" and redis_config.mode == "single":
-                client = redis_client(redis_config)
-                self.store = RedisStore(client, config.max_object_size, clock=clock)
-                # The subscription waits for messages as long as it takes: no timeout.
-                subscriber = redis_client(redis_config, waits=True)
-                self.remote_lock = RedisLock(client, config.lock_timeout, subscriber=subscriber)
+                self.remote_lock = RedisLock(
+                    self.redis.client,
+                    config.lock_timeout,
+                    subscriber=self.subscriber.client,
+                    deadline=deadline,
+                )
             else:
                 self.store = MemoryStore(config.max_size, config.max_object_size)
                 self.remote_lock = None
             self.lock = StampedeLock(config.lock_timeout)
             self._evictions_told = 0
             self._background: set[asyncio.Task[None]] = set()
+            if previous is not None and previous.redis is not None:
+                self._close_later(previous)  # its clients are nobody's now
 
     def report(self) -> None:
         """The store's size to the gauges, and evictions since the last report."""
@@ -128,27 +133,45 @@ class SharedCache:
         self.report()
         return count
 
+    async def aclose(self) -> None:
+        """Stop the lock's subscription and close the Redis clients (store: redis)."""
+        if self.remote_lock is not None:
+            self.remote_lock.stop()
+        for shared in (self.redis, self.subscriber):
+            if shared is not None:
+                try:
+                    await shared.aclose()
+                except Exception as error:  # closing a dead Redis may fail: nothing to do
+                    log.debug("closing the cache's Redis client: %s", error)
+
+    def _close_later(self, replaced: SharedCache) -> None:
+        """A reload replaced ``replaced``: close what it opened, off the reload's path."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a config check): nothing was ever connected
+        self.in_background(replaced.aclose())
+
     def in_background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._background.discard)
 
 
-def redis_client(redis_config: Any, *, waits: bool = False) -> Any:
-    """The cache's own connection pool to the configured Redis (mode single).
+def call_deadline(redis_config: Any) -> float:
+    """How long one cache call to Redis may take in all: a connect and a read (each at
+    most ``redis.timeout``, at least 250 ms so that a body of a few MiB gets through)."""
+    return 2 * max(redis_config.timeout, 0.25)
 
-    Calls time out after ``redis.timeout`` (at least 250 ms: a body of a few MiB must get
-    through); a Redis that fails is a miss, never an error for the client.
-    """
-    import redis.asyncio
 
+def open_redis(redis_config: Any) -> tuple[SharedRedis, SharedRedis]:
+    """The cache's clients for the configured Redis, in any mode (``redisconn``): one for
+    calls, whose reads time out, and one for the lock's subscription, which waits for
+    news as long as it takes. A Redis that fails is a miss, never an error."""
     timeout = max(redis_config.timeout, 0.25)
-    return redis.asyncio.from_url(
-        redis_config.url,
-        password=redis_config.password,
-        socket_timeout=None if waits else timeout,
-        socket_connect_timeout=timeout,
-    )
+    calls = redisconn.connect(redis_config, connect_timeout=timeout, socket_timeout=timeout)
+    subscriber = redisconn.connect(redis_config, connect_timeout=timeout)
+    return calls, subscriber
 
 
 class Result(enum.Enum):
