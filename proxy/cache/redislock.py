@@ -55,6 +55,10 @@ class RedisLock:
 
     async def lead(self, key: str) -> bool:
         """True when this process now fetches ``key`` for every instance."""
+        if self._listener is None:
+            # Subscribe now, off this request's path: the first follower then finds the
+            # subscription ready instead of paying for its connect (and a slot map).
+            self._start_listener()
         try:
             async with asyncio.timeout(self.deadline):
                 acquired = await self.client.set(
@@ -76,7 +80,7 @@ class RedisLock:
             if not held:
                 return Outcome.STORED  # released meanwhile: look (a miss costs one lookup)
             return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except (TimeoutError, *REDIS_FAILURES):
+        except Exception:  # Redis failed, or the subscription did: go upstream
             return Outcome.TIMED_OUT
         finally:
             waiters = self._waiters.get(key)
@@ -102,14 +106,22 @@ class RedisLock:
 
     async def _listen(self) -> None:
         if self._listener is None or self._listener.done():
-            self._subscribed = asyncio.get_running_loop().create_future()
-            self._listener = asyncio.get_running_loop().create_task(self._run())
+            self._start_listener()
         await asyncio.shield(self._subscribed)  # type: ignore[arg-type]
+
+    def _start_listener(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._subscribed = subscribed = loop.create_future()
+        # Retrieved here so that a failure nobody awaited is not reported as lost.
+        subscribed.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._listener = loop.create_task(self._run())
 
     async def _run(self) -> None:
         subscribed = self._subscribed
         pubsub = None
         try:
+            # A cluster client must know its slot map before it can pick the channel's node.
+            await self.subscriber.initialize()
             pubsub = self.subscriber.pubsub()
             await pubsub.subscribe(CHANNEL)
             if subscribed is not None and not subscribed.done():
@@ -121,7 +133,7 @@ class RedisLock:
                 for future in self._waiters.get(key, ()):
                     if not future.done():
                         future.set_result(Outcome(word))
-        except REDIS_FAILURES as error:
+        except Exception as error:  # whatever the client raises: waiters go upstream
             if subscribed is not None and not subscribed.done():
                 subscribed.set_exception(error)
             log.warning("cache lock subscription failed: %s", error, extra={"event": "cache"})
