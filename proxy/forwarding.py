@@ -1060,7 +1060,7 @@ def _start_relay(
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
     encoder = None
-    if ex.route_runtime.compress is not None and response.has_body:
+    if ex.route_runtime.compress is not None and (response.has_body or request.method == b"HEAD"):
         length = None if response.chunked else response.content_length
         encoder = _begin_compression(ex, response, length)
     chunked_out = False
@@ -1164,8 +1164,13 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
     route = ex.route_runtime
-    if route is not None and route.compress is not None and response.has_body:
-        encoder = _begin_compression(ex, response, len(payload))
+    if (
+        route is not None
+        and route.compress is not None
+        and (response.has_body or request.method == b"HEAD")
+    ):
+        length = len(payload) if response.has_body else response.content_length
+        encoder = _begin_compression(ex, response, length)
         if encoder is not None:
             payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:
