@@ -419,7 +419,7 @@ def _passes_limit(ex: Exchange, decision: Decision) -> bool:
         # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
         # a `deny` is the limiter being down (503), not the client over its limit.
         if not decision.allowed and rule.mode == "enforce":
-            _send_error(ex, 503, "rate limiter unavailable")
+            _send_error(ex, 503, "rate limiter unavailable", _cache_bypassed(ex))
             return False
         return True
     ex.extra_headers = _rate_limit_headers(decision)
@@ -429,9 +429,16 @@ def _passes_limit(ex: Exchange, decision: Decision) -> bool:
         ex.route_runtime.counters.rate_limited += 1
         if rule.mode == "enforce":
             retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
-            _send_error(ex, 429, "rate limited", ex.extra_headers + retry_after)
+            extra = ex.extra_headers + retry_after + _cache_bypassed(ex)
+            _send_error(ex, 429, "rate limited", extra)
             return False
     return True
+
+
+def _cache_bypassed(ex: Exchange) -> bytes:
+    """On a cached route, an answer the cache never saw still carries Cache-Status."""
+    cache = ex.route_runtime.cache
+    return cache.bypassed(ex) if cache is not None else b""
 
 
 def _limit_key(route: Any, request: Request, runtime: Any) -> str:

@@ -174,6 +174,9 @@ def open_redis(redis_config: Any) -> tuple[SharedRedis, SharedRedis]:
     return calls, subscriber
 
 
+BYPASSED_BY_LIMIT = b"Cache-Status: sluicegate; fwd=bypass; detail=rate-limit\r\n"
+
+
 class Result(enum.Enum):
     HIT = "hit"
     MISS = "miss"
@@ -220,6 +223,12 @@ class RouteCache:
             await cached.run()
         finally:
             ex.close_books()
+
+    def bypassed(self, ex: Any) -> bytes:
+        """The proxy answers before the cache (429, or 503 with the limiter down): counted
+        as a bypass, and the Cache-Status field that says so (RFC 9211 ``fwd=bypass``)."""
+        self.count(ex, Result.BYPASS)
+        return BYPASSED_BY_LIMIT
 
     def count(self, ex: Any, result: Result) -> None:
         self.counts[result.value] += 1

@@ -1,0 +1,34 @@
+"""Every answer on a cached route carries ``Cache-Status`` (RFC 9211), the proxy's own
+answers too, and ``stored`` is said only of a response that will be stored."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+from tests.integration.test_cache_e2e import Origin, cached_config, fresh_for
+from tests.support.rawupstream import RawUpstream
+
+
+def test_a_429_on_a_cached_route_says_the_cache_was_bypassed(start_sluicegate):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream, rate_limit={"rate": "1/m", "burst": 1})
+        daemon = start_sluicegate(config)
+        assert daemon.get("/a")[0] == 200
+        status, headers, _ = daemon.get("/b")
+        assert status == 429
+        assert headers["cache-status"] == "sluicegate; fwd=bypass; detail=rate-limit"
+        assert headers["ratelimit-limit"] == "1"  # the limiter's fields stay
+        assert daemon.status()["routes"][0]["cache"]["misses"] == 1
+
+
+def test_a_502_on_a_cached_route_carries_cache_status(start_sluicegate):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = cached_config(SimpleNamespace(url=f"http://127.0.0.1:{port}"))
+    daemon = start_sluicegate(config)
+    status, headers, _ = daemon.get("/down")
+    assert status == 502
+    assert headers["cache-status"] == "sluicegate; fwd=uri-miss"
