@@ -459,7 +459,10 @@ class _CachedRequest:
         length = response.content_length
         if decision is not None and length is not None and length > self.store.max_object_size:
             decision = None  # streams through
-        self.cache_status_headers(ex, stored=decision is not None)
+        # RFC 9211 ``stored``: said before the body is relayed, so only when the length is
+        # declared and fits (then only a broken relay or a failing store can undo it). A
+        # body of unknown length may still be stored, once it has arrived within the limit.
+        self.cache_status_headers(ex, stored=decision is not None and length is not None)
         writer = BodyWriter(self.store.max_object_size) if decision is not None else None
         relay = _start_relay(ex, response, upstream, tap=writer)
         try:

@@ -32,3 +32,33 @@ def test_a_502_on_a_cached_route_carries_cache_status(start_sluicegate):
     status, headers, _ = daemon.get("/down")
     assert status == 502
     assert headers["cache-status"] == "sluicegate; fwd=uri-miss"
+
+
+def chunked(body: bytes):
+    def respond(request, sock) -> bool:
+        sock.sendall(
+            b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+        )
+        return True
+
+    return respond
+
+
+def test_stored_is_said_only_of_a_body_known_to_fit(start_sluicegate):
+    with RawUpstream(chunked(b"x" * 2000)) as upstream:
+        config = cached_config(upstream)
+        config["cache"]["max_object_size"] = "1KiB"
+        daemon = start_sluicegate(config)
+        status, headers, body = daemon.get("/big")
+        assert (status, len(body)) == (200, 2000)
+        assert headers["cache-status"] == "sluicegate; fwd=uri-miss"  # it did not fit
+        assert daemon.get("/big")[1]["cache-status"] == "sluicegate; fwd=uri-miss"
+
+
+def test_a_chunked_body_within_the_limit_is_stored_without_saying_so_first(start_sluicegate):
+    with RawUpstream(chunked(b"small")) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        assert daemon.get("/small")[1]["cache-status"] == "sluicegate; fwd=uri-miss"
+        status, headers, body = daemon.get("/small")
+        assert (status, body, headers["cache-status"]) == (200, b"small", "sluicegate; hit")
