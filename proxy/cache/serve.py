@@ -54,8 +54,9 @@ from proxy.forwarding import (
     _send_error,
     _start_relay,
 )
-from proxy.pool import HeadFuture, ResponseHead
+from proxy.pool import HeadFuture, ResponseHead, UpstreamError
 from proxy.redisconn import SharedRedis
+from proxy.retry import status_word
 
 log = logging.getLogger("sluicegate")
 
@@ -603,7 +604,8 @@ def _opaque(tag: bytes) -> bytes:
 
 
 async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse) -> None:
-    """stale-while-revalidate: a conditional request of our own, off the client's path."""
+    """stale-while-revalidate: a conditional request of our own, off the client's path,
+    booked like any other try on its server (counters, metrics, latency, breaker)."""
     ex = cached.ex
     group = ex.group
     server = group.select(ex.key, set())
@@ -613,8 +615,8 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
     cached.make_conditional(entry)
     head_bytes = _request_head(ex.conn, request, ex.route_runtime, chunked=False)
     pool = server.pool
+    books = _BackgroundTry(server, group.failure_on)
     upstream = None
-    success = False
     try:
         upstream = pool.take_idle() or await pool.connect()
         waiter = HeadFuture(loop=asyncio.get_running_loop())
@@ -622,10 +624,10 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
         upstream.write(head_bytes)
         upstream.request_complete = True
         response = await waiter
+        books.head(response.status)
         collector = BodyWriter(cached.store.max_object_size)
         upstream.attach(_WriterSink(collector))
         await upstream.wait_done()
-        success = response.status < 500
         now = cached.shared.clock()
         if response.status == 304:
             await cached.freshen(entry, response, now)
@@ -645,13 +647,60 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
                 await cached.put(response, decision, body)
         pool.release(upstream)
         upstream = None
+    except UpstreamError as error:  # the stale entry stays as it is
+        books.no_answer(error.kind)
     except Exception:  # a failed background revalidation leaves the stale entry as it is
-        success = False
+        books.no_answer("error")
     finally:
         if upstream is not None:
             upstream.abort()
-        if success:
+        books.settle()
+
+
+class _BackgroundTry:
+    """What a try owes its server when no client exchange carries it (``Attempt`` does
+    for the others): in-flight and request counts, the head's status and latency, the
+    latency sample, and the breaker's verdict."""
+
+    __slots__ = ("failure_on", "server", "started", "verdict")
+
+    def __init__(self, server: Any, failure_on: Any) -> None:
+        self.server = server
+        self.failure_on = failure_on
+        self.started = time.monotonic()
+        self.verdict: bool | None = None
+        server.in_flight += 1
+        server.requests += 1
+        server.metrics.in_flight_inc()
+
+    def head(self, status: int) -> None:
+        server = self.server
+        seconds = time.monotonic() - self.started
+        server.observe_latency(seconds)
+        server.metrics.response(status, seconds)
+        server.status_classes[status // 100] += 1
+        self.verdict = status_word(status) not in self.failure_on
+        if not self.verdict:
+            server.failures += 1
+
+    def no_answer(self, kind: str) -> None:
+        server = self.server
+        if self.verdict is None:  # before a head: no answer at all
+            server.metrics.response(kind, None)
+            server.count_no_answer(kind)
+        if kind in self.failure_on and self.verdict is not False:
+            server.failures += 1
+            self.verdict = False
+
+    def settle(self) -> None:
+        server = self.server
+        server.in_flight -= 1
+        server.metrics.in_flight_dec()
+        server.stats.record(time.monotonic() - self.started, self.verdict is False)
+        if self.verdict is True:
             server.breaker.record_success()
+        elif self.verdict is False:
+            server.breaker.record_failure()
         else:
             server.breaker.release()
 

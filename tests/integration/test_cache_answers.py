@@ -3,10 +3,12 @@ answers too, and ``stored`` is said only of a response that will be stored."""
 
 from __future__ import annotations
 
+import re
 import socket
 from types import SimpleNamespace
 
 from tests.integration.test_cache_e2e import Origin, cached_config, fresh_for
+from tests.support.daemon import wait_for
 from tests.support.rawupstream import RawUpstream
 
 
@@ -62,3 +64,28 @@ def test_a_chunked_body_within_the_limit_is_stored_without_saying_so_first(start
         assert daemon.get("/small")[1]["cache-status"] == "sluicegate; fwd=uri-miss"
         status, headers, body = daemon.get("/small")
         assert (status, body, headers["cache-status"]) == (200, b"small", "sluicegate; hit")
+
+
+def test_the_background_revalidation_is_counted_like_any_upstream_request(start_sluicegate):
+    def answer(request):
+        headers = [b"Cache-Control: max-age=10, stale-while-revalidate=600", b'ETag: "w"']
+        if request.header("if-none-match") == '"w"':
+            return b"304 Not Modified", headers, b""
+        return b"200 OK", [*headers, b"Age: 100"], b"old"  # stale on arrival, within swr
+
+    origin = Origin(answer)
+    with RawUpstream(origin) as upstream:
+        daemon = start_sluicegate(cached_config(upstream))
+        daemon.get("/swr")
+        assert daemon.get("/swr")[1]["cache-status"].endswith("stale-while-revalidate")
+        wait_for(lambda: origin.count() == 2, message="the background revalidation")
+        wait_for(
+            lambda: re.search(
+                r'sluicegate_upstream_requests_total\{[^}]*status="304"[^}]*\} 1(\.0)?$',
+                daemon.metrics(),
+                re.M,
+            ),
+            message="the 304 in sluicegate_upstream_requests_total",
+        )
+        server = daemon.status()["upstreams"]["app"]["servers"][0]
+        assert server["requests"] == 2 and server["in_flight"] == 0
