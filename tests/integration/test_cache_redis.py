@@ -11,6 +11,7 @@ from proxy.cache.policy import Freshness
 from proxy.cache.redisstore import RedisStore, decode, encode, time_to_live
 from proxy.cache.store import StoredResponse
 from tests.integration.test_cache_e2e import Origin, cached_config, fresh_for
+from tests.support.daemon import wait_for
 from tests.support.rawupstream import RawUpstream
 
 NOW = 1_700_000_000.0
@@ -207,3 +208,27 @@ def test_concurrent_misses_on_two_instances_make_one_upstream_request(
             )
         assert all(status == 200 and body == b"slow" for status, _, body in results)
         assert origin.count() == 1
+
+
+def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluicegate, redis_server):
+    def cache_clients() -> int:  # the daemon's connections (not this test's own)
+        with redis_server.client() as client:
+            return sum(1 for c in client.client_list() if c["cmd"] != "client|list")
+
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+        config["cache"]["store"] = "redis"
+        daemon = start_sluicegate(config)
+        daemon.get("/a")  # a lookup, the lock, a store: the store's pool and the subscription
+        wait_for(lambda: daemon.get("/a")[1]["cache-status"] == "sluicegate; hit")
+        before = cache_clients()
+        assert before >= 2
+        for n in range(3):  # each reload a new cache section: a new store each time
+            changed = dict(daemon.config)
+            changed["cache"] = {**config["cache"], "lock_timeout": f"{4 + n}s"}
+            daemon.write_config(changed)
+            assert daemon.admin("POST", "/reload")[0] == 200
+            assert daemon.get(f"/b{n}")[0] == 200
+        wait_for(lambda: cache_clients() <= before, message="the replaced clients closed")
