@@ -232,3 +232,16 @@ def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluiceg
             assert daemon.admin("POST", "/reload")[0] == 200
             assert daemon.get(f"/b{n}")[0] == 200
         wait_for(lambda: cache_clients() <= before, message="the replaced clients closed")
+
+
+def test_redis_versions_before_7_are_named():
+    from proxy.cache.redisstore import _major
+
+    assert [_major(v) for v in ("7.0.15", "6.2.14", "255.255.255", "", "x.1")] == [7, 6, 255, 0, 0]
+
+
+async def test_the_version_is_checked_once_at_the_first_store(redis_server, caplog):
+    store = store_for(redis_server)
+    assert await store.put(response("k"))
+    assert store._version_checked
+    assert "needs Redis 7" not in caplog.text  # the redis-server of these tests is 7 or later
