@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 from proxy.cache.lock import Outcome
+from proxy.cache.outage import Outage
 from proxy.cache.redisstore import PREFIX, REDIS_FAILURES
 
 log = logging.getLogger("sluicegate")
@@ -40,9 +41,15 @@ class RedisLock:
     reaches every node of a cluster, so the release is heard wherever it was published."""
 
     def __init__(
-        self, client: Any, timeout: float, subscriber: Any = None, deadline: float | None = None
+        self,
+        client: Any,
+        timeout: float,
+        subscriber: Any = None,
+        deadline: float | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.client = client
+        self.outage = outage if outage is not None else Outage()
         # The subscription's own client: one without a read timeout (it waits for news).
         self.subscriber = subscriber if subscriber is not None else client
         self.timeout = timeout
@@ -55,6 +62,8 @@ class RedisLock:
 
     async def lead(self, key: str) -> bool:
         """True when this process now fetches ``key`` for every instance."""
+        if self.outage.skipping():
+            return True
         if self._listener is None:
             # Subscribe now, off this request's path: the first follower then finds the
             # subscription ready instead of paying for its connect (and a slot map).
@@ -65,6 +74,7 @@ class RedisLock:
                     PREFIX + "l:" + key, self._token, nx=True, px=max(1, int(self.timeout * 1000))
                 )
         except REDIS_FAILURES:
+            self.outage.failed()
             return True
         return bool(acquired)
 
@@ -72,16 +82,23 @@ class RedisLock:
         """Until the instance fetching ``key`` is done (or ``timeout``)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Outcome] = loop.create_future()
+        if self.outage.skipping():
+            return Outcome.TIMED_OUT
         try:
-            async with asyncio.timeout(self.deadline):
-                await self._listen()
-                self._waiters.setdefault(key, []).append(future)
-                held = await self.client.exists(PREFIX + "l:" + key)
+            try:
+                async with asyncio.timeout(self.deadline):
+                    await self._listen()
+                    self._waiters.setdefault(key, []).append(future)
+                    held = await self.client.exists(PREFIX + "l:" + key)
+            except Exception:  # Redis failed, or the subscription did: go upstream
+                self.outage.failed()
+                return Outcome.TIMED_OUT
             if not held:
                 return Outcome.STORED  # released meanwhile: look (a miss costs one lookup)
-            return await asyncio.wait_for(asyncio.shield(future), self.timeout)
-        except Exception:  # Redis failed, or the subscription did: go upstream
-            return Outcome.TIMED_OUT
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            except TimeoutError:  # the leader took too long, not Redis: go upstream
+                return Outcome.TIMED_OUT
         finally:
             waiters = self._waiters.get(key)
             if waiters is not None and future in waiters:
@@ -90,6 +107,8 @@ class RedisLock:
                     del self._waiters[key]
 
     async def release(self, key: str, outcome: Outcome) -> None:
+        if self.outage.skipping():
+            return  # the lock expires by itself; waiters time out
         try:
             async with asyncio.timeout(self.deadline):
                 await self._release(
@@ -97,7 +116,7 @@ class RedisLock:
                     args=[self._token, CHANNEL, f"{outcome.value} {key}"],
                 )
         except REDIS_FAILURES:
-            pass  # the lock expires by itself; waiters time out
+            self.outage.failed()  # the lock expires by itself; waiters time out
 
     def stop(self) -> None:
         """End the subscription (the cache is being closed)."""

@@ -27,6 +27,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from proxy.cache.outage import Outage
 from proxy.cache.policy import Freshness
 from proxy.cache.store import StoredResponse, StoreStats
 
@@ -100,8 +101,11 @@ class RedisStore:
         max_object_size: int,
         clock: Any = time.time,
         deadline: float | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.client = client
+        # Shared with the lock: one failed call spares the request's other calls.
+        self.outage = outage if outage is not None else Outage()
         self.max_object_size = max_object_size
         self.clock = clock
         self.deadline = deadline
@@ -109,6 +113,8 @@ class RedisStore:
         self._version_checked = False
 
     async def variants(self, primary: str) -> list[StoredResponse]:
+        if self.outage.skipping():
+            return []
         try:
             async with asyncio.timeout(self.deadline):
                 fields = await self.client.hgetall(PREFIX + "r:" + primary)
@@ -118,7 +124,7 @@ class RedisStore:
         return [decode(primary, blob) for blob in fields.values()]
 
     async def put(self, response: StoredResponse) -> bool:
-        if len(response.body) > self.max_object_size:
+        if len(response.body) > self.max_object_size or self.outage.skipping():
             return False
         key = PREFIX + "r:" + response.primary
         ttl_ms = int(time_to_live(response, self.clock()) * 1000)
@@ -226,6 +232,7 @@ class RedisStore:
         return StoreStats(0, 0, 0)
 
     def _failed(self, what: str, error: BaseException) -> None:
+        self.outage.failed()
         now = time.monotonic()
         if now - self._last_error_logged >= ERROR_LOG_INTERVAL:
             self._last_error_logged = now

@@ -29,6 +29,7 @@ from proxy.cache.control import CacheControl, field_value, parse_http_date, requ
 from proxy.cache.key import KeyMaker, cache_url, url_from_purge
 from proxy.cache.lock import Outcome, StampedeLock
 from proxy.cache.memory import MemoryStore
+from proxy.cache.outage import Outage
 from proxy.cache.policy import (
     Use,
     compute_freshness,
@@ -97,14 +98,20 @@ class SharedCache:
             if config.store == "redis":
                 self.redis, self.subscriber = open_redis(redis_config)
                 deadline = call_deadline(redis_config)
+                outage = Outage()  # one failed call spares the store and the lock alike
                 self.store = RedisStore(
-                    self.redis.client, config.max_object_size, clock=clock, deadline=deadline
+                    self.redis.client,
+                    config.max_object_size,
+                    clock=clock,
+                    deadline=deadline,
+                    outage=outage,
                 )
                 self.remote_lock = RedisLock(
                     self.redis.client,
                     config.lock_timeout,
                     subscriber=self.subscriber.client,
                     deadline=deadline,
+                    outage=outage,
                 )
             else:
                 self.store = MemoryStore(config.max_size, config.max_object_size)

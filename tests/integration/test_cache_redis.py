@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio
@@ -245,3 +246,27 @@ async def test_the_version_is_checked_once_at_the_first_store(redis_server, capl
     assert await store.put(response("k"))
     assert store._version_checked
     assert "needs Redis 7" not in caplog.text  # the redis-server of these tests is 7 or later
+
+
+def test_a_frozen_redis_costs_a_request_one_deadline_not_one_per_call(
+    start_sluicegate, redis_server
+):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "500ms"}
+        config["cache"]["store"] = "redis"
+        daemon = start_sluicegate(config)
+        daemon.get("/warm")  # connected, lock subscription on
+        redis_server.freeze()  # connects succeed, nothing is ever answered
+        started = time.monotonic()
+        status, headers, body = daemon.get("/frozen")
+        took = time.monotonic() - started
+        assert (status, body) == (200, b"hello")
+        assert headers["cache-status"].startswith("sluicegate; fwd=uri-miss")
+        # The lookup's read times out (500ms); the lock, the store and the release then
+        # skip Redis (each of them would have cost as much again: 2s in all).
+        assert 0.5 <= took < 1.5, took
+        started = time.monotonic()
+        assert daemon.get("/frozen")[0] == 200
+        assert time.monotonic() - started < 0.5  # within the pause: no wait at all
