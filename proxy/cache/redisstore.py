@@ -12,8 +12,15 @@ Index sets expire with what they index and may name keys already gone: purges co
 what they really removed. Redis bounds its own memory (``maxmemory`` with an
 ``allkeys-lru`` or ``allkeys-lfu`` policy); ``max_size`` applies to the memory store.
 
+Every Redis mode (``redisconn``) holds it alike. In a cluster each entry, all its variants
+included, is one key, so a call on an entry touches one slot; a store's index updates are
+one non-transactional pipeline, which the cluster client splits by node; a purge by
+prefix SCANs every master.
+
 A failing or slow Redis never fails a request: a lookup that fails is a miss, a store
-that fails stores nothing (and both are logged once a minute at most).
+that fails stores nothing (and both are logged once a minute at most); after a failure
+the request path skips Redis for a moment (``outage``). The size gauges stay the memory
+store's: Redis's own figures (INFO, a SCAN of ``r:``) are the shared store's size.
 """
 
 from __future__ import annotations
