@@ -97,6 +97,9 @@ class CompressRule:
     ) -> Plan:
         if not self.compressible(method, status, headers, content_length):
             return NO_PLAN
+        if method == b"HEAD":
+            # No body to code, but a GET's fields would vary: a HEAD's must say so too.
+            return Plan(None, True)
         return Plan(negotiate(accept_encoding, self.algorithms), True)
 
     def compressible(
@@ -106,8 +109,9 @@ class CompressRule:
         headers: list[tuple[bytes, bytes]],
         content_length: int | None,
     ) -> bool:
-        """Would this response be compressed for a client that accepts it?"""
-        if method == b"HEAD" or status < 200 or status in NOT_COMPRESSED_STATUSES:
+        """Would this response (a HEAD's: the same GET's) be compressed for a client
+        that accepts it?"""
+        if status < 200 or status in NOT_COMPRESSED_STATUSES:
             return False
         if content_length is not None and content_length < self.min_size:
             return False

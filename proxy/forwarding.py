@@ -424,7 +424,7 @@ def _passes_limit(ex: Exchange, decision: Decision) -> bool:
         # Redis failed and `allow`/`deny` decided without a bucket: no counts to tell, and
         # a `deny` is the limiter being down (503), not the client over its limit.
         if not decision.allowed and rule.mode == "enforce":
-            _send_error(ex, 503, "rate limiter unavailable")
+            _send_error(ex, 503, "rate limiter unavailable", _cache_bypassed(ex))
             return False
         return True
     ex.extra_headers = _rate_limit_headers(decision)
@@ -434,9 +434,16 @@ def _passes_limit(ex: Exchange, decision: Decision) -> bool:
         ex.route_runtime.counters.rate_limited += 1
         if rule.mode == "enforce":
             retry_after = b"Retry-After: %d\r\n" % max(1, math.ceil(decision.retry_after))
-            _send_error(ex, 429, "rate limited", ex.extra_headers + retry_after)
+            extra = ex.extra_headers + retry_after + _cache_bypassed(ex)
+            _send_error(ex, 429, "rate limited", extra)
             return False
     return True
+
+
+def _cache_bypassed(ex: Exchange) -> bytes:
+    """On a cached route, an answer the cache never saw still carries Cache-Status."""
+    cache = ex.route_runtime.cache
+    return cache.bypassed(ex) if cache is not None else b""
 
 
 def _limit_key(route: Any, request: Request, runtime: Any) -> str:
@@ -1067,7 +1074,7 @@ def _start_relay(
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
     encoder = None
-    if ex.route_runtime.compress is not None and response.has_body:
+    if ex.route_runtime.compress is not None and (response.has_body or request.method == b"HEAD"):
         length = None if response.chunked else response.content_length
         encoder = _begin_compression(ex, response, length)
     chunked_out = False
@@ -1189,8 +1196,13 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
     request = ex.request
     close = not request.keep_alive or conn.listener.shutting_down
     route = ex.route_runtime
-    if route is not None and route.compress is not None and response.has_body:
-        encoder = _begin_compression(ex, response, len(payload))
+    if (
+        route is not None
+        and route.compress is not None
+        and (response.has_body or request.method == b"HEAD")
+    ):
+        length = len(payload) if response.has_body else response.content_length
+        encoder = _begin_compression(ex, response, length)
         if encoder is not None:
             payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:

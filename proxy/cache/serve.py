@@ -24,11 +24,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy import metrics
+from proxy import metrics, redisconn
 from proxy.cache.control import CacheControl, field_value, parse_http_date, request_control
 from proxy.cache.key import KeyMaker, cache_url, url_from_purge
 from proxy.cache.lock import Outcome, StampedeLock
 from proxy.cache.memory import MemoryStore
+from proxy.cache.outage import Outage
 from proxy.cache.policy import (
     Use,
     compute_freshness,
@@ -54,7 +55,9 @@ from proxy.forwarding import (
     _send_error,
     _start_relay,
 )
-from proxy.pool import HeadFuture, ResponseHead
+from proxy.pool import HeadFuture, ResponseHead, UpstreamError
+from proxy.redisconn import SharedRedis
+from proxy.retry import status_word
 
 log = logging.getLogger("sluicegate")
 
@@ -88,26 +91,36 @@ class SharedCache:
             self.remote_lock: RedisLock | None = previous.remote_lock
             self._evictions_told = previous._evictions_told
             self._background = previous._background
+            self.redis, self.subscriber = previous.redis, previous.subscriber
         else:
-            if config.store == "redis" and redis_config.mode != "single":
-                log.warning(
-                    "cache.store: redis works with redis mode single for now (not %s); "
-                    "each process caches in memory",
-                    redis_config.mode,
-                    extra={"event": "cache"},
+            self.redis: SharedRedis | None = None
+            self.subscriber: SharedRedis | None = None
+            if config.store == "redis":
+                self.redis, self.subscriber = open_redis(redis_config)
+                deadline = call_deadline(redis_config)
+                outage = Outage()  # one failed call spares the store and the lock alike
+                self.store = RedisStore(
+                    self.redis.client,
+                    config.max_object_size,
+                    clock=clock,
+                    deadline=deadline,
+                    outage=outage,
                 )
-            if config.store == "redis" and redis_config.mode == "single":
-                client = redis_client(redis_config)
-                self.store = RedisStore(client, config.max_object_size, clock=clock)
-                # The subscription waits for messages as long as it takes: no timeout.
-                subscriber = redis_client(redis_config, waits=True)
-                self.remote_lock = RedisLock(client, config.lock_timeout, subscriber=subscriber)
+                self.remote_lock = RedisLock(
+                    self.redis.client,
+                    config.lock_timeout,
+                    subscriber=self.subscriber.client,
+                    deadline=deadline,
+                    outage=outage,
+                )
             else:
                 self.store = MemoryStore(config.max_size, config.max_object_size)
                 self.remote_lock = None
             self.lock = StampedeLock(config.lock_timeout)
             self._evictions_told = 0
             self._background: set[asyncio.Task[None]] = set()
+            if previous is not None and previous.redis is not None:
+                self._close_later(previous)  # its clients are nobody's now
 
     def report(self) -> None:
         """The store's size to the gauges, and evictions since the last report."""
@@ -128,27 +141,48 @@ class SharedCache:
         self.report()
         return count
 
+    async def aclose(self) -> None:
+        """Stop the lock's subscription and close the Redis clients (store: redis)."""
+        if self.remote_lock is not None:
+            self.remote_lock.stop()
+        for shared in (self.redis, self.subscriber):
+            if shared is not None:
+                try:
+                    await shared.aclose()
+                except Exception as error:  # closing a dead Redis may fail: nothing to do
+                    log.debug("closing the cache's Redis client: %s", error)
+
+    def _close_later(self, replaced: SharedCache) -> None:
+        """A reload replaced ``replaced``: close what it opened, off the reload's path."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a config check): nothing was ever connected
+        self.in_background(replaced.aclose())
+
     def in_background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)  # held until done: the loop keeps only weak references
         task.add_done_callback(self._background.discard)
 
 
-def redis_client(redis_config: Any, *, waits: bool = False) -> Any:
-    """The cache's own connection pool to the configured Redis (mode single).
+def call_deadline(redis_config: Any) -> float:
+    """How long one cache call to Redis may take in all: a connect and a read (each at
+    most ``redis.timeout``, at least 250 ms so that a body of a few MiB gets through)."""
+    return 2 * max(redis_config.timeout, 0.25)
 
-    Calls time out after ``redis.timeout`` (at least 250 ms: a body of a few MiB must get
-    through); a Redis that fails is a miss, never an error for the client.
-    """
-    import redis.asyncio
 
+def open_redis(redis_config: Any) -> tuple[SharedRedis, SharedRedis]:
+    """The cache's clients for the configured Redis, in any mode (``redisconn``): one for
+    calls, whose reads time out, and one for the lock's subscription, which waits for
+    news as long as it takes. A Redis that fails is a miss, never an error."""
     timeout = max(redis_config.timeout, 0.25)
-    return redis.asyncio.from_url(
-        redis_config.url,
-        password=redis_config.password,
-        socket_timeout=None if waits else timeout,
-        socket_connect_timeout=timeout,
-    )
+    calls = redisconn.connect(redis_config, connect_timeout=timeout, socket_timeout=timeout)
+    subscriber = redisconn.connect(redis_config, connect_timeout=timeout)
+    return calls, subscriber
+
+
+BYPASSED_BY_LIMIT = b"Cache-Status: sluicegate; fwd=bypass; detail=rate-limit\r\n"
 
 
 class Result(enum.Enum):
@@ -197,6 +231,12 @@ class RouteCache:
             await cached.run()
         finally:
             ex.close_books()
+
+    def bypassed(self, ex: Any) -> bytes:
+        """The proxy answers before the cache (429, or 503 with the limiter down): counted
+        as a bypass, and the Cache-Status field that says so (RFC 9211 ``fwd=bypass``)."""
+        self.count(ex, Result.BYPASS)
+        return BYPASSED_BY_LIMIT
 
     def count(self, ex: Any, result: Result) -> None:
         self.counts[result.value] += 1
@@ -427,7 +467,10 @@ class _CachedRequest:
         length = response.content_length
         if decision is not None and length is not None and length > self.store.max_object_size:
             decision = None  # streams through
-        self.cache_status_headers(ex, stored=decision is not None)
+        # RFC 9211 ``stored``: said before the body is relayed, so only when the length is
+        # declared and fits (then only a broken relay or a failing store can undo it). A
+        # body of unknown length may still be stored, once it has arrived within the limit.
+        self.cache_status_headers(ex, stored=decision is not None and length is not None)
         writer = BodyWriter(self.store.max_object_size) if decision is not None else None
         relay = _start_relay(ex, response, upstream, tap=writer)
         try:
@@ -568,7 +611,8 @@ def _opaque(tag: bytes) -> bytes:
 
 
 async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse) -> None:
-    """stale-while-revalidate: a conditional request of our own, off the client's path."""
+    """stale-while-revalidate: a conditional request of our own, off the client's path,
+    booked like any other try on its server (counters, metrics, latency, breaker)."""
     ex = cached.ex
     group = ex.group
     server = group.select(ex.key, set())
@@ -578,8 +622,8 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
     cached.make_conditional(entry)
     head_bytes = _request_head(ex.conn, request, ex.route_runtime, chunked=False)
     pool = server.pool
+    books = _BackgroundTry(server, group.failure_on)
     upstream = None
-    success = False
     try:
         upstream = pool.take_idle() or await pool.connect()
         waiter = HeadFuture(loop=asyncio.get_running_loop())
@@ -587,10 +631,10 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
         upstream.write(head_bytes)
         upstream.request_complete = True
         response = await waiter
+        books.head(response.status)
         collector = BodyWriter(cached.store.max_object_size)
         upstream.attach(_WriterSink(collector))
         await upstream.wait_done()
-        success = response.status < 500
         now = cached.shared.clock()
         if response.status == 304:
             await cached.freshen(entry, response, now)
@@ -610,13 +654,60 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
                 await cached.put(response, decision, body)
         pool.release(upstream)
         upstream = None
+    except UpstreamError as error:  # the stale entry stays as it is
+        books.no_answer(error.kind)
     except Exception:  # a failed background revalidation leaves the stale entry as it is
-        success = False
+        books.no_answer("error")
     finally:
         if upstream is not None:
             upstream.abort()
-        if success:
+        books.settle()
+
+
+class _BackgroundTry:
+    """What a try owes its server when no client exchange carries it (``Attempt`` does
+    for the others): in-flight and request counts, the head's status and latency, the
+    latency sample, and the breaker's verdict."""
+
+    __slots__ = ("failure_on", "server", "started", "verdict")
+
+    def __init__(self, server: Any, failure_on: Any) -> None:
+        self.server = server
+        self.failure_on = failure_on
+        self.started = time.monotonic()
+        self.verdict: bool | None = None
+        server.in_flight += 1
+        server.requests += 1
+        server.metrics.in_flight_inc()
+
+    def head(self, status: int) -> None:
+        server = self.server
+        seconds = time.monotonic() - self.started
+        server.observe_latency(seconds)
+        server.metrics.response(status, seconds)
+        server.status_classes[status // 100] += 1
+        self.verdict = status_word(status) not in self.failure_on
+        if not self.verdict:
+            server.failures += 1
+
+    def no_answer(self, kind: str) -> None:
+        server = self.server
+        if self.verdict is None:  # before a head: no answer at all
+            server.metrics.response(kind, None)
+            server.count_no_answer(kind)
+        if kind in self.failure_on and self.verdict is not False:
+            server.failures += 1
+            self.verdict = False
+
+    def settle(self) -> None:
+        server = self.server
+        server.in_flight -= 1
+        server.metrics.in_flight_dec()
+        server.stats.record(time.monotonic() - self.started, self.verdict is False)
+        if self.verdict is True:
             server.breaker.record_success()
+        elif self.verdict is False:
+            server.breaker.record_failure()
         else:
             server.breaker.release()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis.asyncio
@@ -11,6 +12,7 @@ from proxy.cache.policy import Freshness
 from proxy.cache.redisstore import RedisStore, decode, encode, time_to_live
 from proxy.cache.store import StoredResponse
 from tests.integration.test_cache_e2e import Origin, cached_config, fresh_for
+from tests.support.daemon import wait_for
 from tests.support.rawupstream import RawUpstream
 
 NOW = 1_700_000_000.0
@@ -207,3 +209,64 @@ def test_concurrent_misses_on_two_instances_make_one_upstream_request(
             )
         assert all(status == 200 and body == b"slow" for status, _, body in results)
         assert origin.count() == 1
+
+
+def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluicegate, redis_server):
+    def cache_clients() -> int:  # the daemon's connections (not this test's own)
+        with redis_server.client() as client:
+            return sum(1 for c in client.client_list() if c["cmd"] != "client|list")
+
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+        config["cache"]["store"] = "redis"
+        daemon = start_sluicegate(config)
+        daemon.get("/a")  # a lookup, the lock, a store: the store's pool and the subscription
+        wait_for(lambda: daemon.get("/a")[1]["cache-status"] == "sluicegate; hit")
+        before = cache_clients()
+        assert before >= 2
+        for n in range(3):  # each reload a new cache section: a new store each time
+            changed = dict(daemon.config)
+            changed["cache"] = {**config["cache"], "lock_timeout": f"{4 + n}s"}
+            daemon.write_config(changed)
+            assert daemon.admin("POST", "/reload")[0] == 200
+            assert daemon.get(f"/b{n}")[0] == 200
+        wait_for(lambda: cache_clients() <= before, message="the replaced clients closed")
+
+
+def test_redis_versions_before_7_are_named():
+    from proxy.cache.redisstore import _major
+
+    assert [_major(v) for v in ("7.0.15", "6.2.14", "255.255.255", "", "x.1")] == [7, 6, 255, 0, 0]
+
+
+async def test_the_version_is_checked_once_at_the_first_store(redis_server, caplog):
+    store = store_for(redis_server)
+    assert await store.put(response("k"))
+    assert store._version_checked
+    assert "needs Redis 7" not in caplog.text  # the redis-server of these tests is 7 or later
+
+
+def test_a_frozen_redis_costs_a_request_one_deadline_not_one_per_call(
+    start_sluicegate, redis_server
+):
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "500ms"}
+        config["cache"]["store"] = "redis"
+        daemon = start_sluicegate(config)
+        daemon.get("/warm")  # connected, lock subscription on
+        redis_server.freeze()  # connects succeed, nothing is ever answered
+        started = time.monotonic()
+        status, headers, body = daemon.get("/frozen")
+        took = time.monotonic() - started
+        assert (status, body) == (200, b"hello")
+        assert headers["cache-status"].startswith("sluicegate; fwd=uri-miss")
+        # The lookup's read times out (500ms); the lock, the store and the release then
+        # skip Redis (each of them would have cost as much again: 2s in all).
+        assert 0.5 <= took < 1.5, took
+        started = time.monotonic()
+        assert daemon.get("/frozen")[0] == 200
+        assert time.monotonic() - started < 0.5  # within the pause: no wait at all
