@@ -91,17 +91,20 @@ async def test_shared_refill_is_counted_once_not_per_instance(redis_server, make
     first, second = make_limiter(redis_server.url), make_limiter(redis_server.url)
     rule = Rule(rate=50.0, burst=5)
     admitted = 0
-    started = time.monotonic()
+    started = last_sent = time.monotonic()
     while time.monotonic() - started < 0.5:
+        last_sent = time.monotonic()
         results = await asyncio.gather(
             first.check("api", "k", rule), second.check("api", "k", rule)
         )
         admitted += sum(d.allowed for d in results)
         await asyncio.sleep(0.002)
     elapsed = time.monotonic() - started
-    expected = rule.burst + rule.rate * elapsed
     # One bucket: about burst + rate x elapsed, where two separate buckets would double it.
-    assert expected - 4 <= admitted <= expected + 1
+    # Tokens that refill after the last check was sent cannot be taken (a loaded machine
+    # can stretch that last round trip), so the lower bound counts up to that moment.
+    assert rule.burst + rule.rate * (last_sent - started) - 4 <= admitted
+    assert admitted <= rule.burst + rule.rate * elapsed + 1
 
 
 async def test_keys_and_routes_are_independent(redis_server, make_limiter):
