@@ -9,6 +9,8 @@ Only what the hot modules use is here; tests/unit/test_compiled.py checks that.
 
 from __future__ import annotations
 
+# cython.dataclasses.dataclass: as Python, the standard library's.
+import dataclasses as dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -44,4 +46,9 @@ def exceptval(*_args: Any, **_kwargs: Any) -> Callable[[_T], _T]:
 
 
 def cast(_type: Any, value: _T, *, typecheck: bool = False) -> _T:
+    return value
+
+
+def declare(_type: Any, value: Any = None, **_kwargs: Any) -> Any:
+    """A C field or variable; as Python, just ``value`` (the instance sets the real one)."""
     return value

@@ -169,3 +169,25 @@ def test_the_hot_modules_run_without_cython_installed() -> None:
     )
     env = {**os.environ, "SLUICEGATE_NO_EXTENSIONS": "1"}
     subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_version_says_which_modules_run_compiled(pure: bool) -> None:
+    env = dict(os.environ)
+    env.pop("SLUICEGATE_NO_EXTENSIONS", None)
+    if pure:
+        env["SLUICEGATE_NO_EXTENSIONS"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "--version"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    if pure or not proxy.COMPILED:
+        assert out.endswith(" (pure Python)\n"), out
+    else:
+        listed = ", ".join(name.removeprefix("proxy.") for name in HOT_MODULES)
+        assert out.endswith(f" (compiled: {listed})\n"), out
