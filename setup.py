@@ -69,7 +69,17 @@ def compiler_problem() -> str | None:
     return None
 
 
+def metadata_only(argv: list[str]) -> bool:
+    """pip runs this file for metadata (egg_info, dist_info) before the build itself: only
+    the build decides, so that a pure-Python install says so once."""
+    return bool({"egg_info", "dist_info"} & set(argv)) and not (
+        {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"} & set(argv)
+    )
+
+
 def extensions() -> list[Extension]:
+    if metadata_only(sys.argv):
+        return []
     if compiled.extensions_disabled():
         reason = f"{compiled.NO_EXTENSIONS_ENV} is set"
     else:
