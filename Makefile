@@ -14,7 +14,7 @@ PURE_SUBSET := tests/unit tests/integration/test_forwarding.py \
 
 .PHONY: run test lint bench bench-instr loadtest venv clean
 
-$(STAMP): pyproject.toml setup.py $(HOT_SOURCES)
+$(STAMP): pyproject.toml setup.py proxy/compiled.py $(HOT_SOURCES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@

@@ -29,6 +29,7 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 #: Compiled by setup.py when it can. Only per-request objects whose typed form measurably
 #: saves instructions belong here: Cython compiling untyped Python makes it slower than
 #: CPython 3.11's specialising interpreter, not faster (DESIGN.md has the figures).
+#: One name a line, as here: the Makefile reads them to rebuild when one is edited.
 HOT_MODULES: tuple[str, ...] = (
     "proxy.breaker",
     "proxy.stats",
