@@ -4,12 +4,13 @@
 
 # --- builder: turn the project and its dependencies into wheels -----------------------
 FROM python:3.11-slim AS builder
-# Compilers live here only, for any dependency without a prebuilt wheel on this platform.
+# Compilers live here only: setup.py compiles the hot modules with Cython (fetched as a
+# build requirement), and any dependency without a prebuilt wheel is built here too.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
@@ -21,7 +22,8 @@ RUN useradd --system --uid 10001 --user-group --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin sluicegate
 COPY --from=builder /wheels /tmp/wheels
 RUN pip install --no-cache-dir --no-index /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels
+    && rm -rf /tmp/wheels \
+    && python -c "import proxy; assert proxy.COMPILED, 'the builder compiled nothing'"
 COPY config/sluicegate.yaml /etc/sluicegate/sluicegate.yaml
 USER sluicegate
 WORKDIR /tmp

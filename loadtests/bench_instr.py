@@ -137,12 +137,16 @@ def measure(
     return {"target": name, "requests": ok, "instructions": total, "per_request": total / ok}
 
 
-def targets(workdir: Path, origin_port: int, access_log: bool) -> list[tuple[str, list, int]]:
+def targets(
+    workdir: Path, origin_port: int, access_log: bool, rate_limited: bool = False
+) -> list[tuple[str, list, int]]:
     py = sys.executable
     sg_port, admin_port, fw_port, nginx_port = (bench.free_port() for _ in range(4))
     config = bench.sluicegate_config(sg_port, admin_port, origin_port, None, 1)
     if not access_log:
         config = config.replace("access_log: true", "access_log: false")
+    if rate_limited:  # in-process buckets (no Redis), a limit no request reaches
+        config += "    rate_limit: {rate: 100000000/s, burst: 100000000, key: client_ip}\n"
     (workdir / "sluicegate.yaml").write_text(config)
     nginx_conf = bench.nginx_config(workdir, nginx_port, origin_port, 1).replace(
         "master_process on;", "master_process off;"
@@ -180,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="small")
     parser.add_argument("--no-access-log", action="store_true")
+    parser.add_argument(
+        "--rate-limited", action="store_true", help="Sluicegate's route has an in-memory limit"
+    )
     parser.add_argument("--only", help="comma-separated targets (nginx,forwarder,sluicegate)")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
@@ -198,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             bench.wait_port(origin_port, origin, "origin")
             chosen = set(args.only.split(",")) if args.only else None
-            for name, cmd, port in targets(workdir, origin_port, not args.no_access_log):
+            for name, cmd, port in targets(
+                workdir, origin_port, not args.no_access_log, args.rate_limited
+            ):
                 if chosen is None or name in chosen:
                     results.append(measure(name, cmd, port, workdir, args, path))
                     print(f"{name:>11}: {results[-1]['per_request']:>10,.0f} instructions/request")

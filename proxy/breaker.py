@@ -29,6 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
@@ -102,8 +107,28 @@ class _OutcomeWindow:
         self._epochs = [-1] * WINDOW_BUCKETS
 
 
+@cython.cclass
 class CircuitBreaker:
-    """One server's breaker. Defaults match the documented config defaults."""
+    """One server's breaker. Defaults match the documented config defaults.
+
+    Compiled (proxy/compiled.py), an extension type: the settings and counters are C
+    fields, so the calls every attempt makes (`allows`, `acquire`, `record_*`) run no
+    interpreted bytecode.
+    """
+
+    failure_threshold = cython.declare(cython.int, visibility="public")
+    open_duration = cython.declare(cython.double, visibility="public")
+    half_open_requests = cython.declare(cython.int, visibility="public")
+    failure_rate = cython.declare(object, visibility="public")  # float | None
+    min_requests = cython.declare(cython.int, visibility="public")
+    window = cython.declare(cython.double, visibility="public")
+    on_transition = cython.declare(object, visibility="public")
+    _clock = cython.declare(object)
+    _state = cython.declare(object)
+    _consecutive_failures = cython.declare(cython.int)
+    _opened_at = cython.declare(cython.double)
+    _trials_in_flight = cython.declare(cython.int)
+    _outcomes = cython.declare(object)
 
     def __init__(
         self,
@@ -247,6 +272,7 @@ class CircuitBreaker:
 
     # -- the one place state changes --------------------------------------------------
 
+    @cython.ccall
     def _transition(self, to: BreakerState, reason: str) -> None:
         old = self._state
         if to not in _LEGAL_TRANSITIONS[old]:
@@ -262,7 +288,8 @@ class CircuitBreaker:
         if self.on_transition is not None:
             self.on_transition(old, to, reason)
 
-    def _open_elapsed(self) -> bool:
+    @cython.cfunc
+    def _open_elapsed(self) -> cython.bint:
         return self._clock() - self._opened_at >= self.open_duration
 
     def __repr__(self) -> str:

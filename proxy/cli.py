@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sluicegate", description="An asyncio Layer-7 reverse-proxy load balancer."
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="show the version and which modules run compiled, then exit",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the proxy in the foreground")
@@ -114,6 +118,18 @@ def _backend(args: argparse.Namespace) -> int:
     return run_backend(args.host, args.port, args.name or f"backend-{args.port}")
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, worked out only when asked: it resolves the compiled modules."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        print(f"{parser.prog} {_version()} ({_build()})")
+        parser.exit()
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -121,3 +137,12 @@ def _version() -> str:
         return version("sluicegate")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _build() -> str:
+    """`compiled: breaker, stats, ...` or `pure Python` (proxy/compiled.py)."""
+    import proxy
+
+    if not proxy.COMPILED:
+        return "pure Python"
+    return "compiled: " + ", ".join(name.removeprefix("proxy.") for name in proxy.COMPILED)

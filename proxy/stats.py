@@ -28,6 +28,11 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
 # Latency histogram bounds in seconds: 0.1 ms .. ~60 s, each 1.25x the previous one.
 # Quantiles read from it are within one step (25%) of the truth and usually far closer
 # once a bucket holds a few samples: plenty for a dashboard. Prometheus histograms
@@ -39,10 +44,14 @@ _LATENCY_BOUNDS = tuple(_MIN_LATENCY * _GROWTH**i for i in range(61))
 RATE_WINDOW = 10.0  # seconds the request rate is averaged over
 
 
+@cython.cclass
 class _Bucket:
     """What happened during one second."""
 
-    __slots__ = ("count", "failures", "latency_counts", "second")
+    second = cython.declare(cython.longlong, visibility="readonly")
+    count = cython.declare(cython.longlong, visibility="readonly")
+    failures = cython.declare(cython.longlong, visibility="readonly")
+    latency_counts = cython.declare(list, visibility="readonly")
 
     def __init__(self, second: int) -> None:
         self.second = second
@@ -52,13 +61,23 @@ class _Bucket:
         self.latency_counts = [0] * (len(_LATENCY_BOUNDS) + 1)
 
 
+@cython.cclass
 class RollingStats:
     """Request rate, error rate and latency quantiles over a sliding window.
 
     ``window``: seconds covered (default 60, one-second resolution).
     ``rate_window``: seconds the request rate covers (default 10, at most ``window``).
     ``clock``: monotonic seconds, injected so tests control time.
+
+    Compiled (proxy/compiled.py), ``record()``, called once per attempt, works on C fields.
     """
+
+    window = cython.declare(cython.double, visibility="readonly")
+    _clock = cython.declare(object)
+    _slots = cython.declare(cython.Py_ssize_t)
+    _rate_slots = cython.declare(cython.Py_ssize_t)
+    _ring = cython.declare(list)
+    _started = cython.declare(cython.double)
 
     def __init__(
         self,
@@ -80,11 +99,12 @@ class RollingStats:
 
     def record(self, duration: float, failed: bool) -> None:
         """Count one finished attempt: its latency in seconds and whether it failed."""
-        second = int(self._clock())
-        index = second % self._slots
-        bucket = self._ring[index]
+        second: cython.longlong = int(self._clock())
+        index: cython.Py_ssize_t = second % self._slots
+        bucket: _Bucket = self._ring[index]
         if bucket is None or bucket.second != second:
-            bucket = self._ring[index] = _Bucket(second)
+            bucket = _Bucket(second)
+            self._ring[index] = bucket
         bucket.count += 1
         if failed:
             bucket.failures += 1

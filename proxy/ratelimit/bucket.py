@@ -20,10 +20,17 @@ Invariants:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
 
 
-@dataclass(frozen=True, slots=True)
+# Compiled (proxy/compiled.py), an extension type whose fields are C values: made once per
+# rate-limited request, and a frozen Python dataclass pays a setattr call per field.
+@cython.dataclasses.dataclass(frozen=True)
+@cython.cclass
 class Decision:
     """The answer to one rate-limit check.
 
@@ -38,21 +45,22 @@ class Decision:
         not a 429.
     """
 
-    allowed: bool
-    limit: int
-    remaining: int
-    reset_after: float
-    retry_after: float
-    backend_failed: bool = False
+    allowed: cython.bint
+    limit: cython.longlong
+    remaining: cython.longlong
+    reset_after: cython.double
+    retry_after: cython.double
+    backend_failed: cython.bint = False
 
 
+@cython.locals(elapsed=cython.double, available=cython.double, left=cython.double)
 def take(
     tokens: float,
     updated_at: float,
     now: float,
     rate: float,
-    burst: int,
-    cost: int = 1,
+    burst: cython.longlong,
+    cost: cython.longlong = 1,
 ) -> tuple[Decision, float]:
     """Refill the bucket up to ``now`` and try to take ``cost`` tokens from it.
 

@@ -229,3 +229,12 @@ def test_dockerfile_is_multistage_slim_and_non_root():
     copied = re.findall(r"^COPY\s+(?!--from)(\S+)", text, flags=re.MULTILINE)
     for source in copied:
         assert (REPO_ROOT / source).exists(), f"Dockerfile copies missing {source}"
+
+
+def test_dockerfile_compiles_in_the_builder_and_ships_compiled():
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    builder, final = text.rsplit("\nFROM ", 1)
+    # setup.py is what compiles; without it the wheel would be pure Python.
+    assert re.search(r"^COPY\s+.*\bsetup\.py\b", builder, flags=re.MULTILINE)
+    assert "build-essential" in builder
+    assert "proxy.COMPILED" in final  # the image build fails if nothing was compiled
