@@ -390,7 +390,9 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request.head_size += len(name) + len(value) + 4
         if len(headers) > MAX_HEADER_COUNT:
             raise RequestRejected(431, "too many request headers")
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
+        # Byte values, not b"\r": `bytes in bytes` first tries the operand as an int and
+        # raises and clears a TypeError inside (about 1,800 instructions, 6 per request).
+        if 13 in value or 10 in value or 0 in value:  # CR, LF, NUL
             raise RequestRejected(400, "invalid header value")
         lowered = name.lower()
         request.lowered.append(lowered)
