@@ -231,7 +231,10 @@ class Runtime:
     def log_access(self, conn: Any, request: Any, outcome: Any, duration: float) -> None:
         access_log = self.access_log
         if access_log.fmt == "json":
-            access_log.log_line(_json_line(request, outcome, self.client_ip(request), duration))
+            client_ip = request.client_ip  # resolved already when a limit or ip_hash asked
+            if client_ip is None:
+                client_ip = self.client_ip(request)
+            access_log.log_line(_json_line(request, outcome, client_ip, duration))
             return
         body = request.body
         record = {
