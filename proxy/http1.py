@@ -272,6 +272,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._deferred: Request | None = None  # started meanwhile, for that loop to run
         self._fed = 0
         self._head_began_at = -1
+        self._checked_host: bytes | None = None  # the last Host found valid on this connection
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -396,45 +397,46 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             raise RequestRejected(400, "invalid header value")
         lowered = name.lower()
         request.lowered.append(lowered)
-        first = lowered[:1]
-        if first == b"h" and lowered == b"host":
-            if not _valid_host(value):
-                raise RequestRejected(400, "invalid Host header")
+        kind = _ACTED_ON.get(lowered)
+        if kind is None:
+            return  # most headers are only forwarded: one lookup decides it
+        if kind == _HOST:
+            # The same Host on every request of a keep-alive connection: checked once.
+            if value != self._checked_host:
+                if not _valid_host(value):
+                    raise RequestRejected(400, "invalid Host header")
+                self._checked_host = value
             request.host = value
             request.host_count += 1
-        elif first == b"c":
-            if lowered == b"content-length":
-                if not value.isdigit():
-                    raise RequestRejected(400, "invalid Content-Length")
-                length = int(value)
-                if request.content_length is not None and request.content_length != length:
-                    raise RequestRejected(400, "conflicting Content-Length")
-                request.content_length = length
-            elif lowered == b"connection":
-                request.connection_tokens += tuple(
-                    token.strip().lower() for token in value.split(b",") if token.strip()
-                )
-        elif first == b"t" and lowered == b"transfer-encoding":
+        elif kind == _CONTENT_LENGTH:
+            if not value.isdigit():
+                raise RequestRejected(400, "invalid Content-Length")
+            length = int(value)
+            if request.content_length is not None and request.content_length != length:
+                raise RequestRejected(400, "conflicting Content-Length")
+            request.content_length = length
+        elif kind == _CONNECTION:
+            request.connection_tokens += tuple(
+                token.strip().lower() for token in value.split(b",") if token.strip()
+            )
+        elif kind == _TRANSFER_ENCODING:
             # Only a lone "chunked" (OWS around a value is not part of it, RFC 9110 5.5);
             # llhttp frames by the same reading, so both sides agree on where the body ends.
             if request.chunked or value.strip(b" \t").lower() != b"chunked":
                 raise RequestRejected(400, "unsupported Transfer-Encoding")
             request.chunked = True
-        elif first == b"e" and lowered == b"expect":
+        elif kind == _EXPECT:
             if value.lower() == b"100-continue":
                 request.expect_continue = True
-        elif first == b"x":
-            if lowered == b"x-request-id":
-                request.request_id = value
-            elif lowered == b"x-forwarded-for":
-                request.forwarded_for = (
-                    value
-                    if request.forwarded_for is None
-                    else request.forwarded_for + b", " + value
-                )
-            elif lowered == b"x-sluicegate-trace":
-                request.trace = value
-        elif first == b"u" and lowered == b"upgrade":
+        elif kind == _REQUEST_ID:
+            request.request_id = value
+        elif kind == _FORWARDED_FOR:
+            request.forwarded_for = (
+                value if request.forwarded_for is None else request.forwarded_for + b", " + value
+            )
+        elif kind == _TRACE:
+            request.trace = value
+        else:  # _UPGRADE
             # Only a WebSocket offer is tunnelled (and only if llhttp agrees it is an
             # upgrade, see on_headers_complete); any other Upgrade is a hop-by-hop header.
             request.upgrade = b"websocket" in value.lower()
@@ -456,7 +458,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._check_request(request)
         if request.content_length is not None and request.chunked:
             raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
-        if request.has_body:
+        if request.chunked or request.content_length:  # has_body, without the call
             if (request.content_length or 0) > self.limits.max_body_bytes:
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
@@ -739,6 +741,30 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def idle(self) -> bool:
         return self._current is None and self._parsing is None
 
+
+# The request headers the engine acts on, by lower-cased name; the rest are only kept.
+(
+    _HOST,
+    _CONTENT_LENGTH,
+    _CONNECTION,
+    _TRANSFER_ENCODING,
+    _EXPECT,
+    _REQUEST_ID,
+    _FORWARDED_FOR,
+    _TRACE,
+    _UPGRADE,
+) = range(9)
+_ACTED_ON = {
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"connection": _CONNECTION,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"expect": _EXPECT,
+    b"x-request-id": _REQUEST_ID,
+    b"x-forwarded-for": _FORWARDED_FOR,
+    b"x-sluicegate-trace": _TRACE,
+    b"upgrade": _UPGRADE,
+}
 
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
 
