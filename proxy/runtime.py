@@ -21,6 +21,7 @@ from proxy.accesslog import _json_value, format_time
 from proxy.breaker import BreakerState
 from proxy.clientip import ClientAddressResolver
 from proxy.health import HealthChecker
+from proxy.http1 import ConnectionLimits
 from proxy.retry import RetryPolicy
 from proxy.routing import Router
 from proxy.upstream import Server, UpstreamGroup
@@ -146,6 +147,7 @@ class Runtime:
         self.limiter = limiter
         self.access_log = access_log
         self.metrics = metrics
+        self.connection_limits = ConnectionLimits(config.limits)
         self._resolver = ClientAddressResolver(config.trusted_proxies)
         self._trusts_proxies = bool(config.trusted_proxies)
         self._id_prefix = os.urandom(5).hex().encode()
