@@ -31,7 +31,7 @@ from typing import Any
 
 import httptools
 
-from proxy.flow import ProxyConnection
+from proxy.flow import ProxyConnection, http_version
 from proxy.timers import sweeper_for
 
 MAX_HEADER_COUNT = 100
@@ -468,8 +468,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         assert request is not None
         parser = self._parser
         request.method = parser.get_method()
-        request.version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive()
+        keep_alive = request.keep_alive = parser.should_keep_alive()
+        request.version = http_version(parser, keep_alive, request.lowered)
         if parser.should_upgrade():
             self._upgrading = request  # llhttp stops after this head: see _upgrade_requested
         else:
