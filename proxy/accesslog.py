@@ -59,6 +59,7 @@ _STOP = object()
 
 _second_cache: list[Any] = [None, ""]  # (whole second, its formatted prefix)
 _milli_cache: list[Any] = [None, ""]  # (millisecond count, its formatted timestamp)
+_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))  # a table, not a format a line
 
 
 def format_time(epoch_seconds: float) -> str:
@@ -67,12 +68,12 @@ def format_time(epoch_seconds: float) -> str:
     count = round(epoch_seconds * 1000)
     if _milli_cache[0] == count:  # tens of lines share each millisecond under load
         return _milli_cache[1]
-    whole, millis = divmod(count, 1000)
+    whole = count // 1000
     cache = _second_cache
     if cache[0] != whole:  # strftime once a second, not once a line
         cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         cache[0] = whole
-    text = f"{cache[1]}.{millis:03d}Z"
+    text = cache[1] + _MILLIS[count - whole * 1000]
     _milli_cache[0] = count
     _milli_cache[1] = text
     return text

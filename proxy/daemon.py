@@ -138,7 +138,7 @@ class Listener:
     # Everything below is read per connection.
     @property
     def limits(self) -> Any:
-        return self.runtime.config.limits
+        return self.runtime.connection_limits
 
     def new_request_id(self) -> bytes:
         return self.proxy.runtime.new_request_id()

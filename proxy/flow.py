@@ -1,5 +1,5 @@
 """What both sides' protocols share: reading paused for named reasons, writes (a head with
-the first body bytes), close and abort.
+the first body bytes), close and abort, and the HTTP version of a parsed head.
 
 Several things may each want a connection to stop reading at once (a full write buffer on
 the other side, a held body, pipelined requests waiting their turn). The transport reads
@@ -9,6 +9,7 @@ again only when every reason is gone, so one party resuming never undoes another
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 
 class ProxyConnection:
@@ -66,3 +67,21 @@ class ProxyConnection:
         if self.transport is not None:
             self.closed = True
             self.transport.abort()
+
+
+def http_version(parser: Any, keep_alive: bool, lowered_names: list[bytes]) -> str:
+    """The HTTP version of the head llhttp has just parsed: "1.1", "1.0", "0.9" or "2.0".
+
+    httptools builds the string with ``str.format`` (about 1,800 instructions, once for
+    each request and each response). ``keep_alive`` (llhttp's verdict on the head) tells it
+    whenever no Connection or Proxy-Connection header set llhttp's keep-alive flags: llhttp
+    then keeps a connection only for a version whose two numbers are above zero, and the
+    only such version it accepts is 1.1.
+    """
+    if (
+        keep_alive
+        and b"connection" not in lowered_names
+        and b"proxy-connection" not in lowered_names
+    ):
+        return "1.1"
+    return parser.get_http_version()

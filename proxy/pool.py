@@ -47,7 +47,7 @@ from typing import Any
 
 import httptools
 
-from proxy.flow import ProxyConnection
+from proxy.flow import ProxyConnection, http_version
 from proxy.timers import sweeper_for
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
@@ -299,9 +299,11 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def on_headers_complete(self) -> None:
         response = self._response
         assert response is not None
-        status = self._parser.get_status_code()
+        parser = self._parser
+        status = parser.get_status_code()
         response.status = status
-        response.version = self._parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        response.version = http_version(parser, keep_alive, response.lowered)
         if response.chunked and response.version == "1.0":
             raise ValueError("Transfer-Encoding in an HTTP/1.0 response")
         if 100 <= status < 200 and status != 101:
@@ -313,7 +315,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             return
         if response.chunked and response.content_length is not None:
             raise ValueError("both Content-Length and Transfer-Encoding")
-        response.keep_alive = self._parser.should_keep_alive()
+        response.keep_alive = keep_alive
         response.upgrade = status == 101
         response.has_body = not (self.request_is_head or status in (204, 304) or response.upgrade)
         self._head_done = True

@@ -24,6 +24,7 @@ from proxy.clientip import ClientAddressResolver
 from proxy.compress import CompressRule
 from proxy.discovery import Discovery, address_order
 from proxy.health import HealthChecker
+from proxy.http1 import ConnectionLimits
 from proxy.retry import RetryPolicy
 from proxy.routing import Router
 from proxy.slowstart import SlowStart
@@ -126,6 +127,7 @@ class Runtime:
         self.limiter = limiter
         self.access_log = access_log
         self.metrics = metrics
+        self.connection_limits = ConnectionLimits(config.limits)
         self._resolver = ClientAddressResolver(config.trusted_proxies)
         self._trusts_proxies = bool(config.trusted_proxies)
         self._id_prefix = os.urandom(5).hex().encode()
@@ -324,7 +326,10 @@ class Runtime:
     def log_access(self, conn: Any, request: Any, outcome: Any, duration: float) -> None:
         access_log = self.access_log
         if access_log.fmt == "json":
-            access_log.log_line(_json_line(request, outcome, self.client_ip(request), duration))
+            client_ip = request.client_ip  # resolved already when a limit or ip_hash asked
+            if client_ip is None:
+                client_ip = self.client_ip(request)
+            access_log.log_line(_json_line(request, outcome, client_ip, duration))
             return
         body = request.body
         record = {
@@ -388,7 +393,7 @@ class Runtime:
 _escape = json.encoder.encode_basestring_ascii  # C; quotes and escapes one string
 _JSON_FIELDS = (
     '{"time":"%s","request_id":%s,"client_ip":%s,"method":%s,"host":%s,"path":%s,'
-    '"route":%s,"upstream":%s,"server":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,'
+    '%s"status":%d,"bytes_in":%d,"bytes_out":%d,'
     '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
     '"error":%s,"cache":%s'
 )
@@ -414,6 +419,33 @@ class _JsonNames(dict[str | bytes, str]):
 _json_names = _JsonNames()
 
 
+class _JsonPlaces(dict[tuple[str, str, str], str]):
+    """``"route":..,"upstream":..,"server":..,`` by (route, upstream, server): one lookup
+    and one format field a line instead of three. Config names, so a bounded set."""
+
+    def __missing__(self, place: tuple[str, str, str]) -> str:
+        if len(self) >= 4096:
+            self.clear()
+        route, upstream, server = (_json_names[name] for name in place)
+        text = self[place] = f'"route":{route},"upstream":{upstream},"server":{server},'
+        return text
+
+
+class _JsonHosts(dict[bytes, str]):
+    """JSON forms of Host values: clients send the same few again and again. Bounded,
+    since clients choose them."""
+
+    def __missing__(self, host: bytes) -> str:
+        if len(self) >= 1024:
+            self.clear()
+        encoded = self[host] = _escape(host.decode("latin-1"))
+        return encoded
+
+
+_json_places = _JsonPlaces()
+_json_hosts = _JsonHosts()
+
+
 def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
     """The access log's JSON line, in one format operation: this runs once per request.
 
@@ -427,11 +459,9 @@ def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> s
         _escape(request.request_id.decode("latin-1")) if request.request_id else '""',
         _escape(client_ip),
         names[request.method],
-        _escape(request.host.decode("latin-1")) if request.host else '""',
+        _json_hosts[request.host] if request.host else '""',
         _escape(request.path.decode("latin-1")),
-        names[outcome.route],
-        names[outcome.upstream],
-        names[outcome.server],
+        _json_places[outcome.route, outcome.upstream, outcome.server],
         outcome.status,
         body.received if body is not None else 0,
         outcome.bytes_out,

@@ -78,3 +78,26 @@ def test_fast_line_matches_the_generic_formatter(path, error, attempts):
     generic = json.loads(format_json(record))
     assert fast == generic
     assert list(fast)[: len(FIELDS)] == list(FIELDS)
+
+
+def test_cached_fragments_follow_each_line():
+    # Route, upstream, server and Host are encoded once and reused: each line still
+    # says its own.
+    seen = []
+    for route, upstream, server, host in [
+        ("api", "backend", "10.0.0.1:80", b"a.example"),
+        ("api", "backend", "10.0.0.2:80", b"b.example"),
+        ("web", "backend", "10.0.0.1:80", b"a.example"),
+        ("api", "other", "10.0.0.1:80", b""),
+    ]:
+        request, outcome = _exchange(b"/", "", [])
+        request.host = host
+        outcome.route, outcome.upstream, outcome.server = route, upstream, server
+        line = json.loads(_json_line(request, outcome, "203.0.113.9", 0.5))
+        seen.append((line["route"], line["upstream"], line["server"], line["host"]))
+    assert seen == [
+        ("api", "backend", "10.0.0.1:80", "a.example"),
+        ("api", "backend", "10.0.0.2:80", "b.example"),
+        ("web", "backend", "10.0.0.1:80", "a.example"),
+        ("api", "other", "10.0.0.1:80", ""),
+    ]

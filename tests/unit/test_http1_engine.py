@@ -213,6 +213,21 @@ async def test_keep_alive_serves_several_requests():
     assert h.conn.requests_served == 3
 
 
+@pytest.mark.parametrize("bad_host", [b"a b", b"", b"user@h"])
+@pytest.mark.parametrize("good_before", [0, 2])
+async def test_host_checked_on_every_request_of_a_connection(bad_host: bytes, good_before: int):
+    # The connection remembers the last Host it found valid: any other one is checked,
+    # the first request's included.
+    h = Harness()
+    for _ in range(good_before):
+        h.feed(b"GET /ok HTTP/1.1\r\nHost: h\r\n\r\n")
+        await h.settle()
+    h.feed(b"GET /bad HTTP/1.1\r\nHost: " + bad_host + b"\r\n\r\n")
+    await h.settle()
+    assert [status for status, _, _ in h.responses()] == [200] * good_before + [400]
+    assert h.transport.closed
+
+
 async def test_pipelined_requests_answered_in_order():
     first_may_answer = asyncio.Event()
 
