@@ -47,6 +47,7 @@ from proxy.compress import negotiate
 
 # The pipeline's own pieces: the cache is one of its phases (see the module docstring).
 from proxy.forwarding import (
+    RESPONSE_REWRITTEN,
     _forward,
     _relay_over,
     _request_head,
@@ -54,6 +55,7 @@ from proxy.forwarding import (
     _send_error,
     _start_relay,
 )
+from proxy.http1 import REASONS
 from proxy.pool import HeadFuture, ResponseHead
 
 log = logging.getLogger("sluicegate")
@@ -63,6 +65,9 @@ SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 CONDITIONAL_FIELDS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
 )
+# What most requests carry: no Cache-Control, no Pragma (one shared, never changed).
+NO_DIRECTIVES = CacheControl({}, frozenset())
+HIT_STATUS = b"Cache-Status: sluicegate; hit\r\n"
 
 
 class SharedCache:
@@ -199,9 +204,10 @@ class RouteCache:
             ex.close_books()
 
     def count(self, ex: Any, result: Result) -> None:
-        self.counts[result.value] += 1
-        self.metrics.cache_result(result.value)
-        ex.cache_status = result.value
+        word = result.value
+        self.counts[word] += 1
+        self.metrics.cache_result(word)
+        ex.cache_status = word
 
 
 class _CachedRequest:
@@ -216,7 +222,12 @@ class _CachedRequest:
         self.request = request
         self.url = cache_url(request.host, request.path, request.target)
         self.primary = route_cache.keys.primary(self.url, request.header)
-        self.control: CacheControl = request_control(request.headers)
+        lowered = request.lowered
+        self.control: CacheControl = (
+            request_control(request.headers)
+            if b"cache-control" in lowered or b"pragma" in lowered
+            else NO_DIRECTIVES
+        )
         self.revalidating: StoredResponse | None = None  # the entry a conditional asks about
         self.stored = False
         self.result = Result.MISS
@@ -224,8 +235,12 @@ class _CachedRequest:
         self.found: tuple[StoredResponse | None, bool] | None = None  # looked up at once
         self.base_extra = ex.extra_headers  # RateLimit-*: Cache-Status goes after them
         # The client's own conditionals (a revalidation replaces them with the entry's).
-        self.if_none_match = request.header(b"if-none-match")
-        self.if_modified_since = request.header(b"if-modified-since")
+        self.if_none_match = (
+            request.header(b"if-none-match") if b"if-none-match" in lowered else None
+        )
+        self.if_modified_since = (
+            request.header(b"if-modified-since") if b"if-modified-since" in lowered else None
+        )
 
     # -- the request ------------------------------------------------------------------------
 
@@ -296,7 +311,8 @@ class _CachedRequest:
         use = judge(entry.freshness, self.control, now)
         if use is Use.FRESH:
             self.cache.count(ex, Result.HIT)
-            self.send_stored(entry, b"hit", now)
+            if not self.send_prepared(entry, now):
+                self.send_stored(entry, b"hit", now)
             return True
         if use is Use.STALE:
             self.cache.count(ex, Result.STALE)
@@ -515,6 +531,51 @@ class _CachedRequest:
 
     # -- answering from the store ---------------------------------------------------------
 
+    def send_prepared(self, entry: StoredResponse, now: float) -> bool:
+        """A fresh hit for a plain GET: the entry's head prepared once (``PreparedHead``)
+        and the per-hit fields after it, the same bytes ``send_stored`` would make. False
+        when this answer needs the general path (a conditional, HEAD, compression, trace)."""
+        ex = self.ex
+        request = self.request
+        if (
+            request.method != b"GET"
+            or self.if_none_match is not None
+            or self.if_modified_since is not None
+            or ex.trace is not None
+            or ex.route_runtime.compress is not None
+        ):
+            return False
+        prepared = entry.prepared
+        if prepared is None or prepared.headers is not entry.headers:  # new, or freshened
+            prepared = entry.prepared = PreparedHead(entry)
+        conn = ex.conn
+        close = not request.keep_alive or conn.listener.shutting_down
+        body = entry.body
+        extra = self.base_extra + HIT_STATUS
+        ex.extra_headers = extra
+        head = prepared.head + b"Age: %d\r\nContent-Length: %d\r\n" % (
+            entry.freshness.age(now),
+            len(body),
+        )
+        if not prepared.has_request_id:
+            head += b"X-Request-ID: " + request.request_id + b"\r\n"
+        head += extra + ex.sticky_cookie
+        if close:
+            head += b"Connection: close\r\n\r\n"
+            request.keep_alive = False
+        elif request.version == "1.0":
+            head += b"Connection: keep-alive\r\n\r\n"
+        else:
+            head += b"\r\n"
+        conn.response_started = True
+        if body:
+            conn.write_after(head, body)
+        else:
+            conn.write(head)
+        ex.status = entry.status
+        ex.bytes_out += len(body)
+        return True
+
     def send_stored(self, entry: StoredResponse, status_word: bytes, now: float) -> None:
         ex = self.ex
         request = self.request
@@ -536,6 +597,32 @@ class _CachedRequest:
         head.content_length = len(entry.body)
         ex.extra_headers = self.base_extra + b"Cache-Status: sluicegate; " + status_word + b"\r\n"
         _send_buffered(ex, head, entry.body if head.has_body else b"")
+
+
+class PreparedHead:
+    """A stored response's head as every plain GET hit sends it, up to ``Age``: the status
+    line and the stored fields (those the proxy rewrites left out), built once per entry
+    and again when a revalidation replaces its fields."""
+
+    __slots__ = ("has_request_id", "head", "headers")
+
+    def __init__(self, entry: StoredResponse) -> None:
+        self.headers = entry.headers  # what it was built from (a 304 replaces the list)
+        reason = entry.reason or REASONS.get(entry.status, b"")
+        parts = [b"HTTP/1.1 %d %b\r\n" % (entry.status, reason)]
+        dropped: set[bytes] = set()
+        for name, value in entry.headers:
+            if name.lower() == b"connection":
+                dropped.update(token.strip().lower() for token in value.split(b","))
+        self.has_request_id = False
+        for name, value in entry.headers:
+            lowered = name.lower()
+            if lowered in RESPONSE_REWRITTEN or lowered in dropped:
+                continue
+            if lowered == b"x-request-id":
+                self.has_request_id = True
+            parts += (name, b": ", value, b"\r\n")
+        self.head = b"".join(parts)
 
 
 def _not_modified(
