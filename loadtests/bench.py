@@ -319,6 +319,9 @@ wrk.body = string.rep("p", 16384)
 wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
+ONE_WORKER_SCENARIOS = ["small", "64k", "post16k", "cache-hit", "gzip-64k"]
+SCENARIOS = [*ONE_WORKER_SCENARIOS, "ratelimit", "workers2"]
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
@@ -628,9 +631,13 @@ class Bench:
         same machine, so each round's ratio pairs adjacent runs and the report takes the
         median over rounds. The idle proxy costs nothing meanwhile.
         """
-        scenarios = (
-            ["workers2"] if workers == 2 else ["small", "64k", "post16k", "cache-hit", "gzip-64k"]
-        )
+        scenarios = [
+            scenario
+            for scenario in (["workers2"] if workers == 2 else ONE_WORKER_SCENARIOS)
+            if scenario in self.args.scenarios
+        ]
+        if not scenarios:
+            return
         started: dict[str, tuple[subprocess.Popen, int]] = {}
         try:
             starters = {
@@ -669,7 +676,7 @@ class Bench:
             self._measure(scenario, target, proc.pid, base + "/small", pinned=False)
         elif scenario == "small":
             self._measure(scenario, target, proc.pid, base + "/small")
-            if target == "sluicegate" and self.redis_port:
+            if target == "sluicegate" and self.redis_port and "ratelimit" in self.args.scenarios:
                 # Its reference is the run just before: the same route without the limit.
                 self._measure("ratelimit", "sluicegate+redis", proc.pid, base + "/limited/small")
         elif scenario == "64k":
@@ -883,7 +890,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=["sluicegate", "forwarder", "nginx"], help="benchmark one proxy only"
     )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {','.join(SCENARIOS)} (cache-hit and ratelimit bring small,"
+        " their reference)",
+    )
     args = parser.parse_args(argv)
+    chosen = set(args.scenarios.split(","))
+    unknown = chosen - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if chosen & {"cache-hit", "ratelimit"}:
+        chosen.add("small")
+    args.scenarios = chosen
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.origin:
@@ -903,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, workdir)
         try:
             bench.start_origin()
-            if "sluicegate" in targets:
+            if "sluicegate" in targets and "ratelimit" in args.scenarios:
                 bench.start_redis()
             print(
                 f"origin 127.0.0.1:{bench.origin_port}; wrk -t1 -c{args.connections}"

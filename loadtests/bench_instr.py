@@ -162,7 +162,7 @@ def measure(
     proc = bench.spawn(callgrind(cmd, outdir), workdir / f"{name}.log")
     results = []
     try:
-        bench.wait_port(port, proc, name, timeout=120)
+        bench.wait_port(port, proc, name, timeout=300)  # valgrind starts slowly on a busy machine
         for probe in probes:
             drive(port, probe, args.warmup, args.connections)
         for probe in probes:
