@@ -226,7 +226,8 @@ class RouteCache:
         ):
             return None
         url = cache_url(request.host, request.path, request.target)
-        return self.variants_now(self.keys.primary(url, request.header))  # type: ignore[misc]
+        primary = self.keys.primary(url, request.header) if self.keys.parts else url
+        return self.variants_now(primary)  # type: ignore[misc]
 
     def fresh_hit(self, ex: Any, variants: list[StoredResponse]) -> bool:
         """The most common answer with the least work: a plain GET (``plain_variants``)
@@ -239,7 +240,9 @@ class RouteCache:
         freshness = entry.freshness
         if entry.variance or freshness.no_cache:
             return False
-        age = freshness.age(self.shared.clock())
+        # Freshness.age, inline: this is the path every hit takes.
+        since = self.shared.clock() - freshness.response_time
+        age = freshness.initial_age + since if since > 0.0 else freshness.initial_age
         if age >= freshness.lifetime:
             return False
         self.counts["hit"] += 1
