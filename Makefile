@@ -40,10 +40,14 @@ bench: $(STAMP)
 
 # User-space instructions per request under callgrind: nginx, the featureless forwarder
 # (loadtests/forwarder.py) and Sluicegate. Repeats within about 1 %, unlike req/s.
+# cache-hit: a memory-cache hit against the same proxy's proxied GET; gzip-64k: 64 KiB of
+# JSON gzipped at nginx's default level, Sluicegate against nginx.
 bench-instr: $(STAMP)
 	@scripts/ensure-tools.sh bench-instr
 	$(PY) loadtests/bench_instr.py --scenario small
 	$(PY) loadtests/bench_instr.py --scenario 64k
+	$(PY) loadtests/bench_instr.py --scenario cache-hit
+	$(PY) loadtests/bench_instr.py --scenario gzip-64k
 
 loadtest: $(STAMP)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[load]'

@@ -13,6 +13,12 @@ it is what the features cost; the ratio to nginx is reported too. Scenarios:
 - ``post16k``: POST of a 16 KiB body (wrk lua script)
 - ``ratelimit``: a route limited through Redis with a huge rate (nothing is rejected),
   compared against Sluicegate's same request without the limit (nginx has no equivalent)
+- ``cache-hit``: a small GET answered from the memory cache (the origin sends
+  ``Cache-Control: public, max-age=3600`` for ``/cached/...``), compared against the same
+  Sluicegate's proxied small GET of the same round and against nginx's ``proxy_cache``
+- ``gzip-64k``: 64 KiB of JSON compressed with gzip at level ``GZIP_LEVEL`` (nginx's
+  default ``gzip_comp_level``) by both proxies, wrk sending ``Accept-Encoding: gzip``;
+  CPU per response side by side (the forwarder takes no part in these two)
 - ``workers2``: the small GET with 2 workers each (no pinning; nginx worker_processes 2)
 
 Each run records requests/s, p50 and p99 latency (wrk --latency) and the proxy's CPU
@@ -37,6 +43,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -54,6 +61,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench-results"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# The gzip-64k scenario compresses at nginx's default gzip_comp_level, in both proxies.
+GZIP_LEVEL = 1
 SMALL_BODY = b"hello\n"
 BIG_BODY = b"x" * (64 * 1024)
 
@@ -61,20 +70,64 @@ BIG_BODY = b"x" * (64 * 1024)
 # --- the origin: a minimal keep-alive HTTP/1.1 server ----------------------------------
 
 
-def _response(body: bytes) -> bytes:
-    head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+def _json_body(size: int) -> bytes:
+    """``size`` bytes of JSON that compress like an API's answer: records of varied
+    numbers and words (seeded, so every run compresses the same bytes)."""
+    rng = random.Random(64)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    records = []
+    text = b"[]"
+    while len(text) < size - 200:
+        records.append(
+            {
+                "id": len(records),
+                "name": f"{rng.choice(words)}-{rng.randrange(10**6)}",
+                "price": round(rng.uniform(0, 1000), 2),
+                "stock": rng.randrange(500),
+                "tags": rng.sample(words, 3),
+            }
+        )
+        text = json.dumps(records, separators=(",", ":")).encode()
+    padding = size - len(text) - len(',{"pad":""}')
+    records.append({"pad": "x" * padding})
+    text = json.dumps(records, separators=(",", ":")).encode()
+    assert len(text) == size, len(text)
+    return text
+
+
+def _response(body: bytes, content_type: str = "text/plain", extra: str = "") -> bytes:
+    head = (
+        f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
 SMALL_RESPONSE = _response(SMALL_BODY)
 BIG_RESPONSE = _response(BIG_BODY)
+# /cached/...: what a cache may keep for an hour (the cache-hit scenario).
+CACHED_RESPONSE = _response(SMALL_BODY, extra="Cache-Control: public, max-age=3600\r\n")
+# /json64k: 64 KiB of JSON for the compression scenario.
+JSON_RESPONSE = _response(_json_body(64 * 1024), content_type="application/json")
 _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 
 
+def _answer(target: bytes) -> bytes:
+    if target.endswith(b"/64k"):
+        return BIG_RESPONSE
+    if target.startswith(b"/cached/"):
+        return CACHED_RESPONSE
+    if target.startswith(b"/json64k"):
+        return JSON_RESPONSE
+    return SMALL_RESPONSE
+
+
 class OriginProtocol(asyncio.Protocol):
-    """Answers ``/64k`` with 64 KiB and anything else with 6 bytes; discards request bodies.
+    """Answers ``/64k`` with 64 KiB, ``/cached/...`` with 6 bytes and
+    ``Cache-Control: public, max-age=3600``, ``/json64k`` with 64 KiB of JSON, and anything
+    else with 6 bytes; discards request bodies.
 
     Request bodies may come with Content-Length or chunked (a proxy may re-frame).
     """
@@ -110,7 +163,7 @@ class OriginProtocol(asyncio.Protocol):
             head = bytes(buf[: end + 2])
             del buf[: end + 4]
             target = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
-            self.pending = BIG_RESPONSE if target.endswith(b"/64k") else SMALL_RESPONSE
+            self.pending = _answer(target)
             self.close_after = bool(_CLOSE.search(head))
             if _CHUNKED.search(head):
                 self.chunked = True
@@ -266,6 +319,9 @@ wrk.body = string.rep("p", 16384)
 wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
+ONE_WORKER_SCENARIOS = ["small", "64k", "post16k", "cache-hit", "gzip-64k"]
+SCENARIOS = [*ONE_WORKER_SCENARIOS, "ratelimit", "workers2"]
+
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
@@ -292,11 +348,18 @@ class Run:
 
 
 def run_wrk(
-    url: str, duration: float, connections: int, script: Path | None, wrk_cpu: int | None
+    url: str,
+    duration: float,
+    connections: int,
+    script: Path | None,
+    wrk_cpu: int | None,
+    headers: tuple[str, ...] = (),
 ) -> dict:
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--latency"]
     if script is not None:
         cmd += ["-s", str(script)]
+    for header in headers:
+        cmd += ["-H", header]
     cmd.append(url)
     if wrk_cpu is not None and shutil.which("taskset"):
         cmd = ["taskset", "-c", str(wrk_cpu), *cmd]
@@ -330,9 +393,10 @@ def measure(
     connections: int,
     script: Path | None = None,
     wrk_cpu: int | None = 1,
+    headers: tuple[str, ...] = (),
 ) -> Run:
     before = cpu_seconds(pid)
-    result = run_wrk(url, duration, connections, script, wrk_cpu)
+    result = run_wrk(url, duration, connections, script, wrk_cpu, headers)
     used = cpu_seconds(pid) - before
     run = Run(target=target, url=url)
     run.rps, run.p50_ms, run.p99_ms = result["rps"], result["p50_ms"], result["p99_ms"]
@@ -373,6 +437,7 @@ def sluicegate_config(
         # Access log on, as in production: nginx below logs too (buffered, like ours).
         "logging: {level: warning, access_log: true, format: json}\n"
         f"{redis}"
+        "cache: {store: memory}\n"
         "upstreams:\n"
         "  origin:\n"
         "    policy: round_robin\n"
@@ -380,6 +445,14 @@ def sluicegate_config(
         "    keepalive: 128\n"
         "routes:\n"
         f"{limited}"
+        "  - name: cached\n"
+        "    match: {path_prefix: /cached/}\n"
+        "    upstream: origin\n"
+        "    cache: {}\n"
+        "  - name: gzip\n"
+        "    match: {path_prefix: /json64k}\n"
+        "    upstream: origin\n"
+        f"    compress: {{algorithms: [gzip], level: {GZIP_LEVEL}}}\n"
         "  - name: default\n"
         "    match: {path_prefix: /}\n"
         "    upstream: origin\n"
@@ -410,15 +483,27 @@ http {{
         keepalive 128;
         keepalive_requests 100000;
     }}
+    proxy_cache_path {workdir}/cache keys_zone=bench:10m;
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
         location / {{
             proxy_pass http://origin;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+        location /cached/ {{
+            proxy_pass http://origin;
+            proxy_cache bench;
+            add_header Cache-Status $upstream_cache_status;  # as Sluicegate says it
+        }}
+        location /json64k {{
+            proxy_pass http://origin;
+            gzip on;
+            gzip_types application/json;
+            gzip_comp_level {GZIP_LEVEL};
         }}
     }}
 }}
@@ -546,7 +631,13 @@ class Bench:
         same machine, so each round's ratio pairs adjacent runs and the report takes the
         median over rounds. The idle proxy costs nothing meanwhile.
         """
-        scenarios = ["workers2"] if workers == 2 else ["small", "64k", "post16k"]
+        scenarios = [
+            scenario
+            for scenario in (["workers2"] if workers == 2 else ONE_WORKER_SCENARIOS)
+            if scenario in self.args.scenarios
+        ]
+        if not scenarios:
+            return
         started: dict[str, tuple[subprocess.Popen, int]] = {}
         try:
             starters = {
@@ -585,11 +676,19 @@ class Bench:
             self._measure(scenario, target, proc.pid, base + "/small", pinned=False)
         elif scenario == "small":
             self._measure(scenario, target, proc.pid, base + "/small")
-            if target == "sluicegate" and self.redis_port:
+            if target == "sluicegate" and self.redis_port and "ratelimit" in self.args.scenarios:
                 # Its reference is the run just before: the same route without the limit.
                 self._measure("ratelimit", "sluicegate+redis", proc.pid, base + "/limited/small")
         elif scenario == "64k":
             self._measure(scenario, target, proc.pid, base + "/64k")
+        elif scenario in ("cache-hit", "gzip-64k"):
+            if target == "forwarder":
+                return  # it neither caches nor compresses
+            if scenario == "cache-hit":
+                self._measure(scenario, target, proc.pid, base + "/cached/small")
+            else:
+                headers = ("Accept-Encoding: gzip",)
+                self._measure(scenario, target, proc.pid, base + "/json64k", headers=headers)
         else:
             self._measure(scenario, target, proc.pid, base + "/post", script=self.post_lua)
 
@@ -625,8 +724,10 @@ def median_run(runs: list[Run]) -> dict | None:
 def _comparisons(runs: dict[str, dict[str, list[Run]]]):
     """(scenario, subjects, reference name, references): Sluicegate against the forwarder
     and against nginx in each scenario; the Redis-limited route against the same route
-    unlimited."""
-    for scenario in ("small", "64k", "post16k", "ratelimit", "workers2"):
+    unlimited; a cache hit against the same proxy's proxied small GET, and against nginx's
+    proxy_cache; gzip against nginx's gzip."""
+    scenarios = ("small", "64k", "post16k", "ratelimit", "cache-hit", "gzip-64k", "workers2")
+    for scenario in scenarios:
         if scenario == "ratelimit":
             subjects = runs.get("ratelimit", {}).get("sluicegate+redis", [])
             if subjects:  # not without redis-server, or with --only nginx
@@ -634,7 +735,12 @@ def _comparisons(runs: dict[str, dict[str, list[Run]]]):
                 yield scenario, subjects, "sluicegate (no limit)", references
             continue
         subjects = runs.get(scenario, {}).get("sluicegate", [])
-        for reference_name in ("forwarder", "nginx"):
+        if scenario == "cache-hit" and subjects:
+            references = runs.get("small", {}).get("sluicegate", [])
+            yield scenario, subjects, "sluicegate (proxied)", references
+        # The forwarder neither caches nor compresses: nginx is the only other reference.
+        names = ("nginx",) if scenario in ("cache-hit", "gzip-64k") else ("forwarder", "nginx")
+        for reference_name in names:
             references = runs.get(scenario, {}).get(reference_name, [])
             if subjects or references:
                 yield scenario, subjects, reference_name, references
@@ -784,7 +890,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=["sluicegate", "forwarder", "nginx"], help="benchmark one proxy only"
     )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {','.join(SCENARIOS)} (cache-hit and ratelimit bring small,"
+        " their reference)",
+    )
     args = parser.parse_args(argv)
+    chosen = set(args.scenarios.split(","))
+    unknown = chosen - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if chosen & {"cache-hit", "ratelimit"}:
+        chosen.add("small")
+    args.scenarios = chosen
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     if args.origin:
@@ -804,7 +923,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, workdir)
         try:
             bench.start_origin()
-            if "sluicegate" in targets:
+            if "sluicegate" in targets and "ratelimit" in args.scenarios:
                 bench.start_redis()
             print(
                 f"origin 127.0.0.1:{bench.origin_port}; wrk -t1 -c{args.connections}"

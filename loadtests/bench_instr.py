@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,15 +33,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the origin, configs and process helpers are shared
 
 REPO_ROOT = bench.REPO_ROOT
-SCENARIOS = {"small": "/", "64k": "/64k"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured request kind: its label in the table, path and extra request fields."""
+
+    label: str
+    path: str
+    headers: str = ""
+
+
+# Each scenario measures its probes in turn in the same process (a warm-up of each first,
+# so the cache-hit probe is answered from the cache), and names the targets it concerns:
+# the featureless forwarder neither caches nor compresses.
+SCENARIOS: dict[str, tuple[tuple[Probe, ...], tuple[str, ...]]] = {
+    "small": ((Probe("small", "/"),), ("nginx", "forwarder", "sluicegate")),
+    "64k": ((Probe("64k", "/64k"),), ("nginx", "forwarder", "sluicegate")),
+    # A memory-cache hit against the same proxy's proxied small GET (nginx: proxy_cache).
+    "cache-hit": (
+        (Probe("proxied", "/"), Probe("cache-hit", "/cached/small")),
+        ("nginx", "sluicegate"),
+    ),
+    # 64 KiB of JSON gzipped at bench.GZIP_LEVEL (nginx's default gzip_comp_level).
+    "gzip-64k": (
+        (Probe("gzip-64k", "/json64k", "Accept-Encoding: gzip\r\n"),),
+        ("nginx", "sluicegate"),
+    ),
+}
+CACHE_HIT_BOUND = 0.5  # a hit costs at most half a proxied GET
 
 
 # --- a fixed-count keep-alive client ----------------------------------------------------
 
 
-async def _one_connection(port: int, path: str, count: int, statuses: list[int]) -> None:
+async def _one_connection(probe: Probe, port: int, count: int, statuses: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = f"GET {path} HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench-instr\r\n\r\n".encode()
+    request = (
+        f"GET {probe.path} HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench-instr\r\n"
+        f"{probe.headers}\r\n"
+    ).encode()
     try:
         for _ in range(count):
             writer.write(request)
@@ -62,7 +94,7 @@ async def _one_connection(port: int, path: str, count: int, statuses: list[int])
             await writer.wait_closed()
 
 
-def drive(port: int, path: str, requests: int, connections: int) -> int:
+def drive(port: int, probe: Probe, requests: int, connections: int) -> int:
     """Send exactly ``requests`` GETs; returns how many were answered 200."""
     statuses: list[int] = []
     per_connection = [requests // connections] * connections
@@ -71,7 +103,7 @@ def drive(port: int, path: str, requests: int, connections: int) -> int:
 
     async def run() -> None:
         await asyncio.gather(
-            *(_one_connection(port, path, n, statuses) for n in per_connection if n)
+            *(_one_connection(probe, port, n, statuses) for n in per_connection if n)
         )
 
     asyncio.run(run())
@@ -117,24 +149,43 @@ def dumped_instructions(outdir: Path, pid: int, before: set[Path]) -> int:
 
 
 def measure(
-    name: str, cmd: list[str], port: int, workdir: Path, args: argparse.Namespace, path: str
-) -> dict:
+    name: str,
+    cmd: list[str],
+    port: int,
+    workdir: Path,
+    args: argparse.Namespace,
+    probes: tuple[Probe, ...],
+) -> list[dict]:
+    """Each probe's instructions per request, in one process under callgrind."""
     outdir = workdir / f"cg-{name}"
     outdir.mkdir()
     proc = bench.spawn(callgrind(cmd, outdir), workdir / f"{name}.log")
+    results = []
     try:
-        bench.wait_port(port, proc, name, timeout=120)
-        drive(port, path, args.warmup, args.connections)
-        before = set(outdir.glob(f"callgrind.out.{proc.pid}.*"))
-        control("--zero", proc.pid)
-        ok = drive(port, path, args.requests, args.connections)
-        control("--dump", proc.pid)
-        total = dumped_instructions(outdir, proc.pid, before)
+        bench.wait_port(port, proc, name, timeout=300)  # valgrind starts slowly on a busy machine
+        for probe in probes:
+            drive(port, probe, args.warmup, args.connections)
+        for probe in probes:
+            before = set(outdir.glob(f"callgrind.out.{proc.pid}.*"))
+            control("--zero", proc.pid)
+            ok = drive(port, probe, args.requests, args.connections)
+            control("--dump", proc.pid)
+            total = dumped_instructions(outdir, proc.pid, before)
+            if ok != args.requests:
+                missing = args.requests - ok
+                raise RuntimeError(f"{name} {probe.label}: {missing} of {args.requests} not 200")
+            results.append(
+                {
+                    "target": name,
+                    "probe": probe.label,
+                    "requests": ok,
+                    "instructions": total,
+                    "per_request": total / ok,
+                }
+            )
     finally:
         bench.stop_process(proc, timeout=60)
-    if ok != args.requests:
-        raise RuntimeError(f"{name}: {args.requests - ok} of {args.requests} requests not 200")
-    return {"target": name, "requests": ok, "instructions": total, "per_request": total / ok}
+    return results
 
 
 def targets(
@@ -177,6 +228,55 @@ def targets(
     ]
 
 
+def summary(scenario: str, results: list[dict]) -> list[str]:
+    """The table, and the verdict on the scenario's target where it has one."""
+    per_request = {(r["target"], r["probe"]): r["per_request"] for r in results}
+    lines = []
+    if scenario in ("small", "64k"):
+        by_name = {target: value for (target, _), value in per_request.items()}
+        fw, ng = by_name.get("forwarder"), by_name.get("nginx")
+        lines += ["| target | instructions/request | x forwarder | x nginx |", "|---|---|---|---|"]
+        for name, value in by_name.items():
+            lines.append(
+                f"| {name} | {value:,.0f} | {value / fw:.2f} | {value / ng:.2f} |"
+                if fw and ng
+                else f"| {name} | {value:,.0f} | | |"
+            )
+        if "sluicegate" in by_name and fw:
+            ratio = by_name["sluicegate"] / fw
+            verdict = "met" if ratio <= 1.5 else "not met"
+            lines.append(
+                f"\ntarget: Sluicegate <= 1.5 x the featureless forwarder: {ratio:.2f}x ({verdict})"
+            )
+        return lines
+    lines += ["| target | request | instructions/request |", "|---|---|---|"]
+    for (target, probe), value in per_request.items():
+        lines.append(f"| {target} | {probe} | {value:,.0f} |")
+    if scenario == "cache-hit":
+        for target in ("sluicegate", "nginx"):
+            hit = per_request.get((target, "cache-hit"))
+            proxied = per_request.get((target, "proxied"))
+            if hit and proxied:
+                lines.append(f"\n{target}: a cache hit costs {hit / proxied:.2f} x a proxied GET")
+        hit = per_request.get(("sluicegate", "cache-hit"))
+        proxied = per_request.get(("sluicegate", "proxied"))
+        if hit and proxied:
+            ratio = hit / proxied
+            verdict = "met" if ratio <= CACHE_HIT_BOUND else "not met"
+            lines.append(
+                f"target: a Sluicegate memory-cache hit <= {CACHE_HIT_BOUND} x its proxied"
+                f" small GET: {ratio:.2f}x ({verdict})"
+            )
+    if scenario == "gzip-64k":
+        sg = per_request.get(("sluicegate", "gzip-64k"))
+        ng = per_request.get(("nginx", "gzip-64k"))
+        if sg and ng:
+            lines.append(
+                f"\ngzip level {bench.GZIP_LEVEL}, 64 KiB JSON: Sluicegate {sg / ng:.2f} x nginx"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
@@ -193,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is missing: apt-get install valgrind", file=sys.stderr)
             return 1
-    path = SCENARIOS[args.scenario]
+    probes, concerned = SCENARIOS[args.scenario]
     results = []
     with tempfile.TemporaryDirectory(prefix="sg-instr-") as tmp:
         workdir = Path(tmp)
@@ -204,36 +304,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             bench.wait_port(origin_port, origin, "origin")
-            chosen = set(args.only.split(",")) if args.only else None
+            chosen = set(args.only.split(",")) if args.only else set(concerned)
             for name, cmd, port in targets(
                 workdir, origin_port, not args.no_access_log, args.rate_limited
             ):
-                if chosen is None or name in chosen:
-                    results.append(measure(name, cmd, port, workdir, args, path))
-                    print(f"{name:>11}: {results[-1]['per_request']:>10,.0f} instructions/request")
+                if name in chosen and name in concerned:
+                    for result in measure(name, cmd, port, workdir, args, probes):
+                        results.append(result)
+                        print(
+                            f"{name:>11} {result['probe']:>10}: "
+                            f"{result['per_request']:>10,.0f} instructions/request"
+                        )
         finally:
             bench.stop_process(origin)
-    by_name = {r["target"]: r["per_request"] for r in results}
     print()
     log = "off" if args.no_access_log else "on"
     print(
         f"scenario {args.scenario}, {args.requests} requests over {args.connections} "
         f"keep-alive connections, access log {log}"
     )
-    print("| target | instructions/request | x forwarder | x nginx |")
-    print("|---|---|---|---|")
-    for name, value in by_name.items():
-        fw = by_name.get("forwarder")
-        ng = by_name.get("nginx")
-        print(
-            f"| {name} | {value:,.0f} | {value / fw:.2f} | {value / ng:.2f} |"
-            if fw and ng
-            else f"| {name} | {value:,.0f} | | |"
-        )
-    if "sluicegate" in by_name and "forwarder" in by_name:
-        ratio = by_name["sluicegate"] / by_name["forwarder"]
-        verdict = "met" if ratio <= 1.5 else "not met"
-        print(f"\ntarget: Sluicegate <= 1.5 x the featureless forwarder: {ratio:.2f}x ({verdict})")
+    for line in summary(args.scenario, results):
+        print(line)
     out = bench.RESULTS_DIR
     out.mkdir(exist_ok=True)
     (out / f"instr-{args.scenario}.json").write_text(

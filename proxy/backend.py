@@ -15,6 +15,10 @@ server a proxied request reached. Endpoints:
                        pairs, repeats kept, in arrival order), body (text), body_length
 ``/ws``                websocket echo (text and binary)
 ``/count``             JSON ``{"name": ..., "requests": N}``: requests served since start
+``/cacheable/{s}``     a JSON catalogue page a cache may keep ``s`` seconds
+                       (``Cache-Control: public, max-age=s``, an ``ETag``, ``Cache-Tag:
+                       demo cacheable-{s}``); it names the backend and when it was made,
+                       so a cached copy shows, and it is large enough to compress
 =====================  ===========================================================
 
 ``/count`` and ``/health*`` are not counted, so active health checks and the counting
@@ -26,7 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import json
 import signal
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -34,6 +41,7 @@ from aiohttp import web
 CHUNK_SIZE = 64 * 1024
 _CHUNK = b"x" * CHUNK_SIZE
 MAX_DELAY_MS = 600_000
+MAX_CACHEABLE_SECONDS = 86_400
 # Requests to these paths are not counted by /count.
 _UNCOUNTED = ("/count", "/health")
 
@@ -180,6 +188,26 @@ async def _count(request: web.Request) -> web.Response:
     return web.json_response({"name": state.name, "requests": state.hits})
 
 
+async def _cacheable(request: web.Request) -> web.Response:
+    seconds = _int_param(request, "seconds")
+    if not 0 <= seconds <= MAX_CACHEABLE_SECONDS:
+        raise web.HTTPBadRequest(text=f"seconds must be between 0 and {MAX_CACHEABLE_SECONDS}\n")
+    page = {
+        "backend": _state(request).name,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "max_age": seconds,
+        "items": [{"id": n, "name": f"item {n}", "price_cents": 100 + 7 * n} for n in range(40)],
+    }
+    body = json.dumps(page, indent=1).encode()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+    headers = {
+        "Cache-Control": f"public, max-age={seconds}",
+        "ETag": etag,
+        "Cache-Tag": f"demo cacheable-{seconds}",
+    }
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
 def build_backend_app(name: str) -> web.Application:
     """The demo backend as an aiohttp application; ``app[STATE]`` holds its state."""
     app = web.Application(middlewares=[_count_hits], client_max_size=1024**3)
@@ -196,6 +224,7 @@ def build_backend_app(name: str) -> web.Application:
     app.router.add_route("*", "/echo", _echo)
     app.router.add_get("/ws", _ws)
     app.router.add_get("/count", _count)
+    app.router.add_get("/cacheable/{seconds}", _cacheable)
     return app
 
 

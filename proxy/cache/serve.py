@@ -48,6 +48,7 @@ from proxy.compress import negotiate
 
 # The pipeline's own pieces: the cache is one of its phases (see the module docstring).
 from proxy.forwarding import (
+    RESPONSE_REWRITTEN,
     _forward,
     _relay_over,
     _request_head,
@@ -55,6 +56,7 @@ from proxy.forwarding import (
     _send_error,
     _start_relay,
 )
+from proxy.http1 import REASONS
 from proxy.pool import HeadFuture, ResponseHead, UpstreamError
 from proxy.redisconn import SharedRedis
 from proxy.retry import status_word
@@ -65,6 +67,14 @@ log = logging.getLogger("sluicegate")
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
 CONDITIONAL_FIELDS = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+)
+# What most requests carry: no Cache-Control, no Pragma (one shared, never changed).
+NO_DIRECTIVES = CacheControl({}, frozenset())
+HIT_STATUS = b"Cache-Status: sluicegate; hit\r\n"
+# Request fields that may change how a stored response answers: without any of them, a
+# GET for a fresh entry is answered as it is stored (``RouteCache.fresh_hit``).
+ANSWER_CHANGING_FIELDS = frozenset(
+    {b"cache-control", b"pragma", b"if-none-match", b"if-modified-since"}
 )
 
 
@@ -206,6 +216,9 @@ class RouteCache:
             route_config.compress.algorithms if route_config.compress is not None else None
         )
         self.counts = dict.fromkeys((r.value for r in Result), 0)
+        # A store that answers at once (memory) lets a plain fresh hit skip the rest.
+        self.variants_now = getattr(shared.store, "variants_now", None)
+        self.plain_hits = self.variants_now is not None and route_config.compress is None
 
     def status(self) -> dict[str, int]:
         stats = self.shared.store.stats()
@@ -220,8 +233,12 @@ class RouteCache:
     def serve(self, ex: Any) -> Any:
         """None when answered at once from a store that answers at once (a hit needs no
         task), else the coroutine that serves the request."""
+        variants = self.plain_variants(ex) if self.plain_hits else None
+        if variants is not None and self.fresh_hit(ex, variants):
+            ex.answered()
+            return None
         cached = _CachedRequest(self, ex)
-        if cached.answer_now():
+        if cached.answer_now(variants):
             ex.answered()
             return None
         return self._serve(ex, cached)
@@ -238,10 +255,47 @@ class RouteCache:
         self.count(ex, Result.BYPASS)
         return BYPASSED_BY_LIMIT
 
+    def plain_variants(self, ex: Any) -> list[StoredResponse] | None:
+        """What the store holds for a GET with no directives or conditionals of its own
+        (a use, for eviction); None for any other request."""
+        request = ex.request
+        if (
+            request.method != b"GET"
+            or ex.trace is not None
+            or not ANSWER_CHANGING_FIELDS.isdisjoint(request.lowered)
+        ):
+            return None
+        url = cache_url(request.host, request.path, request.target)
+        primary = self.keys.primary(url, request.header) if self.keys.parts else url
+        return self.variants_now(primary)  # type: ignore[misc]
+
+    def fresh_hit(self, ex: Any, variants: list[StoredResponse]) -> bool:
+        """The most common answer with the least work: a plain GET (``plain_variants``)
+        for a key with one variant and no Vary, fresh. It is the answer ``_CachedRequest``
+        would give (``judge`` without request directives: fresh while the age is under
+        the lifetime, unless ``no-cache``); anything else is left to it (False)."""
+        if len(variants) != 1:
+            return False
+        entry = variants[0]
+        freshness = entry.freshness
+        if entry.variance or freshness.no_cache:
+            return False
+        # Freshness.age, inline: this is the path every hit takes.
+        since = self.shared.clock() - freshness.response_time
+        age = freshness.initial_age + since if since > 0.0 else freshness.initial_age
+        if age >= freshness.lifetime:
+            return False
+        self.counts["hit"] += 1
+        self.metrics.cache_result("hit")
+        ex.cache_status = "hit"
+        send_prepared(ex, entry, age, ex.extra_headers + HIT_STATUS)
+        return True
+
     def count(self, ex: Any, result: Result) -> None:
-        self.counts[result.value] += 1
-        self.metrics.cache_result(result.value)
-        ex.cache_status = result.value
+        word = result.value
+        self.counts[word] += 1
+        self.metrics.cache_result(word)
+        ex.cache_status = word
 
 
 class _CachedRequest:
@@ -256,7 +310,12 @@ class _CachedRequest:
         self.request = request
         self.url = cache_url(request.host, request.path, request.target)
         self.primary = route_cache.keys.primary(self.url, request.header)
-        self.control: CacheControl = request_control(request.headers)
+        lowered = request.lowered
+        self.control: CacheControl = (
+            request_control(request.headers)
+            if b"cache-control" in lowered or b"pragma" in lowered
+            else NO_DIRECTIVES
+        )
         self.revalidating: StoredResponse | None = None  # the entry a conditional asks about
         self.stored = False
         self.result = Result.MISS
@@ -264,8 +323,12 @@ class _CachedRequest:
         self.found: tuple[StoredResponse | None, bool] | None = None  # looked up at once
         self.base_extra = ex.extra_headers  # RateLimit-*: Cache-Status goes after them
         # The client's own conditionals (a revalidation replaces them with the entry's).
-        self.if_none_match = request.header(b"if-none-match")
-        self.if_modified_since = request.header(b"if-modified-since")
+        self.if_none_match = (
+            request.header(b"if-none-match") if b"if-none-match" in lowered else None
+        )
+        self.if_modified_since = (
+            request.header(b"if-modified-since") if b"if-modified-since" in lowered else None
+        )
 
     # -- the request ------------------------------------------------------------------------
 
@@ -295,12 +358,15 @@ class _CachedRequest:
             return
         await self.forward_once()
 
-    def answer_now(self) -> bool:
-        """Answer from a store that answers at once (memory), when the entry allows."""
-        variants_now = getattr(self.store, "variants_now", None)
+    def answer_now(self, variants: list[StoredResponse] | None = None) -> bool:
+        """Answer from a store that answers at once (memory), when the entry allows;
+        ``variants`` when the route has looked them up already."""
+        variants_now = self.cache.variants_now
         if variants_now is None or self.request.method not in (b"GET", b"HEAD"):
             return False
-        self.found = self.choose(variants_now(self.primary))
+        if variants is None:
+            variants = variants_now(self.primary)
+        self.found = self.choose(variants)
         entry = self.found[0]
         return entry is not None and self.answer_from(entry)
 
@@ -336,7 +402,8 @@ class _CachedRequest:
         use = judge(entry.freshness, self.control, now)
         if use is Use.FRESH:
             self.cache.count(ex, Result.HIT)
-            self.send_stored(entry, b"hit", now)
+            if not self.send_prepared(entry, now):
+                self.send_stored(entry, b"hit", now)
             return True
         if use is Use.STALE:
             self.cache.count(ex, Result.STALE)
@@ -558,6 +625,21 @@ class _CachedRequest:
 
     # -- answering from the store ---------------------------------------------------------
 
+    def send_prepared(self, entry: StoredResponse, now: float) -> bool:
+        """A fresh hit for a plain GET from its prepared head; False when this answer
+        needs the general path (a conditional, HEAD, compression, trace)."""
+        ex = self.ex
+        if (
+            self.request.method != b"GET"
+            or self.if_none_match is not None
+            or self.if_modified_since is not None
+            or ex.trace is not None
+            or ex.route_runtime.compress is not None
+        ):
+            return False
+        send_prepared(ex, entry, entry.freshness.age(now), self.base_extra + HIT_STATUS)
+        return True
+
     def send_stored(self, entry: StoredResponse, status_word: bytes, now: float) -> None:
         ex = self.ex
         request = self.request
@@ -579,6 +661,64 @@ class _CachedRequest:
         head.content_length = len(entry.body)
         ex.extra_headers = self.base_extra + b"Cache-Status: sluicegate; " + status_word + b"\r\n"
         _send_buffered(ex, head, entry.body if head.has_body else b"")
+
+
+def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> None:
+    """A plain GET's answer from ``entry``: its head prepared once (``PreparedHead``) and
+    the per-answer fields after it, the same bytes ``send_stored`` makes through
+    ``_send_buffered`` for a 200 with no compression and no trace."""
+    prepared = entry.prepared
+    if prepared is None or prepared.headers is not entry.headers:  # new, or freshened
+        prepared = entry.prepared = PreparedHead(entry)
+    request = ex.request
+    conn = ex.conn
+    close = not request.keep_alive or conn.listener.shutting_down
+    body = entry.body
+    ex.extra_headers = extra
+    head = prepared.head + b"Age: %d\r\nContent-Length: %d\r\n" % (age, len(body))
+    if not prepared.has_request_id:
+        head += b"X-Request-ID: " + request.request_id + b"\r\n"
+    head += extra + ex.sticky_cookie
+    if close:
+        head += b"Connection: close\r\n\r\n"
+        request.keep_alive = False
+    elif request.version == "1.0":
+        head += b"Connection: keep-alive\r\n\r\n"
+    else:
+        head += b"\r\n"
+    conn.response_started = True
+    if body:
+        conn.write_after(head, body)
+    else:
+        conn.write(head)
+    ex.status = entry.status
+    ex.bytes_out += len(body)
+
+
+class PreparedHead:
+    """A stored response's head as every plain GET hit sends it, up to ``Age``: the status
+    line and the stored fields (those the proxy rewrites left out), built once per entry
+    and again when a revalidation replaces its fields."""
+
+    __slots__ = ("has_request_id", "head", "headers")
+
+    def __init__(self, entry: StoredResponse) -> None:
+        self.headers = entry.headers  # what it was built from (a 304 replaces the list)
+        reason = entry.reason or REASONS.get(entry.status, b"")
+        parts = [b"HTTP/1.1 %d %b\r\n" % (entry.status, reason)]
+        dropped: set[bytes] = set()
+        for name, value in entry.headers:
+            if name.lower() == b"connection":
+                dropped.update(token.strip().lower() for token in value.split(b","))
+        self.has_request_id = False
+        for name, value in entry.headers:
+            lowered = name.lower()
+            if lowered in RESPONSE_REWRITTEN or lowered in dropped:
+                continue
+            if lowered == b"x-request-id":
+                self.has_request_id = True
+            parts += (name, b": ", value, b"\r\n")
+        self.head = b"".join(parts)
 
 
 def _not_modified(

@@ -10,7 +10,7 @@ larger than ``max_object_size`` or the relay fails, and commits only at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.cache.policy import Freshness
 from proxy.cache.variance import Variance, secondary_key
@@ -30,6 +30,9 @@ class StoredResponse:
     freshness: Freshness
     tags: tuple[str, ...] = ()
     frequency: int = field(default=0)  # eviction bookkeeping (memory store)
+    # The head a hit sends, built on the first hit (serve.PreparedHead); never stored
+    # elsewhere, not part of the response.
+    prepared: Any = field(default=None, repr=False)
 
     @property
     def secondary(self) -> str:

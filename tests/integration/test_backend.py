@@ -33,6 +33,22 @@ async def session():
         yield s
 
 
+async def test_cacheable_is_a_page_a_shared_cache_may_keep(start_backend, session):
+    backend = await start_backend("alpha")
+    async with session.get(backend.url + "/cacheable/30") as r:
+        assert r.status == 200
+        assert r.headers["Cache-Control"] == "public, max-age=30"
+        assert r.headers["Cache-Tag"] == "demo cacheable-30"
+        assert r.headers["ETag"].startswith('"')
+        assert r.content_type == "application/json"
+        page = await r.json()
+        assert page["backend"] == "alpha" and page["max_age"] == 30
+        assert r.content_length >= 1024  # over compress.min_size: the demo compresses it
+    for bad in ("-1", "86401", "x"):
+        async with session.get(backend.url + "/cacheable/" + bad) as r:
+            assert r.status in (400, 404)
+
+
 async def test_index_names_itself(start_backend, session):
     backend = await start_backend("alpha")
     async with session.get(backend.url + "/") as r:

@@ -50,7 +50,7 @@ def test_check_demo_config_prints_ok() -> None:
     result = _run("check", "-c", "config/demo.yaml")
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
-        "OK: 2 routes, 1 upstream, 3 servers\n",
+        "OK: 3 routes, 1 upstream, 3 servers\n",
         "",
     )
 

@@ -93,3 +93,28 @@ def test_targets_are_judged_on_the_median_ratios_to_the_forwarder():
     assert verdicts[("64k", "p99")]["met"] is False  # 2.1 > 1.5
     assert verdicts[("ratelimit", "rps")]["met"] is None  # not measured
     assert verdicts[("ratelimit", "rps")]["value"] is None
+
+
+def test_a_cache_hit_is_compared_with_the_proxied_get_of_its_round_and_with_nginx():
+    runs = {
+        "small": {
+            "sluicegate": [run("sluicegate", 20_000, cpu=40e-6), run("sluicegate", 10_000)],
+            "forwarder": [run("forwarder", 30_000), run("forwarder", 15_000)],
+        },
+        "cache-hit": {
+            "sluicegate": [run("sluicegate", 40_000, cpu=20e-6), run("sluicegate", 30_000)],
+            "nginx": [run("nginx", 80_000), run("nginx", 60_000)],
+        },
+        "gzip-64k": {
+            "sluicegate": [run("sluicegate", 400, cpu=700e-6)],
+            "nginx": [run("nginx", 500, cpu=500e-6)],
+        },
+    }
+    rows = {(row["scenario"], row["reference"]): row for row in scenario_rows(runs)}
+    hit = rows[("cache-hit", "sluicegate (proxied)")]
+    assert hit["ratio_per_round"]["rps"] == [2.0, 3.0]
+    assert hit["ratio_per_round"]["cpu_per_req"][0] == 0.5
+    assert rows[("cache-hit", "nginx")]["ratio_per_round"]["rps"] == [0.5, 0.5]
+    assert rows[("gzip-64k", "nginx")]["ratio"]["cpu_per_req"] == 1.4
+    # The forwarder neither caches nor compresses: no row pairs it with these.
+    assert ("cache-hit", "forwarder") not in rows and ("gzip-64k", "forwarder") not in rows

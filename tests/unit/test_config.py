@@ -109,7 +109,7 @@ def test_example_config_loads_with_the_documented_values() -> None:
 def test_demo_config_loads_with_the_demo_values() -> None:
     config = load_config(str(REPO / "config" / "demo.yaml"))
 
-    assert config.summary() == "2 routes, 1 upstream, 3 servers"
+    assert config.summary() == "3 routes, 1 upstream, 3 servers"
     assert [(listener.host, listener.port) for listener in config.listen] == [("127.0.0.1", 8080)]
     assert (config.admin.host, config.admin.port) == ("127.0.0.1", 9901)
     assert config.redis is None
@@ -118,7 +118,10 @@ def test_demo_config_loads_with_the_demo_values() -> None:
     assert [server.port for server in demo.servers] == [8081, 8082, 8083]
     assert demo.health_check is not None
     assert (demo.health_check.path, demo.health_check.interval) == ("/health", 1.0)
-    limited, default = config.routes
+    cached, limited, default = config.routes
+    assert (cached.name, cached.match.path_prefix) == ("cached", "/cacheable/")
+    assert cached.cache is not None and cached.compress is not None
+    assert config.cache is not None and config.cache.store == "memory"
     assert limited.name == "limited"
     assert limited.match.path_prefix == "/limited/"
     assert limited.strip_prefix is True
