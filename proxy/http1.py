@@ -32,6 +32,7 @@ from typing import Any
 import httptools
 
 from proxy.flow import ProxyConnection
+from proxy.pathnorm import InvalidTarget, normalize_target
 from proxy.timers import sweeper_for
 
 MAX_HEADER_COUNT = 100
@@ -489,8 +490,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
                 raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
         target = request.target
         if target.startswith(b"/"):
-            path_end = target.find(b"?")
-            request.path = target if path_end < 0 else target[:path_end]
+            _normalise(request)
         elif target == b"*" and method == b"OPTIONS":
             request.path = b"*"
         elif b"://" in target[:16]:
@@ -519,8 +519,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request.host = authority
         request.host_count = max(request.host_count, 1)
         request.target = slash + remainder if slash else b"/"
-        path_end = request.target.find(b"?")
-        request.path = request.target if path_end < 0 else request.target[:path_end]
+        _normalise(request)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
@@ -736,6 +735,21 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._current is None and self._parsing is None
+
+
+def _normalise(request: Request) -> None:
+    """Routes, limits, logs and the upstream all see the normal path (pathnorm.py): the
+    target we forward is rebuilt from it, so no spelling can match one route and reach the
+    upstream as another path."""
+    try:
+        path, query = normalize_target(request.target)
+    except InvalidTarget as error:
+        raise RequestRejected(error.status, error.reason) from None
+    request.path = path
+    if query is None:
+        request.target = path
+    elif len(path) + len(query) + 1 != len(request.target) or not request.target.startswith(path):
+        request.target = path + b"?" + query
 
 
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
