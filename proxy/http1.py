@@ -31,6 +31,7 @@ from typing import Any
 
 import httptools
 
+from proxy.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
 from proxy.flow import ProxyConnection
 from proxy.pathnorm import InvalidTarget, normalize_target
 from proxy.timers import sweeper_for
@@ -273,6 +274,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._deferred: Request | None = None  # started meanwhile, for that loop to run
         self._fed = 0
         self._head_began_at = -1
+        self._chunks = ChunkedScanner(trailer_limit=self.limits.max_header_bytes)
+        self._head_tail = b""  # the last bytes of a head still open when a read ended
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -311,34 +314,80 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if self.requests_served == 0:
                 self._head_started_at = self._sweeper.now
             self.deadline = self._head_started_at + self.limits.client_header_timeout
-        self._fed = 0  # bytes of this read known to belong to earlier messages (approx.)
+        size = len(data)
+        start = 0
+        while start < size:
+            end = self._slice_end(data, start, size)
+            if end < 0 or not self._feed(data, start, end):
+                return
+            start = end
+        parsing = self._parsing
+        if parsing is not None and not parsing.method:
+            self._head_tail = (self._head_tail + data[-3:])[-3:]
+        elif self._head_tail:
+            self._head_tail = b""
+
+    def _slice_end(self, data: bytes, start: int, size: int) -> int:
+        """Where to stop feeding the parser: the end of the head, of the body, or of the
+        read. A chunked body thus starts a slice, where its scanner (chunkline.py) starts;
+        it walks the body's framing before the parser does. -1: refused by the scanner."""
+        parsing = self._parsing
+        if parsing is not None and parsing.method:
+            scanner = self._chunks
+            if scanner.active:
+                refused, body_end = scanner.scan(data, start, size)
+                if refused is not None:
+                    self.reject(431 if refused == TRAILERS_TOO_LARGE else 400, refused)
+                    return -1
+                return size if body_end < 0 else body_end
+            body = parsing.body
+            if body is None or not parsing.content_length:
+                return size
+            return min(size, start + max(1, parsing.content_length - body.received))
+        tail = self._head_tail
+        if tail and start == 0:
+            # A head begun in an earlier read may end with a CRLFCRLF that straddles reads.
+            found = (tail + data[:3]).find(b"\r\n\r\n")
+            if found >= 0:
+                return found + 4 - len(tail)
+        found = data.find(b"\r\n\r\n", start)
+        return size if found < 0 else found + 4
+
+    def _feed(self, data: bytes, start: int, end: int) -> bool:
+        """Parse ``data[start:end]``; False when the connection stops parsing (refused,
+        upgraded, closing)."""
+        self._fed = 0  # bytes of this slice known to belong to earlier messages (approx.)
         self._head_began_at = -1
         try:
-            self._parser.feed_data(data)
+            whole = start == 0 and end == len(data)
+            self._parser.feed_data(data if whole else memoryview(data)[start:end])
         except httptools.HttpParserUpgrade as upgrade:
-            self._upgrade_requested(data[upgrade.args[0] :])
-            return
+            self._upgrade_requested(data[start + upgrade.args[0] :])
+            return False
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, RequestRejected):
                 self.reject(cause.status, cause.reason)
             else:
                 self.reject(400, "malformed request")
-            return
+            return False
         except httptools.HttpParserError as error:
             if "closing" in self._reading_paused_for:
-                return  # bytes after a request that ends the connection: never parsed
+                return False  # bytes after a request that ends the connection: never parsed
             self.reject(400, _parser_reason(error))
-            return
+            return False
         parsing = self._parsing
         if parsing is not None and not parsing.method:
             # Everything since the head began is still head: bound what llhttp accumulates.
             # A head that began in this read owns only what follows the messages before it
             # (pipelined requests, a body): those must not count against it.
             began = self._head_began_at
-            self._head_bytes += len(data) - began if began >= 0 else len(data)
+            size = end - start
+            self._head_bytes += size - began if began >= 0 else size
             if self._head_bytes > self.limits.max_header_bytes:
                 self.reject(431, "request head too large")
+                return False
+        return True
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -459,6 +508,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if (request.content_length or 0) > self.limits.max_body_bytes:
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
+            if request.chunked:
+                self._chunks.begin()  # at the next byte: the slice ends with this head
         self._head_bytes = 0
         self._fed += request.head_size + 2
         if self._current is None:
@@ -536,6 +587,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._parsing = None
+        if request.chunked:
+            self._chunks.stop()  # it saw the end too; this keeps the two in step regardless
         if request.body is not None:
             request.body.finish()
         if self._current is request:
