@@ -770,6 +770,42 @@ def test_bad_chunk_in_upstream_body_cuts_and_is_not_reused(proxy_to_raw, raw_ups
     assert raw_upstream.connections == 2
 
 
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;ext=" + b"a" * 100 * 1024 + b"\r\nhello\r\n0\r\n\r\n",
+        b"5;a=1\r\nhello\r\n5;e=" + b"b" * 5000 + b"\r\nworld\r\n0\r\n\r\n",
+        b"0" * 5000 + b"5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["extensions_100k", "later_chunk_5000", "zero_padded_size"],
+)
+def test_oversized_chunk_line_from_upstream_is_502_and_not_reused(proxy_to_raw, raw_upstream, body):
+    raw_upstream.script = [CHUNKED_HEAD + body]
+    data, _ = exchange(
+        proxy_to_raw.port, b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n", timeout=5
+    )
+    status, headers, payload = parse_response(data)
+    assert status == 502, data[:300]
+    assert "chunk-size line" in json.loads(payload[: int(headers["content-length"])])["error"]
+    status, _, payload = http_request(proxy_to_raw.port, "GET", "/y")
+    assert (status, payload) == (200, b"ok")
+    assert raw_upstream.connections == 2
+
+
+def test_chunked_responses_with_extensions_and_trailers_still_pass(proxy_to_raw, raw_upstream):
+    """The control: a 4096-byte chunk-size line and ordinary trailers are relayed, and
+    the connection is reused."""
+    line = b"5;e=" + b"x" * (4096 - 4)
+    raw_upstream.script = [CHUNKED_HEAD + line + b"\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"]
+    with RawClient(proxy_to_raw.port) as client:
+        assert client.request(b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n").body == b"hello"
+        assert client.request(b"GET /y HTTP/1.1\r\nHost: app\r\n\r\n").body == b"ok"
+    assert raw_upstream.connections == 1
+
+
 @pytest.mark.parametrize(
     "extra",
     [
