@@ -5,8 +5,12 @@ request parser per connection. llhttp rejects most ambiguous framing by itself (
 Content-Length and Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding that
 does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); the
 callbacks here add what it allows but a proxy must not (obs-fold, repeated framing headers,
-CONNECT, foreign absolute-form targets, a missing Host). A request that fails any check is
-answered by us and the connection is closed: nothing unparsed is ever forwarded.
+CONNECT, foreign absolute-form targets, a missing Host, a request-target pathnorm.py
+refuses, a chunk-size line or trailer section chunkline.py bounds). A request that fails
+any check is answered by us and the connection is closed: nothing unparsed is ever
+forwarded. A read is fed to llhttp whole unless a head ends inside it: then in slices cut
+at each head's end and at each body's end, so that a chunked body's framing is walked by
+its ``ChunkedScanner`` from its first byte, ahead of the parser.
 
 Requests are handled one at a time in arrival order (pipelining): a request whose head is
 complete while another is in flight waits in ``_queue`` and reading pauses, so memory per
@@ -315,12 +319,28 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
                 self._head_started_at = self._sweeper.now
             self.deadline = self._head_started_at + self.limits.client_header_timeout
         size = len(data)
-        start = 0
-        while start < size:
-            end = self._slice_end(data, start, size)
-            if end < 0 or not self._feed(data, start, end):
+        parsing = self._parsing
+        if parsing is None or not parsing.method:
+            # The common read: one head, ending with the read (or not yet).
+            head_end = -1 if self._head_tail else data.find(b"\r\n\r\n")
+            whole = head_end + 4 == size or (head_end < 0 and not self._head_tail)
+        else:
+            body = parsing.body
+            whole = (
+                not self._chunks.active
+                and body is not None
+                and (parsing.content_length or 0) - body.received >= size
+            )
+        if whole:
+            if not self._feed(data, 0, size):
                 return
-            start = end
+        else:
+            start = 0
+            while start < size:
+                end = self._slice_end(data, start, size)
+                if end < 0 or not self._feed(data, start, end):
+                    return
+                start = end
         parsing = self._parsing
         if parsing is not None and not parsing.method:
             self._head_tail = (self._head_tail + data[-3:])[-3:]
@@ -797,11 +817,13 @@ def _normalise(request: Request) -> None:
     try:
         path, query = normalize_target(request.target)
     except InvalidTarget as error:
+        request.path = request.target.partition(b"?")[0]  # for the log line: what was refused
         raise RequestRejected(error.status, error.reason) from None
     request.path = path
     if query is None:
         request.target = path
-    elif len(path) + len(query) + 1 != len(request.target) or not request.target.startswith(path):
+    elif 37 in path or len(path) + len(query) + 1 != len(request.target):
+        # Changed: every change but upper-cased hex (which keeps a '%') shortens the path.
         request.target = path + b"?" + query
 
 

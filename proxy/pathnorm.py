@@ -29,6 +29,7 @@ from __future__ import annotations
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_HASH, _PERCENT, _DOT = b"#%."
 
 
 class InvalidTarget(ValueError):
@@ -46,26 +47,29 @@ def normalize_target(raw: bytes) -> tuple[bytes, bytes | None]:
 
     The query is what followed the first ``?`` (``b""`` for a bare ``?``), unchanged.
     """
-    if b"#" in raw:
+    # Single bytes are looked up as ints (``35 in raw``): a C memchr, several times
+    # cheaper here than ``b"#" in raw``.
+    if _HASH in raw:
         raise InvalidTarget("fragment in request target")
-    if b"\x00" in raw:
+    if 0 in raw:
         raise InvalidTarget("NUL in request target")
     path, question, query = raw.partition(b"?")
-    if question and b"%" in query and b"%00" in query:
+    if not question:
+        query = None
+    elif _PERCENT in query and query.find(b"%00") >= 0:
         raise InvalidTarget("NUL in request target")
-    if b"%" not in path and b"//" not in path and b"/." not in path:
-        return path, query if question else None
-    return normalize_path(path), query if question else None
+    if _PERCENT in path or path.find(b"//") >= 0 or (_DOT in path and path.find(b"/.") >= 0):
+        path = normalize_path(path)
+    return path, query
 
 
 def normalize_path(path: bytes) -> bytes:
     """The slow part of ``normalize_target``: ``path`` holds ``%``, ``//`` or ``/.``."""
-    if b"%" in path:
+    if _PERCENT in path:
         path = _decode_unreserved(path)
-    if b"//" in path:
-        while b"//" in path:
-            path = path.replace(b"//", b"/")
-    if b"/." in path:
+    while path.find(b"//") >= 0:
+        path = path.replace(b"//", b"/")
+    if path.find(b"/.") >= 0:
         path = _remove_dot_segments(path)
     return path
 

@@ -115,6 +115,10 @@ def test_a_line_that_is_not_a_size_line_is_left_to_the_parser():
     scanner.begin()
     assert scanner.scan(b"zz\r\nhello\r\n", 0, 11) == (None, -1)
     assert not scanner.active
+    for line in (b"-5\r\nhello\r\n", b"\r\n", b";a=b\r\n"):
+        scanner.begin()
+        assert scanner.scan(line, 0, len(line)) == (None, -1)
+        assert not scanner.active
 
 
 @settings(max_examples=200, deadline=None)
