@@ -41,6 +41,9 @@ from proxy.pathnorm import InvalidTarget, normalize_target
 from proxy.timers import sweeper_for
 
 MAX_HEADER_COUNT = 100
+# Up to this many bytes after a head are searched for "chunked" (any case) before the read
+# is cut at that head's end: a small request with its body comes in one feed.
+_LOWER_LIMIT = 16 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 BODY_HIGH_WATER = 256 * 1024
 
@@ -371,7 +374,11 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if found >= 0:
                 return found + 4 - len(tail)
         found = data.find(b"\r\n\r\n", start)
-        return size if found < 0 else found + 4
+        if found < 0:
+            return size
+        if size - start <= _LOWER_LIMIT and data[start:].lower().find(b"chunked") < 0:
+            return size  # no chunked body can start in the rest: one feed (a small POST)
+        return found + 4
 
     def _feed(self, data: bytes, start: int, end: int) -> bool:
         """Parse ``data[start:end]``; False when the connection stops parsing (refused,

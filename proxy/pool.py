@@ -233,7 +233,12 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             if found >= 0:
                 return found + 4 - len(tail)
         found = data.find(b"\r\n\r\n", start)
-        return size if found < 0 else found + 4
+        if found < 0:
+            return size
+        head = data[start:found]
+        if head[9:10] != b"1" and head.lower().find(b"chunked") < 0:
+            return size  # a final head (not 1xx) and no chunked body: the rest is its body
+        return found + 4
 
     def _feed(self, data: bytes, start: int, end: int) -> bool:
         """Parse ``data[start:end]``; False when the rest of the read is not parsed."""

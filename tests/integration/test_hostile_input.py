@@ -795,6 +795,21 @@ def test_oversized_chunk_line_from_upstream_is_502_and_not_reused(proxy_to_raw, 
     assert raw_upstream.connections == 2
 
 
+def test_oversized_chunk_line_after_an_interim_response_is_502(proxy_to_raw, raw_upstream):
+    """A 1xx head, then the final head and its body, in one write: the body is still
+    measured from its first byte."""
+    long_line = b"5;e=" + b"x" * 5000
+    raw_upstream.script = [
+        b"HTTP/1.1 100 Continue\r\n\r\n" + CHUNKED_HEAD + long_line + b"\r\nhello\r\n0\r\n\r\n"
+    ]
+    data, _ = exchange(
+        proxy_to_raw.port, b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n", timeout=5
+    )
+    assert data.startswith(b"HTTP/1.1 502 "), data[:300]
+    assert http_request(proxy_to_raw.port, "GET", "/y")[0] == 200
+    assert raw_upstream.connections == 2
+
+
 def test_chunked_responses_with_extensions_and_trailers_still_pass(proxy_to_raw, raw_upstream):
     """The control: a 4096-byte chunk-size line and ordinary trailers are relayed, and
     the connection is reused."""
