@@ -5,8 +5,11 @@ request parser per connection. llhttp rejects most ambiguous framing by itself (
 Content-Length and Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding that
 does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); the
 callbacks here add what it allows but a proxy must not (obs-fold, repeated framing headers,
-CONNECT, foreign absolute-form targets, a missing Host). A request that fails any check is
-answered by us and the connection is closed: nothing unparsed is ever forwarded.
+CONNECT, foreign absolute-form targets, a missing Host, a request-target pathnorm.py
+refuses, a chunk-size line or trailer section chunkline.py bounds). A request that fails
+any check is answered by us and the connection is closed: nothing unparsed is ever
+forwarded. A chunked body's framing is walked by its ``ChunkedScanner`` ahead of the parser,
+over exactly the bytes the parser is fed next (``_piece_end``).
 
 Requests are handled one at a time in arrival order (pipelining), and the next one is read
 only once the current response is on its way (as nginx and HAProxy do), so memory per
@@ -36,7 +39,9 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from proxy.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
 from proxy.flow import ProxyConnection, http_version
+from proxy.pathnorm import InvalidTarget, normalize_target
 from proxy.timers import sweeper_for
 
 if TYPE_CHECKING:
@@ -330,6 +335,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._awaiting_drain = False  # answered; the next waits for the client to read
         self._pipelined = False  # the backlog was sent behind a request in flight
         self._checked_host: bytes | None = None  # the last Host found valid on this connection
+        self._chunks = ChunkedScanner(trailer_limit=self.limits.max_header_bytes)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -401,7 +407,10 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         try:
             while self._backlog and self._may_parse():
                 data, start = self._backlog, self._backlog_at
-                end = start + self._piece_end(data, start)
+                length = self._piece_end(data, start)
+                if length < 0:
+                    break
+                end = start + length
                 if end >= len(data):
                     self._backlog, self._backlog_at = b"", 0
                 else:
@@ -424,14 +433,23 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def _piece_end(self, data: bytes, start: int) -> int:
         """How many bytes of ``data`` from ``start`` to feed at once: up to the end of the
         message being parsed (its head, or a body of known length), so that the parser
-        never runs ahead into the next request. A chunked body is fed up to its next
-        empty line (its end, or harmlessly less)."""
+        never runs ahead into the next request. A chunked body is fed up to its end as its
+        scanner (chunkline.py) finds it, the scanner walking the framing first: -1 when the
+        scanner refused it (the connection has answered)."""
         parsing = self._parsing
-        if parsing is not None and parsing.method and parsing.content_length is not None:
-            body = parsing.body
-            left = parsing.content_length - (body.received if body is not None else 0)
-            if left > 0:
-                return min(left, len(data) - start)
+        if parsing is not None and parsing.method:
+            scanner = self._chunks
+            if scanner.active:
+                refused, body_end = scanner.scan(data, start, len(data))
+                if refused is not None:
+                    self.reject(431 if refused == TRAILERS_TOO_LARGE else 400, refused)
+                    return -1
+                return len(data) - start if body_end <= start else body_end - start
+            if parsing.content_length is not None:
+                body = parsing.body
+                left = parsing.content_length - (body.received if body is not None else 0)
+                if left > 0:
+                    return min(left, len(data) - start)
         tail = self._fed_tail
         if tail:
             # The previous piece may have ended inside CRLFCRLF: this one ends with it.
@@ -635,6 +653,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             if (request.content_length or 0) > self.limits.max_body_bytes:
                 raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
+            if request.chunked:
+                self._chunks.begin()  # at the next byte: the piece ends with this head
         if request.upgrade and self._pipelined:
             # A WebSocket offer sent behind another request, before its answer: whether
             # the connection switches must not hang on what that answer turns out to be.
@@ -672,8 +692,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
                 raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
         target = request.target
         if target.startswith(b"/"):
-            path_end = target.find(b"?")
-            request.path = target if path_end < 0 else target[:path_end]
+            _normalise(request)
         elif target == b"*" and method == b"OPTIONS":
             request.path = b"*"
         elif b"://" in target[:16]:
@@ -702,8 +721,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request.host = authority
         request.host_count = max(request.host_count, 1)
         request.target = slash + remainder if slash else b"/"
-        path_end = request.target.find(b"?")
-        request.path = request.target if path_end < 0 else request.target[:path_end]
+        _normalise(request)
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
@@ -720,6 +738,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         request = self._parsing
         assert request is not None
         self._parsing = None
+        if request.chunked:
+            self._chunks.stop()  # it saw the end too; this keeps the two in step regardless
         if request.body is not None:
             request.body.finish()
         if self._current is request:
@@ -952,6 +972,24 @@ _ACTED_ON = {
     b"x-sluicegate-trace": _TRACE,
     b"upgrade": _UPGRADE,
 }
+
+
+def _normalise(request: Request) -> None:
+    """Routes, limits, logs and the upstream all see the normal path (pathnorm.py): the
+    target we forward is rebuilt from it, so no spelling can match one route and reach the
+    upstream as another path."""
+    try:
+        path, query = normalize_target(request.target)
+    except InvalidTarget as error:
+        request.path = request.target.partition(b"?")[0]  # for the log line: what was refused
+        raise RequestRejected(error.status, error.reason) from None
+    request.path = path
+    if query is None:
+        request.target = path
+    elif 37 in path or len(path) + len(query) + 1 != len(request.target):
+        # Changed: every change but upper-cased hex (which keeps a '%') shortens the path.
+        request.target = path + b"?" + query
+
 
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import httptools
 
+from proxy.chunkline import ChunkedScanner
 from proxy.flow import ProxyConnection, http_version
 from proxy.timers import sweeper_for
 
@@ -137,6 +138,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.out_of_step = False  # it sent what no request of ours asked for: never reused
+        self._chunks = ChunkedScanner(trailer_limit=RESPONSE_HEAD_LIMIT)
+        self._head_tail = b""  # the last bytes of a head still open when a read ended
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -163,6 +166,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.body_writer_paused: Callable[[bool], None] | None = None
         self._reading_paused_for: set[str] = set()
         self.tunnel_data: bytes = b""
+        self._chunks.stop()
+        self._head_tail = b""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -217,11 +222,60 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if not self._head_done:
             # Checked after parsing: body bytes read together with the head do not count.
             self._head_bytes += len(data)
+        size = len(data)
+        start = 0
+        while start < size:
+            end = self._slice_end(data, start, size)
+            if end < 0 or not self._feed(data, start, end):
+                break
+            start = end
+        if not self._head_done:
+            self._head_tail = (self._head_tail + data[-3:])[-3:]
+            if self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
+                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+                self.close()
+            return
+        # Outside the parser now: the waiter may finish, and even begin the next exchange.
+        if self._head_untold:
+            self._head_untold = False
+            self.waiter.head_received(self._response)
+        elif self.complete:
+            self._tell_end()
+
+    def _slice_end(self, data: bytes, start: int, size: int) -> int:
+        """Where to stop feeding the parser: at the end of each head, so a chunked body
+        starts a slice and its scanner (chunkline.py) walks it ahead of the parser; else
+        at the end of the read. -1: the scanner refused the body."""
+        scanner = self._chunks
+        if scanner.active:
+            refused, body_end = scanner.scan(data, start, size)
+            if refused is not None:
+                self._framing_refused(refused)
+                return -1
+            return size if body_end < 0 else body_end
+        if self._head_done:
+            return size
+        tail = self._head_tail
+        if tail and start == 0:
+            # A head begun in an earlier read may end with a CRLFCRLF that straddles reads.
+            found = (tail + data[:3]).find(b"\r\n\r\n")
+            if found >= 0:
+                return found + 4 - len(tail)
+        found = data.find(b"\r\n\r\n", start)
+        if found < 0:
+            return size
+        head = data[start:found]
+        if head[9:10] != b"1" and head.lower().find(b"chunked") < 0:
+            return size  # a final head (not 1xx) and no chunked body: the rest is its body
+        return found + 4
+
+    def _feed(self, data: bytes, start: int, end: int) -> bool:
+        """Parse ``data[start:end]``; False when the rest of the read is not parsed."""
         try:
-            self._parser.feed_data(data)
+            whole = start == 0 and end == len(data)
+            self._parser.feed_data(data if whole else memoryview(data)[start:end])
         except httptools.HttpParserUpgrade as upgrade:
-            offset = upgrade.args[0]
-            self.tunnel_data = data[offset:]
+            self.tunnel_data = data[start + upgrade.args[0] :]
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, _HeadResponseDone):
@@ -237,17 +291,21 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
                 self._parser_failed(error)
         except httptools.HttpParserError as error:
             self._parser_failed(error)
-        if not self._head_done:
-            if self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
-                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
-                self.close()
-            return
-        # Outside the parser now: the waiter may finish, and even begin the next exchange.
+        else:
+            return True
+        return False
+
+    def _framing_refused(self, reason: str) -> None:
+        """A chunk-size line or trailer section past its bound: a malformed response."""
         if self._head_untold:
+            # Nothing of it has been relayed yet: the exchange fails as a bad head would
+            # (502, or a retry), rather than relaying a head whose body must then be cut.
             self._head_untold = False
-            self.waiter.head_received(self._response)
-        elif self.complete:
-            self._tell_end()
+            self._head_done = False
+            self._fail(UpstreamError("invalid_header", f"malformed response: {reason}", sent=True))
+        else:
+            self._abort(UpstreamError("error", f"malformed response body: {reason}", sent=True))
+        self.close()
 
     def _parser_failed(self, error: Exception) -> None:
         if not self._head_done:
@@ -322,6 +380,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._head_untold = True
         if self.request_is_head:
             raise _HeadResponseDone
+        if response.chunked and response.has_body:
+            self._chunks.begin()  # at the next byte: the slice ends with this head
 
     def on_body(self, chunk: bytes) -> None:
         sink = self.sink
@@ -342,6 +402,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             return
         self.complete = True  # told after the parser returns (data_received)
         self.deadline = 0.0
+        self._chunks.stop()  # it saw the end too; this keeps the two in step regardless
 
     # -- the exchange, driven by forwarding ----------------------------------------------
 

@@ -466,6 +466,55 @@ REJECTED: list[tuple[str, Callable[[Any], bytes], int]] = [
         lambda proxy: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\0" * 64,
         400,
     ),
+    # A chunk-size line (size plus extensions) over 4 KiB: llhttp alone takes any length.
+    (
+        "chunk_extensions_100k",
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5;ext=" + b"a" * 100 * 1024 + b"\r\nhello\r\n0\r\n\r\n",
+        ),
+        400,
+    ),
+    (
+        "chunk_extensions_many",
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5" + b";a=b" * 2000 + b"\r\nhello\r\n0\r\n\r\n",
+        ),
+        400,
+    ),
+    (
+        "chunk_extensions_on_a_later_chunk",
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5;a=1\r\nhello\r\n5;ext=" + b"b" * 5000 + b"\r\nworld\r\n0\r\n\r\n",
+        ),
+        400,
+    ),
+    (
+        "chunk_extensions_on_the_last_chunk",
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"0;ext=" + b"c" * 5000 + b"\r\n\r\n",
+        ),
+        400,
+    ),
+    (
+        "chunk_size_zero_padded_past_4k",
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"0" * 5000 + b"5\r\nhello\r\n0\r\n\r\n",
+        ),
+        400,
+    ),
+    (
+        "chunked_trailers_100k",
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-Trailer: " + b"t" * 100 * 1024 + b"\r\n\r\n",
+        ),
+        431,
+    ),
     (
         "smuggle_cl_te",
         req(
@@ -631,6 +680,15 @@ ACCEPTED: list[tuple[str, Callable[[Any], bytes], str]] = [
         req("POST /echo HTTP/1.0\r\nContent-Length: 5\r\n\r\n", b"hello"),
         "hello",
     ),
+    (
+        "chunk_size_line_of_4096_bytes",  # the limit itself: size and extensions, 4 KiB
+        req(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n",
+            b"5;e=" + b"x" * (4096 - 4) + b"\r\nhello\r\n0;a=b\r\nX-Sum: 1\r\n\r\n",
+        ),
+        "hello",
+    ),
 ]
 
 
@@ -753,6 +811,57 @@ def test_bad_chunk_in_upstream_body_cuts_and_is_not_reused(proxy_to_raw, raw_ups
     assert raw_upstream.connections == 2
 
 
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"5;ext=" + b"a" * 100 * 1024 + b"\r\nhello\r\n0\r\n\r\n",
+        b"5;a=1\r\nhello\r\n5;e=" + b"b" * 5000 + b"\r\nworld\r\n0\r\n\r\n",
+        b"0" * 5000 + b"5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["extensions_100k", "later_chunk_5000", "zero_padded_size"],
+)
+def test_oversized_chunk_line_from_upstream_is_502_and_not_reused(proxy_to_raw, raw_upstream, body):
+    raw_upstream.script = [CHUNKED_HEAD + body]
+    data, _ = exchange(
+        proxy_to_raw.port, b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n", timeout=5
+    )
+    status, headers, payload = parse_response(data)
+    assert status == 502, data[:300]
+    assert "chunk-size line" in json.loads(payload[: int(headers["content-length"])])["error"]
+    status, _, payload = http_request(proxy_to_raw.port, "GET", "/y")
+    assert (status, payload) == (200, b"ok")
+    assert raw_upstream.connections == 2
+
+
+def test_oversized_chunk_line_after_an_interim_response_is_502(proxy_to_raw, raw_upstream):
+    """A 1xx head, then the final head and its body, in one write: the body is still
+    measured from its first byte."""
+    long_line = b"5;e=" + b"x" * 5000
+    raw_upstream.script = [
+        b"HTTP/1.1 100 Continue\r\n\r\n" + CHUNKED_HEAD + long_line + b"\r\nhello\r\n0\r\n\r\n"
+    ]
+    data, _ = exchange(
+        proxy_to_raw.port, b"GET /x HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n", timeout=5
+    )
+    assert data.startswith(b"HTTP/1.1 502 "), data[:300]
+    assert http_request(proxy_to_raw.port, "GET", "/y")[0] == 200
+    assert raw_upstream.connections == 2
+
+
+def test_chunked_responses_with_extensions_and_trailers_still_pass(proxy_to_raw, raw_upstream):
+    """The control: a 4096-byte chunk-size line and ordinary trailers are relayed, and
+    the connection is reused."""
+    line = b"5;e=" + b"x" * (4096 - 4)
+    raw_upstream.script = [CHUNKED_HEAD + line + b"\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n"]
+    with RawClient(proxy_to_raw.port) as client:
+        assert client.request(b"GET /x HTTP/1.1\r\nHost: app\r\n\r\n").body == b"hello"
+        assert client.request(b"GET /y HTTP/1.1\r\nHost: app\r\n\r\n").body == b"ok"
+    assert raw_upstream.connections == 1
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -781,3 +890,50 @@ def test_good_responses_reuse_the_connection(proxy_to_raw, raw_upstream):
         assert (status, body) == (200, b"ok")
     assert raw_upstream.connections == 1
     assert len(raw_upstream.requests) == 3
+
+
+# -- chunk-size lines across pipelined requests and split reads --------------------------------
+
+
+def _chunked_post(proxy: Any, extension: bytes, *, close: bool = False) -> bytes:
+    return (
+        b"POST /echo HTTP/1.1\r\nHost: %b\r\nTransfer-Encoding: chunked\r\n%b\r\n"
+        b"5%b\r\nhello\r\n0\r\n\r\n" % (host(proxy), b"Connection: close\r\n" * close, extension)
+    )
+
+
+def test_chunk_lines_are_measured_in_every_pipelined_request(proxy, backend_port):
+    """A chunked request, a Content-Length one, then one with a 5000-byte chunk-size line,
+    all in one write: the first two are answered, the third refused, nothing after it."""
+    before = upstream_count(backend_port)
+    cl = b"POST /echo HTTP/1.1\r\nHost: %b\r\nContent-Length: 5\r\n\r\nhello" % host(proxy)
+    long_line = b";e=" + b"x" * 5000
+    data, closed = exchange(
+        proxy.port, _chunked_post(proxy, b";a=1") + cl + _chunked_post(proxy, long_line)
+    )
+    assert data.count(b"HTTP/1.1 200 ") == 2, data[:600]
+    assert data[data.rindex(b"HTTP/1.1 ") :].startswith(b"HTTP/1.1 400 ")
+    assert b"chunk-size line longer than 4096 bytes" in data
+    assert closed
+    time.sleep(0.05)
+    assert upstream_count(backend_port) == before + 2
+
+
+@pytest.mark.parametrize(("line", "status"), [(4096, 200), (4097, 400)])
+def test_a_chunk_line_split_over_reads_is_measured_whole(proxy, line, status):
+    """The head's CRLFCRLF and the chunk-size line each arrive in pieces, in separate reads."""
+    request = _chunked_post(proxy, b";e=" + b"x" * (line - 4), close=True)
+    head_end = request.index(b"\r\n\r\n") + 4
+    cuts = [head_end - 1, head_end + 1, head_end + 2000, head_end + 4094, len(request) - 3]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for low, high in zip([0, *cuts], [*cuts, len(request)], strict=True):
+            try:
+                sock.sendall(request[low:high])
+            except OSError:
+                break  # refused: the proxy stopped reading
+            time.sleep(0.05)  # its own read, most likely; the verdict must not depend on it
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 %d " % status), data[:300]
