@@ -286,6 +286,8 @@ class ProxyProcess:
         config = self.runtime.config
         # Resolved servers are known before the first request (or the lookup timed out).
         await self.runtime.first_lookups()
+        if self.runtime.cache is not None:
+            self.runtime.cache.start()  # other instances' purges reach this memory store
         for listen in config.listen:
             self._open_listener(listen)
         for listener in self.listeners.values():

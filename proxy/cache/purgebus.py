@@ -1,0 +1,179 @@
+"""Purges that reach every instance's memory store, through Redis pub/sub.
+
+With ``cache.store: memory`` each process keeps its own store, so a purge (the admin's
+``POST /cache/purge``, or an unsafe method's invalidation, RFC 9111 §4.4) applied by one
+process leaves the others serving what was purged. When a top-level ``redis`` section is
+configured, the process that purged publishes what it purged on one channel, and every
+process (other instances, sibling workers) that subscribes applies it to its own store.
+
+A message names its sender, so the sender does not purge twice. It carries what to purge
+as the store matches it (a normalised URL, a prefix, a tag; an invalidation's URLs), so a
+receiver applies it without parsing requests again.
+
+Redis failing makes purges local only: the publishing process still purges its own
+store and answers; the loss is logged once (and its end once), and the subscription is
+opened again every ``RETRY`` seconds until Redis answers. Purges published while a
+process was not subscribed do not reach it (pub/sub keeps nothing): entries it kept
+expire by their own freshness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.cache.outage import Outage
+from proxy.cache.redisstore import PREFIX, REDIS_FAILURES
+
+log = logging.getLogger("sluicegate")
+
+CHANNEL = PREFIX + "purged"
+RETRY = 1.0  # seconds between attempts to subscribe again after a failure
+KINDS = frozenset({"url", "prefix", "tag", "invalidation"})
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """What to purge: ``by`` is the metric's label (url, prefix, tag, invalidation); each
+    of ``values`` is matched as a URL (url, invalidation), a URL prefix or a tag."""
+
+    by: str
+    values: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        """How the store matches each value: an invalidation purges URLs."""
+        return "url" if self.by == "invalidation" else self.by
+
+    def encode(self, sender: str) -> bytes:
+        return json.dumps({"from": sender, "by": self.by, "values": list(self.values)}).encode()
+
+
+def decode(data: bytes) -> tuple[str, Purge] | None:
+    """The sender and the purge of a message; None for anything malformed (another
+    program on the channel must not break the subscription)."""
+    try:
+        message = json.loads(data)
+        sender, by, values = message["from"], message["by"], message["values"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if (
+        not isinstance(sender, str)
+        or by not in KINDS
+        or not isinstance(values, list)
+        or not all(isinstance(value, str) and value for value in values)
+    ):
+        return None
+    return sender, Purge(by, tuple(values))
+
+
+class PurgeBus:
+    """One process's end of the channel: ``publish`` what it purged, ``start`` listening
+    for what the others purged (``apply`` is called with each).
+
+    ``client`` makes the calls (each bounded by ``deadline``); ``subscriber`` holds the
+    subscription, a client without a read timeout since it waits for news.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        subscriber: Any,
+        apply: Callable[[Purge], Awaitable[Any]],
+        deadline: float | None = None,
+        retry: float = RETRY,
+    ) -> None:
+        self.client = client
+        self.subscriber = subscriber
+        self.apply = apply
+        self.deadline = deadline
+        self.retry = retry
+        self.sender = os.urandom(8).hex()
+        self.outage = Outage()  # a failed publish spares the next ones a deadline each
+        self.subscribed = asyncio.Event()
+        self._lost = False
+        self._listener: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Subscribe (in the background); a second call does nothing."""
+        if self._listener is None:
+            self._listener = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+
+    async def publish(self, purge: Purge) -> None:
+        """Tell the other processes; on failure they are not told (logged once)."""
+        if self.outage.skipping():
+            return
+        try:
+            async with asyncio.timeout(self.deadline):
+                await self.client.publish(CHANNEL, purge.encode(self.sender))
+        except REDIS_FAILURES as error:
+            self.outage.failed()
+            self._lose(error)
+            return
+        if self.subscribed.is_set():
+            self._regain()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._listen()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # whatever the client raises: try again later
+                self.subscribed.clear()
+                self._lose(error)
+            await asyncio.sleep(self.retry)
+
+    async def _listen(self) -> None:
+        pubsub = None
+        try:
+            # A cluster client must know its slot map before it can pick the channel's node.
+            await self.subscriber.initialize()
+            pubsub = self.subscriber.pubsub()
+            await pubsub.subscribe(CHANNEL)
+            self._regain()
+            self.subscribed.set()
+            async for message in pubsub.listen():
+                if message.get("type") != "message":
+                    continue
+                decoded = decode(message["data"])
+                if decoded is None:
+                    log.debug("cache purge bus: ignored a malformed message")
+                    continue
+                sender, purge = decoded
+                if sender != self.sender:
+                    await self.apply(purge)
+            raise ConnectionError("subscription ended")
+        finally:
+            if pubsub is not None:
+                await _close_quietly(pubsub)
+
+    def _lose(self, error: BaseException) -> None:
+        if not self._lost:
+            self._lost = True
+            log.warning(
+                "cache purges are local only (Redis pub/sub failed: %s)",
+                error or type(error).__name__,
+                extra={"event": "cache"},
+            )
+
+    def _regain(self) -> None:
+        if self._lost:
+            self._lost = False
+            log.info("cache purges reach every instance again", extra={"event": "cache"})
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except Exception as error:  # its connection may be dead already: nothing to do
+        log.debug("closing the cache purge subscription: %s", error)

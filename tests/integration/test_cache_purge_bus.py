@@ -1,0 +1,200 @@
+"""Purges that reach every daemon's memory store through Redis pub/sub (``purgebus.py``).
+
+Two real daemons with ``cache.store: memory`` and a real Redis (single, Sentinel,
+Cluster): each caches the same responses in its own store; a purge on one (the admin's,
+or an unsafe method's invalidation) empties the other's too, and with Redis gone a purge
+still purges where it was asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis
+import redis.asyncio
+
+from proxy.cache.purgebus import CHANNEL, Purge, PurgeBus
+from tests.integration.test_cache_e2e import Origin, cached_config
+from tests.support.daemon import http_request, wait_for
+from tests.support.rawupstream import RawUpstream
+from tests.support.redis_server import PASSWORD_ENV
+
+HOST = {"Host": "shop.example"}
+MISS = "sluicegate; fwd=uri-miss"
+
+
+def tagged(request):
+    """The README's recipe: a user's pages carry ``Cache-Tag: user-<id>``; an update
+    (POST) answers 200 and is not stored."""
+    if request.method == b"POST":
+        return b"200 OK", [b"Cache-Control: no-store"], b"updated"
+    tag = b"user-42" if request.target.startswith(b"/users/42") else b"other"
+    return b"200 OK", [b"Cache-Control: max-age=60", b"Cache-Tag: " + tag], b"page"
+
+
+def objects(daemon) -> int:
+    return daemon.status()["routes"][0]["cache"]["objects"]
+
+
+def purged(daemon, by: str) -> float:
+    prefix = f'sluicegate_cache_purged_total{{by="{by}"}} '
+    for line in daemon.metrics().splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix) :])
+    return 0.0
+
+
+def subscribers(ports, password=None) -> int:
+    """How many processes listen on the purge channel (summed over ``ports``)."""
+    total = 0
+    for port in ports:
+        client = redis.Redis(port=port, password=password, socket_timeout=2)
+        try:
+            total += dict(client.pubsub_numsub(CHANNEL)).get(CHANNEL.encode(), 0)
+        finally:
+            client.close()
+    return total
+
+
+def start_two(start_sluicegate, upstream, redis_section, env=None):
+    config = cached_config(upstream)
+    config["redis"] = redis_section
+    assert config["cache"].get("store", "memory") == "memory"
+    return (
+        start_sluicegate(config, name="a", env=env),
+        start_sluicegate(config, name="b", env=env),
+    )
+
+
+def cache_on_both(a, b, paths):
+    for daemon in (a, b):
+        for path in paths:
+            assert daemon.get(path, headers=HOST)[1]["cache-status"] == MISS + "; stored"
+        for path in paths:
+            assert daemon.get(path, headers=HOST)[1]["cache-status"] == "sluicegate; hit"
+
+
+PURGES = {
+    "tag": {"tag": "user-42"},
+    "prefix": {"prefix": "http://shop.example/users/42"},
+    "url": {"url": "http://shop.example/users/42"},
+}
+
+
+@pytest.mark.parametrize("by", PURGES)
+def test_a_purge_on_one_daemon_empties_the_other_daemons_memory_store(
+    start_sluicegate, redis_server, by
+):
+    with RawUpstream(Origin(tagged)) as upstream:
+        a, b = start_two(start_sluicegate, upstream, {"url": redis_server.url, "timeout": "200ms"})
+        cache_on_both(a, b, ["/users/42", "/users/7"])
+        wait_for(lambda: subscribers([redis_server.port]) == 2, message="both subscribed")
+
+        status, _, body = a.admin("POST", "/cache/purge", body=json.dumps(PURGES[by]).encode())
+        assert (status, json.loads(body)) == (200, {"purged": 1})  # A's own store
+
+        wait_for(lambda: objects(b) == 1, message="B's entry purged")
+        assert b.get("/users/42", headers=HOST)[1]["cache-status"] == MISS + "; stored"
+        assert b.get("/users/7", headers=HOST)[1]["cache-status"] == "sluicegate; hit"
+        assert a.get("/users/42", headers=HOST)[1]["cache-status"] == MISS + "; stored"
+        # Each counted what it purged, once: A did not apply its own message again.
+        assert purged(a, by) == 1 and purged(b, by) == 1
+
+
+def test_an_unsafe_method_through_one_daemon_invalidates_the_other(start_sluicegate, redis_server):
+    with RawUpstream(Origin(tagged)) as upstream:
+        a, b = start_two(start_sluicegate, upstream, {"url": redis_server.url, "timeout": "200ms"})
+        cache_on_both(a, b, ["/users/42", "/users/7"])
+        wait_for(lambda: subscribers([redis_server.port]) == 2, message="both subscribed")
+
+        status, _, body = http_request(a.port, "POST", "/users/42", headers=HOST, body=b"x")
+        assert (status, body) == (200, b"updated")
+
+        wait_for(lambda: objects(b) == 1, message="B's entry invalidated")
+        assert b.get("/users/42", headers=HOST)[1]["cache-status"] == MISS + "; stored"
+        assert b.get("/users/7", headers=HOST)[1]["cache-status"] == "sluicegate; hit"
+        assert purged(a, "invalidation") == 1 and purged(b, "invalidation") == 1
+
+
+def test_with_redis_gone_a_purge_still_purges_where_it_was_asked(start_sluicegate, redis_server):
+    with RawUpstream(Origin(tagged)) as upstream:
+        a, b = start_two(start_sluicegate, upstream, {"url": redis_server.url, "timeout": "200ms"})
+        cache_on_both(a, b, ["/users/42", "/users/7"])
+        wait_for(lambda: subscribers([redis_server.port]) == 2, message="both subscribed")
+        redis_server.stop()
+
+        for path in ("/users/42", "/users/7"):
+            purge = json.dumps({"url": "http://shop.example" + path}).encode()
+            status, _, body = a.admin("POST", "/cache/purge", body=purge)
+            assert (status, body) == (200, b'{"purged": 1}')
+            assert a.get(path, headers=HOST)[1]["cache-status"] == MISS + "; stored"
+        # B never heard: it keeps serving what it had (and says nothing is wrong).
+        assert b.get("/users/42", headers=HOST)[1]["cache-status"] == "sluicegate; hit"
+        lost = [line for line in a.log_lines() if "local only" in line.get("message", "")]
+        assert len(lost) == 1  # logged once, not once per purge
+
+        # Redis back: both subscribe again, and purges reach B again.
+        redis_server.start()
+        wait_for(lambda: subscribers([redis_server.port]) == 2, message="subscribed again")
+        status, _, body = a.admin("POST", "/cache/purge", body=b'{"tag": "user-42"}')
+        assert (status, body) == (200, b'{"purged": 1}')
+        wait_for(lambda: b.get("/users/42", headers=HOST)[1]["cache-status"].startswith(MISS))
+
+
+@pytest.fixture(params=["sentinel", "cluster"])
+def redis_set(request):
+    return request.getfixturevalue(f"redis_{request.param}")
+
+
+def test_purges_reach_the_other_daemon_through_sentinel_and_cluster(start_sluicegate, redis_set):
+    with RawUpstream(Origin(tagged)) as upstream:
+        section = redis_set.redis_config(timeout="250ms")
+        env = {PASSWORD_ENV: redis_set.password}
+        a, b = start_two(start_sluicegate, upstream, section, env=env)
+        cache_on_both(a, b, ["/users/42", "/users/7"])
+        ports = redis_set.masters() if hasattr(redis_set, "masters") else [redis_set.master_port()]
+        wait_for(lambda: subscribers(ports, redis_set.password) == 2, message="both subscribed")
+
+        status, _, body = b.admin("POST", "/cache/purge", body=b'{"tag": "user-42"}')
+        assert (status, body) == (200, b'{"purged": 1}')
+        wait_for(lambda: objects(a) == 1, message="A's entry purged")
+        assert a.get("/users/42", headers=HOST)[1]["cache-status"] == MISS + "; stored"
+        assert a.get("/users/7", headers=HOST)[1]["cache-status"] == "sluicegate; hit"
+
+
+async def test_the_bus_ignores_its_own_and_malformed_messages(redis_server):
+    heard: dict[str, list[Purge]] = {"first": [], "second": []}
+
+    def bus(name):
+        async def apply(purge):
+            heard[name].append(purge)
+
+        client = redis.asyncio.from_url(redis_server.url)
+        return PurgeBus(client, redis.asyncio.from_url(redis_server.url), apply, deadline=1)
+
+    first, second = bus("first"), bus("second")
+    first.start()
+    second.start()
+    try:
+        await asyncio.wait_for(first.subscribed.wait(), 5)
+        await asyncio.wait_for(second.subscribed.wait(), 5)
+        await first.client.publish(CHANNEL, b"not json")
+        await first.client.publish(CHANNEL, b'{"from": "x", "by": "everything", "values": []}')
+        await first.publish(Purge("tag", ("user-42",)))
+        await second.publish(Purge("invalidation", ("shop.example/a", "shop.example/b")))
+        for _ in range(100):
+            if heard["first"] and heard["second"]:
+                break
+            await asyncio.sleep(0.02)
+        assert heard == {
+            "first": [Purge("invalidation", ("shop.example/a", "shop.example/b"))],
+            "second": [Purge("tag", ("user-42",))],
+        }
+    finally:
+        first.stop()
+        second.stop()
+        for one in (first, second):
+            await one.client.aclose()
+            await one.subscriber.aclose()
