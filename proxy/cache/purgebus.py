@@ -64,6 +64,7 @@ def decode(data: bytes) -> tuple[str, Purge] | None:
         return None
     if (
         not isinstance(sender, str)
+        or not isinstance(by, str)
         or by not in KINDS
         or not isinstance(values, list)
         or not all(isinstance(value, str) and value for value in values)

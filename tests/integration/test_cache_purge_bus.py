@@ -143,6 +143,43 @@ def test_with_redis_gone_a_purge_still_purges_where_it_was_asked(start_sluicegat
         wait_for(lambda: b.get("/users/42", headers=HOST)[1]["cache-status"].startswith(MISS))
 
 
+def subscriptions(server) -> set[int]:
+    """Redis's ids of the connections subscribed to a channel."""
+    with server.client() as client:
+        return {c["id"] for c in client.client_list() if c.get("sub") == "1"}
+
+
+def test_a_reload_keeps_the_memory_store_and_moves_its_bus_to_the_new_redis_section(
+    start_sluicegate, redis_server
+):
+    with RawUpstream(Origin(tagged)) as upstream:
+        a, b = start_two(start_sluicegate, upstream, {"url": redis_server.url, "timeout": "200ms"})
+        cache_on_both(a, b, ["/users/42", "/users/7"])
+        wait_for(lambda: len(subscriptions(redis_server)) == 2, message="both subscribed")
+        before = subscriptions(redis_server)
+
+        unchanged = dict(b.config)  # the same sections: the same bus, no new subscription
+        b.write_config(unchanged)
+        assert b.admin("POST", "/reload")[0] == 200
+        assert subscriptions(redis_server) == before
+
+        changed = {**b.config, "redis": {"url": redis_server.url, "timeout": "300ms"}}
+        b.write_config(changed)
+        assert b.admin("POST", "/reload")[0] == 200
+        # B's old subscription closed, a new one open; A's unchanged.
+        wait_for(
+            lambda: (lambda now: len(now) == 2 and len(now & before) == 1)(
+                subscriptions(redis_server)
+            ),
+            message="B subscribed anew, its old subscription closed",
+        )
+        assert b.get("/users/42", headers=HOST)[1]["cache-status"] == "sluicegate; hit"
+
+        assert a.admin("POST", "/cache/purge", body=b'{"tag": "user-42"}')[0] == 200
+        wait_for(lambda: objects(b) == 1, message="B's entry purged through its new bus")
+        assert purged(b, "tag") == 1
+
+
 @pytest.fixture(params=["sentinel", "cluster"])
 def redis_set(request):
     return request.getfixturevalue(f"redis_{request.param}")
