@@ -143,6 +143,29 @@ def test_with_redis_gone_a_purge_still_purges_where_it_was_asked(start_sluicegat
         wait_for(lambda: b.get("/users/42", headers=HOST)[1]["cache-status"].startswith(MISS))
 
 
+def test_an_invalidation_through_one_worker_reaches_its_sibling_and_other_daemons(
+    start_sluicegate, redis_server
+):
+    with RawUpstream(Origin(tagged)) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+        a = start_sluicegate({**config, "workers": 2}, name="a", timeout=30)
+        b = start_sluicegate(config, name="b")
+        for _ in range(40):  # connections spread over the workers: until both hold a copy
+            a.get("/users/42", headers=HOST)
+            if objects(a) == 2:
+                break
+        assert objects(a) == 2
+        b.get("/users/42", headers=HOST)
+        wait_for(lambda: subscribers([redis_server.port]) == 3, message="every worker subscribed")
+
+        assert http_request(a.port, "POST", "/users/42", headers=HOST, body=b"x")[0] == 200
+        # One worker invalidated its own store; its sibling and B heard it.
+        wait_for(lambda: objects(a) == 0, message="both of A's workers invalidated")
+        wait_for(lambda: objects(b) == 0, message="B invalidated")
+        assert purged(a, "invalidation") == 2
+
+
 def subscriptions(server) -> set[int]:
     """Redis's ids of the connections subscribed to a channel."""
     with server.client() as client:
