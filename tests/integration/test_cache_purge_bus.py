@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 import redis
@@ -141,6 +142,29 @@ def test_with_redis_gone_a_purge_still_purges_where_it_was_asked(start_sluicegat
         status, _, body = a.admin("POST", "/cache/purge", body=b'{"tag": "user-42"}')
         assert (status, body) == (200, b'{"purged": 1}')
         wait_for(lambda: b.get("/users/42", headers=HOST)[1]["cache-status"].startswith(MISS))
+
+
+def test_a_frozen_redis_delays_a_purge_one_deadline_and_an_invalidation_not_at_all(
+    start_sluicegate, redis_server
+):
+    with RawUpstream(Origin(tagged)) as upstream:
+        # A call deadline of 2 x 2 s: long enough to tell waiting for it from not waiting.
+        a, b = start_two(start_sluicegate, upstream, {"url": redis_server.url, "timeout": "2s"})
+        cache_on_both(a, b, ["/users/42", "/users/7"])
+        wait_for(lambda: subscribers([redis_server.port]) == 2, message="both subscribed")
+        redis_server.freeze()
+
+        started = time.monotonic()
+        status, _, body = http_request(a.port, "POST", "/users/42", headers=HOST, body=b"x")
+        assert (status, body) == (200, b"updated")
+        assert time.monotonic() - started < 2  # published in the background
+        assert a.get("/users/42", headers=HOST)[1]["cache-status"] == MISS + "; stored"
+
+        started = time.monotonic()
+        status, _, body = a.admin("POST", "/cache/purge", body=b'{"tag": "other"}')
+        assert (status, body) == (200, b'{"purged": 1}')
+        assert time.monotonic() - started < 8  # one read timeout (2 s) or deadline (4 s) at most
+        assert a.get("/users/7", headers=HOST)[1]["cache-status"] == MISS + "; stored"
 
 
 def test_an_invalidation_through_one_worker_reaches_its_sibling_and_other_daemons(
