@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.cache.channel import subscription
 from proxy.cache.outage import Outage
 from proxy.cache.redisstore import PREFIX, REDIS_FAILURES
 
@@ -135,35 +136,25 @@ class PurgeBus:
             await asyncio.sleep(self.retry)
 
     async def _listen(self) -> None:
-        pubsub = None
-        try:
-            # A cluster client must know its slot map before it can pick the channel's node.
-            await self.subscriber.initialize()
-            pubsub = self.subscriber.pubsub()
-            await pubsub.subscribe(CHANNEL)
+        async with subscription(self.subscriber, CHANNEL) as payloads:
             self._regain()
             self.subscribed.set()
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                decoded = decode(message["data"])
+            async for payload in payloads:
+                decoded = decode(payload)
                 if decoded is None:
                     log.debug("cache purge bus: ignored a malformed message")
                     continue
                 sender, purge = decoded
                 if sender != self.sender:
                     await self.apply(purge)
-            raise ConnectionError("subscription ended")
-        finally:
-            if pubsub is not None:
-                await _close_quietly(pubsub)
+        raise ConnectionError("subscription ended")
 
     def _lose(self, error: BaseException) -> None:
         if not self._lost:
             self._lost = True
             log.warning(
                 "cache purges are local only (Redis pub/sub failed: %s)",
-                error or type(error).__name__,
+                str(error) or type(error).__name__,
                 extra={"event": "cache"},
             )
 
@@ -171,10 +162,3 @@ class PurgeBus:
         if self._lost:
             self._lost = False
             log.info("cache purges reach every instance again", extra={"event": "cache"})
-
-
-async def _close_quietly(pubsub: Any) -> None:
-    try:
-        await pubsub.aclose()
-    except Exception as error:  # its connection may be dead already: nothing to do
-        log.debug("closing the cache purge subscription: %s", error)
