@@ -6,9 +6,13 @@ process leaves the others serving what was purged. When a top-level ``redis`` se
 configured, the process that purged publishes what it purged on one channel, and every
 process (other instances, sibling workers) that subscribes applies it to its own store.
 
-A message names its sender, so the sender does not purge twice. It carries what to purge
-as the store matches it (a normalised URL, a prefix, a tag; an invalidation's URLs), so a
-receiver applies it without parsing requests again.
+A message names its sender, so the sender does not purge twice, and the sender's
+instance: under a supervisor the workers of one instance share it, and a worker ignores
+its siblings' admin purges, since the supervisor asks every worker itself and adds up
+their answers (a sibling's message arriving first would take the count from the answer).
+Its siblings' invalidations it applies: nobody else tells it of those. A message carries
+what to purge as the store matches it (a normalised URL, a prefix, a tag; an
+invalidation's URLs), so a receiver applies it without parsing requests again.
 
 Redis failing makes purges local only: the publishing process still purges its own
 store and answers; the loss is logged once (and its end once), and the subscription is
@@ -51,27 +55,37 @@ class Purge:
         """How the store matches each value: an invalidation purges URLs."""
         return "url" if self.by == "invalidation" else self.by
 
-    def encode(self, sender: str) -> bytes:
-        return json.dumps({"from": sender, "by": self.by, "values": list(self.values)}).encode()
+    def encode(self, sender: str, instance: str) -> bytes:
+        message = {"from": sender, "instance": instance, "by": self.by, "values": list(self.values)}
+        return json.dumps(message).encode()
 
 
-def decode(data: bytes) -> tuple[str, Purge] | None:
-    """The sender and the purge of a message; None for anything malformed (another
-    program on the channel must not break the subscription)."""
+@dataclass(frozen=True, slots=True)
+class Message:
+    sender: str  # the process
+    instance: str  # the process, or the supervisor whose worker it is
+    purge: Purge
+
+
+def decode(data: bytes) -> Message | None:
+    """A message as published; None for anything malformed (another program on the
+    channel must not break the subscription)."""
     try:
         message = json.loads(data)
-        sender, by, values = message["from"], message["by"], message["values"]
+        sender, instance = message["from"], message["instance"]
+        by, values = message["by"], message["values"]
     except (ValueError, TypeError, KeyError):
         return None
     if (
         not isinstance(sender, str)
+        or not isinstance(instance, str)
         or not isinstance(by, str)
         or by not in KINDS
         or not isinstance(values, list)
         or not all(isinstance(value, str) and value for value in values)
     ):
         return None
-    return sender, Purge(by, tuple(values))
+    return Message(sender, instance, Purge(by, tuple(values)))
 
 
 class PurgeBus:
@@ -96,6 +110,7 @@ class PurgeBus:
         self.deadline = deadline
         self.retry = retry
         self.sender = os.urandom(8).hex()
+        self.instance = self.sender  # a worker's is its supervisor's (``SharedCache.start``)
         self.outage = Outage()  # a failed publish spares the next ones a deadline each
         self.subscribed = asyncio.Event()
         self._lost = False
@@ -116,7 +131,7 @@ class PurgeBus:
             return
         try:
             async with asyncio.timeout(self.deadline):
-                await self.client.publish(CHANNEL, purge.encode(self.sender))
+                await self.client.publish(CHANNEL, purge.encode(self.sender, self.instance))
         except REDIS_FAILURES as error:
             self.outage.failed()
             self._lose(error)
@@ -140,14 +155,18 @@ class PurgeBus:
             self._regain()
             self.subscribed.set()
             async for payload in payloads:
-                decoded = decode(payload)
-                if decoded is None:
+                message = decode(payload)
+                if message is None:
                     log.debug("cache purge bus: ignored a malformed message")
-                    continue
-                sender, purge = decoded
-                if sender != self.sender:
-                    await self.apply(purge)
+                elif self.concerns_me(message):
+                    await self.apply(message.purge)
         raise ConnectionError("subscription ended")
+
+    def concerns_me(self, message: Message) -> bool:
+        if message.sender == self.sender:
+            return False  # purged when it was sent
+        # A sibling worker's admin purge: the supervisor asks this worker too.
+        return message.instance != self.instance or message.purge.by == "invalidation"
 
     def _lose(self, error: BaseException) -> None:
         if not self._lost:

@@ -82,6 +82,8 @@ class SharedCache:
         self.config = config
         self.redis_config = redis_config
         self.clock = clock
+        # Under a supervisor, the id its workers share on the purge bus (``start``).
+        self.instance: str | None = previous.instance if previous is not None else None
         same_redis = previous is not None and previous.redis_config == redis_config
         if (
             previous is not None
@@ -147,11 +149,16 @@ class SharedCache:
             deadline=call_deadline(redis_config),
         )
 
-    def start(self) -> None:
+    def start(self, instance: str | None = None) -> None:
         """Listen for the other instances' purges (once a loop runs: a config check has
-        none, and a daemon calls this again when it starts serving)."""
+        none, and a daemon calls this again when it starts serving). ``instance``: the
+        id a supervisor's workers share (None: this process is the instance)."""
+        if instance is not None:
+            self.instance = instance
         if self.bus is None:
             return
+        if self.instance is not None:
+            self.bus.instance = self.instance
         try:
             asyncio.get_running_loop()
         except RuntimeError:

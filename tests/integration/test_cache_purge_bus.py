@@ -191,6 +191,32 @@ def test_an_invalidation_through_one_worker_reaches_its_sibling_and_other_daemon
         assert purged(a, "invalidation") == 2
 
 
+def test_a_purge_on_a_daemon_with_workers_answers_what_all_its_workers_removed(
+    start_sluicegate, redis_server
+):
+    """The supervisor asks each worker and adds up; a worker that heard its sibling's
+    message first would answer 0 (seen 4 times in 15 before workers ignored it)."""
+    with RawUpstream(Origin(tagged)) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+        a = start_sluicegate({**config, "workers": 2}, name="a", timeout=30)
+        b = start_sluicegate(config, name="b")
+        wait_for(lambda: subscribers([redis_server.port]) == 3, message="every worker subscribed")
+        answers = []
+        for _ in range(10):
+            for _ in range(40):  # connections spread over the workers: until both hold it
+                a.get("/users/42", headers=HOST)
+                if objects(a) == 2:
+                    break
+            assert objects(a) == 2
+            b.get("/users/42", headers=HOST)
+            body = a.admin("POST", "/cache/purge", body=b'{"tag": "user-42"}')[2]
+            answers.append(json.loads(body)["purged"])
+            wait_for(lambda: objects(b) == 0, message="B purged too")
+        assert answers == [2] * 10
+        assert purged(a, "tag") == 20 and purged(b, "tag") == 10
+
+
 def subscriptions(server) -> set[int]:
     """Redis's ids of the connections subscribed to a channel."""
     with server.client() as client:
@@ -266,7 +292,9 @@ async def test_the_bus_ignores_its_own_and_malformed_messages(redis_server):
         await asyncio.wait_for(first.subscribed.wait(), 5)
         await asyncio.wait_for(second.subscribed.wait(), 5)
         await first.client.publish(CHANNEL, b"not json")
-        await first.client.publish(CHANNEL, b'{"from": "x", "by": "everything", "values": []}')
+        await first.client.publish(
+            CHANNEL, b'{"from": "x", "instance": "x", "by": "everything", "values": []}'
+        )
         await first.publish(Purge("tag", ("user-42",)))
         await second.publish(Purge("invalidation", ("shop.example/a", "shop.example/b")))
         for _ in range(100):
