@@ -286,6 +286,7 @@ class ProxyProcess:
         config = self.runtime.config
         # Resolved servers are known before the first request (or the lookup timed out).
         await self.runtime.first_lookups()
+        self._start_cache(self.runtime)
         for listen in config.listen:
             self._open_listener(listen)
         for listener in self.listeners.values():
@@ -338,6 +339,16 @@ class ProxyProcess:
         await site.start()
         self._admin_runner = runner
 
+    def _start_cache(self, runtime: Runtime) -> None:
+        """Other instances' purges reach this process's memory store from now on."""
+        if runtime.cache is None:
+            return
+        instance = None
+        if self.admin_sock is not None:  # a worker: its siblings share the run directory
+            run_dir = os.path.dirname(os.path.abspath(self.admin_sock))
+            instance = f"{socket.gethostname()}:{os.getppid()}:{run_dir}"
+        runtime.cache.start(instance)
+
     def _reload_on_signal(self) -> None:
         self._keep(asyncio.get_running_loop().create_task(self.reload()))
 
@@ -380,6 +391,7 @@ class ProxyProcess:
         await old.stop_health_checks()
         runtime.start_health_checks()
         runtime.start_discovery()
+        self._start_cache(runtime)
         self.runtime = runtime
         for server in old.retired_servers(runtime):
             server.retire()

@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any
 
+from proxy.cache.channel import subscription
 from proxy.cache.lock import Outcome
 from proxy.cache.outage import Outage
 from proxy.cache.redisstore import PREFIX, REDIS_FAILURES
@@ -137,21 +138,15 @@ class RedisLock:
 
     async def _run(self) -> None:
         subscribed = self._subscribed
-        pubsub = None
         try:
-            # A cluster client must know its slot map before it can pick the channel's node.
-            await self.subscriber.initialize()
-            pubsub = self.subscriber.pubsub()
-            await pubsub.subscribe(CHANNEL)
-            if subscribed is not None and not subscribed.done():
-                subscribed.set_result(None)
-            async for message in pubsub.listen():
-                if message.get("type") != "message":
-                    continue
-                word, _, key = message["data"].decode("latin-1").partition(" ")
-                for future in self._waiters.get(key, ()):
-                    if not future.done():
-                        future.set_result(Outcome(word))
+            async with subscription(self.subscriber, CHANNEL) as payloads:
+                if subscribed is not None and not subscribed.done():
+                    subscribed.set_result(None)
+                async for payload in payloads:
+                    word, _, key = payload.decode("latin-1").partition(" ")
+                    for future in self._waiters.get(key, ()):
+                        if not future.done():
+                            future.set_result(Outcome(word))
         except Exception as error:  # whatever the client raises: waiters go upstream
             if subscribed is not None and not subscribed.done():
                 subscribed.set_exception(error)
@@ -161,13 +156,3 @@ class RedisLock:
                 for future in futures:
                     if not future.done():
                         future.set_result(Outcome.TIMED_OUT)
-        finally:
-            if pubsub is not None:
-                await _close_quietly(pubsub)
-
-
-async def _close_quietly(pubsub: Any) -> None:
-    try:
-        await pubsub.aclose()
-    except Exception as error:  # its connection may be dead already: nothing to do
-        log.debug("closing the cache lock subscription: %s", error)

@@ -40,6 +40,7 @@ from proxy.cache.policy import (
     updated_headers,
     vary_names,
 )
+from proxy.cache.purgebus import Purge, PurgeBus
 from proxy.cache.redislock import RedisLock
 from proxy.cache.redisstore import RedisStore
 from proxy.cache.store import BodyWriter, StoredResponse, tags_of
@@ -91,20 +92,31 @@ class SharedCache:
         self.config = config
         self.redis_config = redis_config
         self.clock = clock
+        # Under a supervisor, the id its workers share on the purge bus (``start``).
+        self.instance: str | None = previous.instance if previous is not None else None
+        same_redis = previous is not None and previous.redis_config == redis_config
         if (
             previous is not None
             and previous.config == config
-            and (config.store != "redis" or previous.redis_config == redis_config)
+            and (config.store != "redis" or same_redis)
         ):
             self.store: Any = previous.store
             self.lock: StampedeLock = previous.lock
             self.remote_lock: RedisLock | None = previous.remote_lock
             self._evictions_told = previous._evictions_told
             self._background = previous._background
-            self.redis, self.subscriber = previous.redis, previous.subscriber
+            if same_redis:
+                self.redis, self.subscriber = previous.redis, previous.subscriber
+                self.bus: PurgeBus | None = previous.bus
+                if self.bus is not None:
+                    self.bus.apply = self._apply  # the same store, booked by this generation
+            else:  # the memory store stays; its purge bus follows the new redis section
+                self._open_bus(redis_config)
+                self._close_later(previous)
         else:
             self.redis: SharedRedis | None = None
             self.subscriber: SharedRedis | None = None
+            self.bus = None
             if config.store == "redis":
                 self.redis, self.subscriber = open_redis(redis_config)
                 deadline = call_deadline(redis_config)
@@ -126,11 +138,42 @@ class SharedCache:
             else:
                 self.store = MemoryStore(config.max_size, config.max_object_size)
                 self.remote_lock = None
+                self._open_bus(redis_config)
             self.lock = StampedeLock(config.lock_timeout)
             self._evictions_told = 0
             self._background: set[asyncio.Task[None]] = set()
             if previous is not None and previous.redis is not None:
                 self._close_later(previous)  # its clients are nobody's now
+        self.start()
+
+    def _open_bus(self, redis_config: Any) -> None:
+        """A memory store with Redis configured: purges go to every instance's store."""
+        self.redis = self.subscriber = self.bus = None
+        if redis_config is None:
+            return
+        self.redis, self.subscriber = open_redis(redis_config)
+        self.bus = PurgeBus(
+            self.redis.client,
+            self.subscriber.client,
+            self._apply,
+            deadline=call_deadline(redis_config),
+        )
+
+    def start(self, instance: str | None = None) -> None:
+        """Listen for the other instances' purges (once a loop runs: a config check has
+        none, and a daemon calls this again when it starts serving). ``instance``: the
+        id a supervisor's workers share (None: this process is the instance)."""
+        if instance is not None:
+            self.instance = instance
+        if self.bus is None:
+            return
+        if self.instance is not None:
+            self.bus.instance = self.instance
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.bus.start()
 
     def report(self) -> None:
         """The store's size to the gauges, and evictions since the last report."""
@@ -139,22 +182,43 @@ class SharedCache:
         self._evictions_told = stats.evictions
 
     async def purge(self, by: str, value: str) -> int:
-        """The admin purge: by "url", "prefix" or "tag"."""
+        """The admin purge: by "url", "prefix" or "tag"; how many this store removed (the
+        other instances' memory stores are told, and count their own)."""
+        purge = Purge(by, (value if by == "tag" else url_from_purge(value),))
+        count = await self._apply(purge)
+        if self.bus is not None:
+            await self.bus.publish(purge)
+        return count
+
+    async def invalidate(self, urls: set[str]) -> None:
+        """An unsafe method's invalidation (RFC 9111 §4.4): here, then (in the background,
+        off the response's path) on every other instance's memory store."""
+        purge = Purge("invalidation", tuple(sorted(urls)))
+        await self._apply(purge)
+        if self.bus is not None:
+            self.in_background(self.bus.publish(purge))
+
+    async def _apply(self, purge: Purge) -> int:
+        """``purge`` on this process's store, counted under its ``by``."""
         store = self.store
-        if by == "url":
-            count = await store.purge_url(url_from_purge(value))
-        elif by == "prefix":
-            count = await store.purge_prefix(url_from_purge(value))
-        else:
-            count = await store.purge_tag(value)
-        metrics.cache_purged(by, count)
+        match = {
+            "url": store.purge_url,
+            "prefix": store.purge_prefix,
+            "tag": store.purge_tag,
+        }[purge.kind]
+        count = 0
+        for value in purge.values:
+            count += await match(value)
+        metrics.cache_purged(purge.by, count)
         self.report()
         return count
 
     async def aclose(self) -> None:
-        """Stop the lock's subscription and close the Redis clients (store: redis)."""
+        """Stop the lock's or the purge bus's subscription and close the Redis clients."""
         if self.remote_lock is not None:
             self.remote_lock.stop()
+        if self.bus is not None:
+            self.bus.stop()
         for shared in (self.redis, self.subscriber):
             if shared is not None:
                 try:
@@ -611,11 +675,7 @@ class _CachedRequest:
                 urls.add(host + text)
             elif "://" in text and url_from_purge(text).partition("/")[0] == host:
                 urls.add(url_from_purge(text))
-        count = 0
-        for url in urls:
-            count += await self.store.purge_url(url)
-        metrics.cache_purged("invalidation", count)
-        self.shared.report()
+        await self.shared.invalidate(urls)
 
     async def revalidate_in_background(self, key: str, entry: StoredResponse) -> None:
         try:
