@@ -14,7 +14,8 @@ Invariants every policy keeps:
 - `select` allocates nothing on the hot path beyond what the algorithm needs.
 
 Slow start (``proxy.slowstart``): a policy built with ``slow_start`` asks it once per call
-whether a ramp runs. When none does (nearly always) the integer weights fixed at
+whether a ramp runs; one built without (its upstream has no slow start) tests one
+attribute and makes no call. When none does (nearly always) the integer weights fixed at
 construction are used, with no clock read and no float arithmetic. While one runs, the
 call uses every candidate's ``effective_weight(now)`` instead: round_robin and random
 draw by it, least_conn and p2c divide in-flight requests by it. ip_hash keeps its ring
@@ -92,11 +93,6 @@ class Policy(Generic[S]):
     def servers(self) -> tuple[S, ...]:
         return self._servers
 
-    def _ramping(self) -> float | None:
-        """The time now while a slow-start ramp runs, else None."""
-        slow_start = self._slow_start
-        return slow_start.ramping() if slow_start is not None else None
-
     def _weights_at(self, now: float) -> list[float]:
         return [server.effective_weight(now) for server in self._servers]  # type: ignore[attr-defined]
 
@@ -157,7 +153,8 @@ class RoundRobin(Policy[S]):
         self._wrr = _SmoothWeighted(self._weights)
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
-        now = self._ramping()
+        slow_start = self._slow_start
+        now = None if slow_start is None else slow_start.ramping()
         weights = None if now is None else self._weights_at(now)
         index = self._wrr.pick(self._servers, is_eligible, weights)
         return self._servers[index] if index >= 0 else None
@@ -179,7 +176,8 @@ class LeastConn(Policy[S]):
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
         servers = self._servers
-        now = self._ramping()
+        slow_start = self._slow_start
+        now = None if slow_start is None else slow_start.ramping()
         weights: Sequence[float] = self._weights if now is None else self._weights_at(now)
         flags = self._flags
         # Pass 1: the least load, compared by cross-multiplying to stay in integers.
@@ -236,7 +234,8 @@ class IpHash(Policy[S]):
         self._index_of = {id(server): index for index, server in enumerate(self._servers)}
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
-        now = self._ramping()
+        slow_start = self._slow_start
+        now = None if slow_start is None else slow_start.ramping()
         if now is None:
             return self._select(is_eligible, key)
         # A ramping server takes the keys whose hash fraction is below its ramp fraction;
@@ -371,7 +370,8 @@ class WeightedRandom(Policy[S]):
         self._picker = _WeightedRandomPick(self._weights, self._rng)
 
     def select(self, is_eligible: Callable[[S], bool], key: str | None = None) -> S | None:
-        now = self._ramping()
+        slow_start = self._slow_start
+        now = None if slow_start is None else slow_start.ramping()
         weights = None if now is None else self._weights_at(now)
         index = self._picker.pick(self._servers, is_eligible, weights)
         return self._servers[index] if index >= 0 else None
@@ -394,7 +394,8 @@ class PowerOfTwoChoices(Policy[S]):
         eligible = self._eligible
         for index, server in enumerate(servers):
             eligible[index] = bool(is_eligible(server))
-        now = self._ramping()
+        slow_start = self._slow_start
+        now = None if slow_start is None else slow_start.ramping()
         ramped = None if now is None else self._weights_at(now)
         first = self._picker.pick(eligible, bool, ramped)
         if first < 0:

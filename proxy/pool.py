@@ -166,7 +166,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.body_writer_paused: Callable[[bool], None] | None = None
         self._reading_paused_for: set[str] = set()
         self.tunnel_data: bytes = b""
-        self._chunks.stop()
+        if self._chunks.active:  # a chunked response cut short; most never began one
+            self._chunks.stop()
         self._head_tail = b""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -402,7 +403,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             return
         self.complete = True  # told after the parser returns (data_received)
         self.deadline = 0.0
-        self._chunks.stop()  # it saw the end too; this keeps the two in step regardless
+        if self._chunks.active:  # it saw the end too; this keeps the two in step regardless
+            self._chunks.stop()
 
     # -- the exchange, driven by forwarding ----------------------------------------------
 
