@@ -1122,7 +1122,7 @@ def _response_head(
     parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
     has_request_id = False
     lowered_names = response.lowered
-    dropped = _named_in_connection(response)
+    dropped = _named_in_connection(response) if b"connection" in lowered_names else ()
     for (name, value), lowered in zip(response.headers, lowered_names, strict=True):
         if lowered in RESPONSE_REWRITTEN or lowered in dropped:
             if lowered == b"content-length" and not response.has_body:
@@ -1207,7 +1207,9 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
             payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:
         response.content_length = len(payload)  # also re-frames a chunked one
-    extra = _with_trace(ex, ex.extra_headers + ex.sticky_cookie)
+    extra = ex.extra_headers + ex.sticky_cookie
+    if ex.trace is not None:
+        extra = _with_trace(ex, extra)
     head = _response_head(response, request, extra, close=close, chunked=False)
     conn.response_started = True
     if response.has_body and payload:

@@ -847,7 +847,12 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             # The upstream declined the upgrade (no 101): the connection goes on as HTTP.
             self.resume_reading("upgrade")
             self._continue_as_http(self.take_early_tunnel_bytes())
-        self._pump()
+        if self._backlog or self._pumping or self._reading_paused_for:
+            self._pump()
+        elif not self.closed and self._current is None and not self._awaiting_drain:
+            # Nothing received and nothing paused (a keep-alive client waiting for its
+            # answer): all _pump would do is arm the wait, so arm it without the call.
+            self._arm_wait_deadline()
 
     def on_deadline(self) -> None:
         kind = self._deadline_kind
