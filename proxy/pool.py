@@ -227,7 +227,15 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         start = 0
         while start < size:
             end = self._slice_end(data, start, size)
-            if end < 0 or not self._feed(data, start, end):
+            if end < 0:
+                break
+            # The parser is fed here, not through a helper: this runs for every read.
+            try:
+                self._parser.feed_data(
+                    data if start == 0 and end == size else memoryview(data)[start:end]
+                )
+            except (httptools.HttpParserUpgrade, httptools.HttpParserError) as stop:
+                self._parsing_stopped(stop, data, start)
                 break
             start = end
         if not self._head_done:
@@ -270,15 +278,13 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             return size  # a final head (not 1xx) and no chunked body: the rest is its body
         return found + 4
 
-    def _feed(self, data: bytes, start: int, end: int) -> bool:
-        """Parse ``data[start:end]``; False when the rest of the read is not parsed."""
-        try:
-            whole = start == 0 and end == len(data)
-            self._parser.feed_data(data if whole else memoryview(data)[start:end])
-        except httptools.HttpParserUpgrade as upgrade:
-            self.tunnel_data = data[start + upgrade.args[0] :]
-        except httptools.HttpParserCallbackError as error:
-            cause = error.__context__
+    def _parsing_stopped(self, stop: Exception, data: bytes, start: int) -> None:
+        """The parser stopped in the slice of ``data`` from ``start``: the rest of the read
+        is not parsed."""
+        if isinstance(stop, httptools.HttpParserUpgrade):
+            self.tunnel_data = data[start + stop.args[0] :]
+        elif isinstance(stop, httptools.HttpParserCallbackError):
+            cause = stop.__context__
             if isinstance(cause, _HeadResponseDone):
                 # HEAD: httptools cannot be told to skip the announced body, so we stop the
                 # parser after the head and start a fresh one for the next exchange.
@@ -289,12 +295,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
                 # relayed (it would desynchronise the client) nor left for the next request.
                 self.out_of_step = True
             else:
-                self._parser_failed(error)
-        except httptools.HttpParserError as error:
-            self._parser_failed(error)
+                self._parser_failed(stop)
         else:
-            return True
-        return False
+            self._parser_failed(stop)
 
     def _framing_refused(self, reason: str) -> None:
         """A chunk-size line or trailer section past its bound: a malformed response."""
