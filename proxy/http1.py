@@ -405,7 +405,16 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             return
         self._pumping = True
         try:
-            while self._backlog and self._may_parse():
+            while self._backlog and (
+                # _may_parse's answer for a connection between requests, without the call
+                (
+                    self._current is None
+                    and not self._reading_paused_for
+                    and not self._awaiting_drain
+                    and not self.closed
+                )
+                or self._may_parse()
+            ):
                 data, start = self._backlog, self._backlog_at
                 length = self._piece_end(data, start)
                 if length < 0:
