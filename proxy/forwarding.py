@@ -37,7 +37,7 @@ from proxy.http1 import HOP_BY_HOP, REASONS, ClientConnection, Request, error_re
 from proxy.metrics import in_flight_requests
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
 from proxy.ratelimit.bucket import Decision
-from proxy.retry import status_word
+from proxy.retry import FailureKind, status_word
 from proxy.routing import cookie_value
 
 # Request headers we rewrite ourselves (framing, forwarding facts, 100-continue). The
@@ -524,7 +524,7 @@ async def _forward(
                 last_error = error
             else:  # a listed status whose body was too large to hold as the final answer
                 last_error = UpstreamError(
-                    "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
+                    _ERROR, f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
             if error is not None and error.budget_spent:
                 last_response = None  # the budget is spent: the answer is 504 (SPEC)
@@ -555,7 +555,7 @@ async def _forward(
         head, payload = last_response
         _send_buffered(ex, head, payload)
     elif last_error is not None:
-        status = 504 if last_error.kind == "timeout" else 502
+        status = 504 if last_error.kind is _TIMEOUT else 502
         ex.error = last_error.detail
         _send_error(ex, status, last_error.detail, ex.extra_headers)
     else:
@@ -739,6 +739,8 @@ class Attempt:
 
 
 _STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
+_ERROR = FailureKind.ERROR
+_TIMEOUT = FailureKind.TIMEOUT
 
 
 async def _attempt(
@@ -819,7 +821,7 @@ async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | N
 
 
 def _idle_race(error: UpstreamError, reused: bool, fresh_retry_left: bool, conn: Any) -> bool:
-    return reused and fresh_retry_left and error.kind == "error" and not conn.closed
+    return reused and fresh_retry_left and error.kind is _ERROR and not conn.closed
 
 
 async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:

@@ -38,6 +38,8 @@ from prometheus_client import (
 )
 from prometheus_client import values as prometheus_values
 
+from proxy.breaker import BreakerState
+
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Proxy latencies span a cache hit behind a fast upstream (~1 ms) to a slow report
@@ -54,9 +56,6 @@ OTHER_METHOD = "OTHER"
 _METHOD_LABELS: dict[str | bytes, str] = {m: m for m in KNOWN_METHODS} | {
     m.encode(): m for m in KNOWN_METHODS
 }
-
-# Gauge values of sluicegate_circuit_breaker_state, as SPEC fixes them.
-BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 # `_created` series double the series count and nobody alerts on them.
 disable_created_metrics()
@@ -411,16 +410,13 @@ class ServerMetrics:
     def set_healthy(self, healthy: bool) -> None:
         self._healthy.set(1 if healthy else 0)
 
-    def set_breaker(self, state: int | str) -> None:
-        """Set the breaker gauge: 0/1/2, or a state name ("closed", "half_open", "open")."""
-        value = getattr(state, "value", state)  # accept an Enum of either kind
-        if isinstance(value, str):
-            value = BREAKER_STATE_VALUES[value]
-        self._breaker_state.set(value)
+    def set_breaker(self, state: BreakerState) -> None:
+        """Set the breaker gauge to the state's `gauge_value` (0 closed, 1 half_open, 2 open)."""
+        self._breaker_state.set(state.gauge_value)
 
-    def breaker_transition(self, to: str) -> None:
-        """Count a breaker state change into ``to`` ("closed", "half_open", "open")."""
-        to = getattr(to, "value", to)
+    def breaker_transition(self, to: BreakerState) -> None:
+        """Count a breaker state change into ``to``, labelled by the state's value."""
+        to = to.value
         child = self._transitions.get(to)
         if child is None:
             child = self._transitions[to] = BREAKER_TRANSITIONS.labels(

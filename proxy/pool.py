@@ -48,6 +48,7 @@ from typing import Any
 import httptools
 
 from proxy.flow import ProxyConnection, http_version
+from proxy.retry import FailureKind
 from proxy.timers import sweeper_for
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
@@ -67,10 +68,18 @@ def client_ssl_context() -> ssl.SSLContext:
     return _ssl_context
 
 
+# Module constants: a lookup on the enum class costs a dict probe each time.
+_ERROR = FailureKind.ERROR
+_TIMEOUT = FailureKind.TIMEOUT
+_INVALID_HEADER = FailureKind.INVALID_HEADER
+
+
 class UpstreamError(Exception):
     """An attempt failed before a usable response head: ``kind`` is a retry.on word."""
 
-    def __init__(self, kind: str, detail: str, *, sent: bool, budget_spent: bool = False) -> None:
+    def __init__(
+        self, kind: FailureKind, detail: str, *, sent: bool, budget_spent: bool = False
+    ) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
@@ -183,7 +192,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             return
         if not self._head_done:
             self._fail(
-                UpstreamError("error", "upstream closed before a full response head", sent=True)
+                UpstreamError(_ERROR, "upstream closed before a full response head", sent=True)
             )
         elif not self.complete:
             response = self._response
@@ -197,7 +206,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             if close_delimited:
                 self._finish()
             else:
-                self._abort(UpstreamError("error", "upstream closed mid-response", sent=True))
+                self._abort(UpstreamError(_ERROR, "upstream closed mid-response", sent=True))
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
@@ -239,7 +248,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self._parser_failed(error)
         if not self._head_done:
             if self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
-                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+                self._fail(UpstreamError(_INVALID_HEADER, "response head too large", sent=True))
                 self.close()
             return
         # Outside the parser now: the waiter may finish, and even begin the next exchange.
@@ -251,9 +260,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     def _parser_failed(self, error: Exception) -> None:
         if not self._head_done:
-            self._fail(UpstreamError("invalid_header", f"malformed response: {error}", sent=True))
+            self._fail(UpstreamError(_INVALID_HEADER, f"malformed response: {error}", sent=True))
         else:
-            self._abort(UpstreamError("error", f"malformed response body: {error}", sent=True))
+            self._abort(UpstreamError(_ERROR, f"malformed response body: {error}", sent=True))
         self.close()
 
     def pause_writing(self) -> None:
@@ -423,13 +432,13 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         # Timers fire to the millisecond (uvloop truncates): that close, the budget is out.
         if self.loop.time() >= self.budget_end - TIMER_SLACK:
             error = UpstreamError(
-                "timeout",
+                _TIMEOUT,
                 "retry.timeout spent waiting for the upstream",
                 sent=True,
                 budget_spent=True,
             )
         else:
-            error = UpstreamError("timeout", "upstream read timed out", sent=True)
+            error = UpstreamError(_TIMEOUT, "upstream read timed out", sent=True)
         if not self._head_done:
             self._fail(error)
         else:
@@ -533,7 +542,7 @@ class ConnectionPool:
         if clipped:
             if budget_left <= 0:
                 raise UpstreamError(
-                    "timeout",
+                    _TIMEOUT,
                     "retry.timeout spent before connecting",
                     sent=False,
                     budget_spent=True,
@@ -551,12 +560,12 @@ class ConnectionPool:
         except TimeoutError:
             if clipped:
                 raise UpstreamError(
-                    "timeout", "retry.timeout spent while connecting", sent=False, budget_spent=True
+                    _TIMEOUT, "retry.timeout spent while connecting", sent=False, budget_spent=True
                 ) from None
-            raise UpstreamError("timeout", "connect timed out", sent=False) from None
+            raise UpstreamError(_TIMEOUT, "connect timed out", sent=False) from None
         except OSError as error:
             reason = error.strerror or type(error).__name__
-            raise UpstreamError("error", f"connect failed: {reason}", sent=False) from None
+            raise UpstreamError(_ERROR, f"connect failed: {reason}", sent=False) from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
