@@ -33,6 +33,7 @@ from functools import partial
 from typing import Any
 
 from proxy.compress import begin_compression
+from proxy.flow import PauseReason
 from proxy.http1 import HOP_BY_HOP, REASONS, ClientConnection, Request, error_response
 from proxy.metrics import in_flight_requests
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
@@ -741,6 +742,9 @@ class Attempt:
 _STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
 _ERROR = FailureKind.ERROR
 _TIMEOUT = FailureKind.TIMEOUT
+_UPSTREAM_PAUSE = PauseReason.UPSTREAM
+_CLIENT_PAUSE = PauseReason.CLIENT
+_UPGRADE_PAUSE = PauseReason.UPGRADE
 
 
 async def _attempt(
@@ -915,16 +919,14 @@ def _send_request(
     """``budget``: ``retry.timeout``, counted from the end of a body that streams."""
     body = request.body
     if body is None:
-        upstream.write(head_bytes)
-        upstream.request_complete = True
+        upstream.send_request(head_bytes)
         return
     if body.complete and not chunked:  # held in full (kept for a replay), or just complete
-        upstream.write(head_bytes + b"".join(body.chunks))
-        upstream.request_complete = True
+        upstream.send_request(head_bytes + b"".join(body.chunks))
         return
     writer = _BodyWriter(upstream, head_bytes, chunked, budget)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
-    upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
+    upstream.body_writer_paused = partial(conn.set_reading_paused, _UPSTREAM_PAUSE)
     body.stream_to(writer)
 
 
@@ -979,7 +981,7 @@ class _BodyWriter(_Reframed):
     def on_end(self) -> None:
         self.write_end()
         upstream = self.out
-        upstream.request_complete = True
+        upstream.request_sent()
         if self.budget is not None:
             upstream.limit_exchange(upstream.loop.time() + self.budget)
 
@@ -1094,7 +1096,7 @@ def _start_relay(
     conn.response_started = True
     ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.
-    conn.on_write_paused = partial(upstream.set_reading_paused, "client")
+    conn.on_write_paused = partial(upstream.set_reading_paused, _CLIENT_PAUSE)
     upstream.attach(relay)  # may end the relay at once: the whole body is often here
     if relay.head is not None:
         relay.flush_head()
@@ -1208,7 +1210,7 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
         if encoder is not None:
             payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:
-        response.content_length = len(payload)  # also re-frames a chunked one
+        response.reframe(len(payload))  # also re-frames a chunked one
     extra = _with_trace(ex, ex.extra_headers + ex.sticky_cookie)
     head = _response_head(response, request, extra, close=close, chunked=False)
     conn.response_started = True
@@ -1290,13 +1292,13 @@ async def _tunnel(ex: Exchange, response: Any, upstream: UpstreamConnection) -> 
     tunnel = _Tunnel(conn, upstream)
     conn.tunnel = tunnel
     # Backpressure both ways: whichever side cannot keep up stops us reading the other.
-    conn.on_write_paused = partial(upstream.set_reading_paused, "client")
-    upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
+    conn.on_write_paused = partial(upstream.set_reading_paused, _CLIENT_PAUSE)
+    upstream.body_writer_paused = partial(conn.set_reading_paused, _UPSTREAM_PAUSE)
     early = conn.take_early_tunnel_bytes()
     if early:
         tunnel.from_client(early)
     upstream.start_tunnel(tunnel)
-    conn.resume_reading("upgrade")
+    conn.resume_reading(_UPGRADE_PAUSE)
     try:
         await tunnel.closed
     finally:

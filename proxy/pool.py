@@ -47,7 +47,7 @@ from typing import Any
 
 import httptools
 
-from proxy.flow import ProxyConnection, http_version
+from proxy.flow import PauseReason, ProxyConnection, http_version
 from proxy.retry import FailureKind
 from proxy.timers import sweeper_for
 
@@ -72,6 +72,7 @@ def client_ssl_context() -> ssl.SSLContext:
 _ERROR = FailureKind.ERROR
 _TIMEOUT = FailureKind.TIMEOUT
 _INVALID_HEADER = FailureKind.INVALID_HEADER
+_HELD = PauseReason.HELD
 
 
 class UpstreamError(Exception):
@@ -122,6 +123,15 @@ class ResponseHead:
         self.has_body = True
         self.version = "1.1"
 
+    def reframe(self, content_length: int | None) -> None:
+        """The body relayed differs from the upstream's (held and measured, or encoded):
+        framed by this length, or by chunks when None."""
+        self.content_length = content_length
+
+    def replace_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+        self.lowered = [name.lower() for name, _ in headers]
+
 
 class HeadFuture(asyncio.Future):
     """The waiter a coroutine awaits: resolves with the response head or the failure."""
@@ -146,6 +156,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.out_of_step = False  # it sent what no request of ours asked for: never reused
+        # Switched protocols (start_tunnel): raw bytes both ways from then on, never reused.
+        self.upgraded = False
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -167,10 +179,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.interim_listener: Any = None  # hears 1xx heads but 100 (set by forwarding)
         self.complete = False
         self.request_is_head = False
-        self.request_complete = False  # the whole request body left us (set by forwarding)
+        self.request_complete = False  # the whole request body left us (request_sent)
         self.budget_end = math.inf  # no read wait runs past this (loop clock), see begin()
         self.body_writer_paused: Callable[[bool], None] | None = None
-        self._reading_paused_for: set[str] = set()
+        self._reading_paused_for: set[PauseReason] = set()
         self.tunnel_data: bytes = b""
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -186,7 +198,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.pool.forget(self)
         if self.waiter is None:
             return
-        if self.tunnel_data is None:  # a tunnel the upstream (or its idle timeout) ended
+        if self.upgraded:  # a tunnel the upstream (or its idle timeout) ended
             if self.sink is not None:
                 self.sink.on_end()
             return
@@ -213,7 +225,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             # Bytes on an idle connection: the peer is out of step; never reuse it.
             self.close()
             return
-        if self.tunnel_data is None:  # upgraded: raw bytes go straight through
+        if self.upgraded:  # raw bytes go straight through
             self.deadline = self._sweeper.now + self.read_timeout
             self.sink.on_body(data)
             return
@@ -340,7 +352,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._held.append(chunk)
         self._held_bytes += len(chunk)
         if self._held_bytes > HELD_BODY_LIMIT:
-            self.pause_reading("held")
+            self.pause_reading(_HELD)
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -395,7 +407,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         held, self._held = self._held, []
         self._held_bytes = 0
         if self._reading_paused_for:
-            self.resume_reading("held")  # a full hold stopped reading: it is empty now
+            self.resume_reading(_HELD)  # a full hold stopped reading: it is empty now
         return held
 
     async def wait_done(self) -> None:
@@ -408,9 +420,34 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self._done = self.loop.create_future()
         await self._done
 
+    def send_request(self, data: bytes) -> None:
+        """Write the whole request (head and any body) at once."""
+        self.write(data)
+        self.request_complete = True
+
+    def request_sent(self) -> None:
+        """The last byte of a streamed request body has been written."""
+        self.request_complete = True
+
+    def go_idle(self) -> None:
+        """Back in the pool: reading on, the exchange's references dropped."""
+        # Paused for the client's sake (a slow reader of the last response)? An idle
+        # connection must read again, or its next exchange would never see the response
+        # (begin() starts from an empty set of reasons).
+        if self._reading_paused_for:
+            self.resume_all_reading()
+        # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
+        self.waiter = None
+        self.sink = None
+        self.interim_listener = None
+        self._response = None
+        self.body_writer_paused = None
+        self.deadline = self._sweeper.now + POOL_IDLE_SECONDS
+
     def start_tunnel(self, sink: Any) -> None:
         self.sink = sink
-        pending, self.tunnel_data = self.tunnel_data, None  # type: ignore[assignment]
+        self.upgraded = True
+        pending, self.tunnel_data = self.tunnel_data, b""
         # An idle tunnel (no bytes either way, see tunnel_activity) ends after read_timeout;
         # the retry time budget bounded the exchange that opened it, not the tunnel.
         self.budget_end = math.inf
@@ -426,7 +463,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self.waiter is None:
             self.close()  # idle too long in the pool
             return
-        if self.tunnel_data is None:
+        if self.upgraded:
             self.close()  # idle tunnel: connection_lost tells the sink
             return
         # Timers fire to the millisecond (uvloop truncates): that close, the budget is out.
@@ -573,15 +610,7 @@ class ConnectionPool:
             # Paused for the client's sake (a slow reader of the last response)? An idle
             # connection must read again, or its next exchange would never see the
             # response (begin() starts from an empty set of reasons).
-            if conn._reading_paused_for:
-                conn.resume_all_reading()
-            # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
-            conn.waiter = None
-            conn.sink = None
-            conn.interim_listener = None
-            conn._response = None
-            conn.body_writer_paused = None
-            conn.deadline = conn._sweeper.now + POOL_IDLE_SECONDS
+            conn.go_idle()
             self._idle.append(conn)
         else:
             conn.close()

@@ -768,8 +768,7 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
         upstream = pool.take_idle() or await pool.connect()
         waiter = HeadFuture(loop=asyncio.get_running_loop())
         upstream.begin(False, waiter)
-        upstream.write(head_bytes)
-        upstream.request_complete = True
+        upstream.send_request(head_bytes)
         response = await waiter
         books.head(response.status)
         collector = BodyWriter(cached.store.max_object_size)
