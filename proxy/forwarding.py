@@ -134,7 +134,7 @@ class Exchange:
         self.body_chunked = False
         self.attempt: Attempt | None = None  # the fast path's try in progress
         self.books_closed = False
-        in_flight_requests._value += 1  # until close_books
+        in_flight_requests.value += 1  # until close_books
         self.pinned: Any = None  # the server the sticky cookie names
         self.sticky_presented: bytes | None = None  # the sticky cookie's value, if any
         self.sticky_cookie = b""  # Set-Cookie for the answer, when the pin changes
@@ -208,7 +208,7 @@ class Exchange:
         if self.books_closed:
             return
         self.books_closed = True
-        in_flight_requests._value -= 1
+        in_flight_requests.value -= 1
         if self.budget is not None:
             self.budget.request_finished()
             self.budget = None

@@ -247,6 +247,8 @@ WORKER = textwrap.dedent(
         metrics.open_connections_inc()
         metrics.config_reload(True)
         metrics.flush()  # as a worker does every second, on render, and when it stops
+    elif action == "reload":  # the supervisor counts reloads and never flushes
+        metrics.config_reload(sys.argv[2] == "ok")
     elif action == "render":
         for pid in sys.argv[2:]:
             metrics.mark_process_dead(int(pid))
@@ -381,3 +383,32 @@ def test_a_failure_kind_is_counted_under_its_config_word():
     server.response("timeout", None)  # the same series, whichever form arrives
     labels = {"upstream": "up-k", "server": "h:6", "status": "timeout"}
     assert value("sluicegate_upstream_requests_total", **labels) == 2
+
+
+def test_prometheus_client_is_left_unpatched():
+    # Our series are plain numbers read by a collector: the library's own value class
+    # (with its lock) stays in place for anything else that uses prometheus-client.
+    from prometheus_client import values
+
+    assert values.ValueClass.__module__ == "prometheus_client.values"
+    assert type(metrics.in_flight_requests).__module__ == "proxy.metrics"
+
+
+def test_a_scrape_reads_the_series_as_they_are_now():
+    route = metrics.RouteMetrics("route-now")
+    route.observe("GET", 200, 40.0)  # beyond the last bound: the +Inf bucket only
+    labels = {"route": "route-now"}
+    assert value("sluicegate_request_duration_seconds_bucket", le="30.0", **labels) == 0
+    assert value("sluicegate_request_duration_seconds_bucket", le="+Inf", **labels) == 1
+    assert value("sluicegate_request_duration_seconds_sum", **labels) == 40.0
+    route.observe("GET", 200, 0.001)  # on a bound: counted in that bucket (le is <=)
+    assert value("sluicegate_request_duration_seconds_bucket", le="0.001", **labels) == 1
+    assert value("sluicegate_request_duration_seconds_count", **labels) == 2
+
+
+def test_multiprocess_counts_off_the_request_path_need_no_flush(tmp_path):
+    start_worker(tmp_path, "reload", "ok")
+    start_worker(tmp_path, "reload", "failed")
+    samples = rendered_samples(tmp_path)
+    assert sample(samples, "sluicegate_config_reloads_total", result="success") == 1
+    assert sample(samples, "sluicegate_config_reloads_total", result="failure") == 1
