@@ -87,7 +87,7 @@ def load_status_page() -> bytes:
     return resources.files("proxy").joinpath(STATUS_PAGE).read_bytes()
 
 
-def error_response(status: int, message: str, **headers: str) -> web.Response:
+def json_error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
@@ -103,17 +103,17 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         if exc.status < 400:
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
-        return error_response(exc.status, exc.reason.lower(), **headers)
+        return json_error(exc.status, exc.reason.lower(), **headers)
     except Exception:
         log.exception("admin %s %s failed", request.method, request.path)
-        return error_response(500, "internal error")
+        return json_error(500, "internal error")
 
 
 @web.middleware
 async def _require_token_for_writes(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request.app[_TOKEN_KEY]
     if token is not None and request.method == "POST" and not _bearer_matches(request, token):
-        return error_response(401, "unauthorized", **{"WWW-Authenticate": "Bearer"})
+        return json_error(401, "unauthorized", **{"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 
@@ -172,7 +172,7 @@ async def status_page(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     ok, message = await _control(request).reload()
     if not ok:
-        return error_response(400, message)
+        return json_error(400, message)
     return web.json_response({"status": "reloaded", "message": message})
 
 
@@ -185,7 +185,7 @@ async def drain(request: web.Request) -> web.Response:
     if index is not None:
         server = await _answer(_control(request).set_draining(name, index, draining))
     if server is None:
-        return error_response(404, f"no server {raw_index} in upstream {name!r}")
+        return json_error(404, f"no server {raw_index} in upstream {name!r}")
     return web.json_response(server)
 
 
@@ -203,14 +203,14 @@ async def purge_cache(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except ValueError:
-        return error_response(400, "body must be JSON")
+        return json_error(400, "body must be JSON")
     if not isinstance(body, dict) or len(body) != 1:
-        return error_response(400, 'body must have one of "url", "prefix" or "tag"')
+        return json_error(400, 'body must have one of "url", "prefix" or "tag"')
     ((by, value),) = body.items()
     if by not in PURGE_KINDS or not isinstance(value, str) or not value:
-        return error_response(400, 'body must have one of "url", "prefix" or "tag" (a string)')
+        return json_error(400, 'body must have one of "url", "prefix" or "tag" (a string)')
     purge = getattr(_control(request), "purge_cache", None)
     purged = None if purge is None else await _answer(purge(by, value))
     if purged is None:
-        return error_response(404, "no cache configured")
+        return json_error(404, "no cache configured")
     return web.json_response({"purged": purged})

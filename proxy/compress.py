@@ -232,9 +232,8 @@ def begin_compression(
     if not plan.varies:
         return None, None
     headers = compressed_headers(response.headers, plan)  # type: ignore[attr-defined]
-    response.headers = headers  # type: ignore[attr-defined]
-    response.lowered = [name.lower() for name, _ in headers]  # type: ignore[attr-defined]
+    response.replace_headers(headers)  # type: ignore[attr-defined]
     if plan.algorithm is None:
         return None, None
-    response.content_length = None  # type: ignore[attr-defined]
+    response.reframe(None)  # type: ignore[attr-defined]
     return rule.encoder(plan.algorithm), plan.algorithm

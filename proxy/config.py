@@ -35,6 +35,8 @@ from pydantic import (
 )
 
 from proxy.errors import ConfigError
+from proxy.policies import POLICIES
+from proxy.retry import FAILURE_WORDS, RETRY_CONDITIONS
 from proxy.units import parse_duration, parse_rate, parse_size
 
 __all__ = [
@@ -65,20 +67,8 @@ __all__ = [
     "parse_config",
 ]
 
-POLICIES = ("round_robin", "least_conn", "ip_hash", "random", "p2c")
-FAILURE_KINDS = (
-    "error",
-    "timeout",
-    "invalid_header",
-    "http_500",
-    "http_502",
-    "http_503",
-    "http_504",
-    "http_403",
-    "http_404",
-    "http_429",
-)
-RETRY_CONDITIONS = (*FAILURE_KINDS, "non_idempotent", "idempotency_key")
+# Policy names and failure words come from the modules that act on them, one table each.
+POLICY_NAMES = tuple(POLICIES)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 ON_REDIS_ERROR = ("local", "allow", "deny")
@@ -501,12 +491,12 @@ class ZoneAffinityConfig(_Model):
 
 class UpstreamConfig(_Model):
     name: str  # filled from the key under `upstreams:`
-    policy: Annotated[str, _one_of(*POLICIES)] = "round_robin"
+    policy: Annotated[str, _one_of(*POLICY_NAMES)] = "round_robin"
     hash_key: Annotated[str, _keyed("client_ip")] | None = None
     servers: Annotated[tuple[ServerConfig, ...], _non_empty("server")]
     keepalive: Annotated[int, Field(ge=0)] = 64
     timeouts: Timeouts = Timeouts()
-    failure_on: frozenset[Annotated[str, _one_of(*FAILURE_KINDS)]] = frozenset(
+    failure_on: frozenset[Annotated[str, _one_of(*FAILURE_WORDS)]] = frozenset(
         {"error", "timeout", "invalid_header", "http_502", "http_503", "http_504"}
     )
     health_check: HealthCheckConfig | None = None

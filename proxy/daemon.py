@@ -118,7 +118,7 @@ def server_ssl_context(tls: Any) -> ssl.SSLContext:
     return context
 
 
-class Listener:
+class ListeningAddress:
     """One traffic address; what every ``ClientConnection`` on it consults."""
 
     def __init__(self, proxy: ProxyProcess, cfg: Any, sock: socket.socket) -> None:
@@ -200,7 +200,7 @@ class Listener:
 
 
 class _SharedWithListeners:
-    """A ProxyProcess attribute that every Listener reads per request. Each listener keeps
+    """A ProxyProcess attribute that every ListeningAddress reads per request. Each listener keeps
     its own copy, a plain attribute read on the hot path; setting it here updates them."""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -243,7 +243,7 @@ class ProxyProcess:
         self.started_monotonic = time.monotonic()
         self.reuse_port = reuse_port
         self.admin_sock = admin_sock
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[str, ListeningAddress] = {}
         self.lifecycle = Lifecycle()
         self.shutting_down = False
         self.closing_idle = False
@@ -317,7 +317,7 @@ class ProxyProcess:
     def _open_listener(self, listen: Any) -> None:
         sock = bind_socket(listen.host, listen.port, reuse_port=self.reuse_port, what="listen")
         try:
-            self.listeners[listen.address] = Listener(self, listen, sock)
+            self.listeners[listen.address] = ListeningAddress(self, listen, sock)
         except StartupError:
             sock.close()
             raise
@@ -405,10 +405,10 @@ class ProxyProcess:
         )
         return True, f"reloaded: {config.summary()}"
 
-    def _rebind(self, config: Config) -> list[Listener]:
+    def _rebind(self, config: Config) -> list[ListeningAddress]:
         """Open listeners for new addresses, close those that went away. All or nothing."""
         wanted = {listen.address: listen for listen in config.listen}
-        opened: list[Listener] = []
+        opened: list[ListeningAddress] = []
         try:
             for address, listen in wanted.items():
                 current = self.listeners.get(address)
@@ -420,7 +420,7 @@ class ProxyProcess:
                     sock = bind_socket(
                         listen.host, listen.port, reuse_port=self.reuse_port, what="listen"
                     )
-                    opened.append(Listener(self, listen, sock))
+                    opened.append(ListeningAddress(self, listen, sock))
         except StartupError:
             for listener in opened:
                 listener.close()

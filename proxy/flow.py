@@ -9,7 +9,25 @@ again only when every reason is gone, so one party resuming never undoes another
 from __future__ import annotations
 
 import asyncio
+import enum
 from typing import Any
+
+
+class PauseReason(enum.Enum):
+    """Why a connection stopped reading; reading resumes when no reason is left."""
+
+    PIPELINE = "pipeline"  # client: a request waits its turn behind the one in progress
+    BODY = "body"  # client: the upstream has not taken the request body buffered so far
+    CLOSING = "closing"  # client: the connection closes once the response is out
+    UPGRADE = "upgrade"  # client: switching protocols; bytes after the head are a tunnel's
+    REJECTED = "rejected"  # client: refused with an error, no more requests read
+    UPSTREAM = "upstream"  # client: the upstream's write buffer is full
+    CLIENT = "client"  # upstream: the client's write buffer is full
+    HELD = "held"  # upstream: a response body is held in full (retry or cache) and is full
+
+    # Members are singletons: identity hashing is exact, and C-fast where Enum's own
+    # __hash__ is a Python call on every set operation of the request path.
+    __hash__ = object.__hash__
 
 
 class ProxyConnection:
@@ -17,25 +35,29 @@ class ProxyConnection:
 
     transport: asyncio.Transport | None
     closed: bool
-    _reading_paused_for: set[str]
+    _reading_paused_for: set[PauseReason]
 
-    def pause_reading(self, reason: str) -> None:
+    def pause_reading(self, reason: PauseReason) -> None:
         if not self._reading_paused_for and self.transport is not None and not self.closed:
             self.transport.pause_reading()
         self._reading_paused_for.add(reason)
 
-    def resume_reading(self, reason: str) -> None:
+    def resume_reading(self, reason: PauseReason) -> None:
         if reason in self._reading_paused_for:
             self._reading_paused_for.discard(reason)
             if not self._reading_paused_for and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
-    def set_reading_paused(self, reason: str, paused: bool) -> None:
+    def set_reading_paused(self, reason: PauseReason, paused: bool) -> None:
         """For callbacks that report a peer's state: ``paused`` True pauses, False resumes."""
         if paused:
             self.pause_reading(reason)
         else:
             self.resume_reading(reason)
+
+    def reading_paused(self) -> bool:
+        """Whether any reason holds reading paused."""
+        return bool(self._reading_paused_for)
 
     def resume_all_reading(self) -> None:
         if self._reading_paused_for:

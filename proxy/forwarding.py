@@ -33,11 +33,12 @@ from functools import partial
 from typing import Any
 
 from proxy.compress import begin_compression
+from proxy.flow import PauseReason
 from proxy.http1 import HOP_BY_HOP, REASONS, ClientConnection, Request, error_response
 from proxy.metrics import in_flight_requests
 from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
 from proxy.ratelimit.bucket import Decision
-from proxy.retry import status_word
+from proxy.retry import FailureKind, status_word
 from proxy.routing import cookie_value
 
 # Request headers we rewrite ourselves (framing, forwarding facts, 100-continue). The
@@ -133,7 +134,7 @@ class Exchange:
         self.body_chunked = False
         self.attempt: Attempt | None = None  # the fast path's try in progress
         self.books_closed = False
-        in_flight_requests._value += 1  # until close_books
+        in_flight_requests.value += 1  # until close_books
         self.pinned: Any = None  # the server the sticky cookie names
         self.sticky_presented: bytes | None = None  # the sticky cookie's value, if any
         self.sticky_cookie = b""  # Set-Cookie for the answer, when the pin changes
@@ -207,7 +208,7 @@ class Exchange:
         if self.books_closed:
             return
         self.books_closed = True
-        in_flight_requests._value -= 1
+        in_flight_requests.value -= 1
         if self.budget is not None:
             self.budget.request_finished()
             self.budget = None
@@ -524,7 +525,7 @@ async def _forward(
                 last_error = error
             else:  # a listed status whose body was too large to hold as the final answer
                 last_error = UpstreamError(
-                    "error", f"upstream answered {failure_word} (body too large to hold)", sent=True
+                    _ERROR, f"upstream answered {failure_word} (body too large to hold)", sent=True
                 )
             if error is not None and error.budget_spent:
                 last_response = None  # the budget is spent: the answer is 504 (SPEC)
@@ -555,7 +556,7 @@ async def _forward(
         head, payload = last_response
         _send_buffered(ex, head, payload)
     elif last_error is not None:
-        status = 504 if last_error.kind == "timeout" else 502
+        status = 504 if last_error.kind is _TIMEOUT else 502
         ex.error = last_error.detail
         _send_error(ex, status, last_error.detail, ex.extra_headers)
     else:
@@ -739,6 +740,11 @@ class Attempt:
 
 
 _STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
+_ERROR = FailureKind.ERROR
+_TIMEOUT = FailureKind.TIMEOUT
+_UPSTREAM_PAUSE = PauseReason.UPSTREAM
+_CLIENT_PAUSE = PauseReason.CLIENT
+_UPGRADE_PAUSE = PauseReason.UPGRADE
 
 
 async def _attempt(
@@ -819,7 +825,7 @@ async def _await_head(ex: Exchange, attempt: Attempt, failure: UpstreamError | N
 
 
 def _idle_race(error: UpstreamError, reused: bool, fresh_retry_left: bool, conn: Any) -> bool:
-    return reused and fresh_retry_left and error.kind == "error" and not conn.closed
+    return reused and fresh_retry_left and error.kind is _ERROR and not conn.closed
 
 
 async def _collect_small_body(upstream: UpstreamConnection) -> bytes | None:
@@ -913,16 +919,14 @@ def _send_request(
     """``budget``: ``retry.timeout``, counted from the end of a body that streams."""
     body = request.body
     if body is None:
-        upstream.write(head_bytes)
-        upstream.request_complete = True
+        upstream.send_request(head_bytes)
         return
     if body.complete and not chunked:  # held in full (kept for a replay), or just complete
-        upstream.write(head_bytes + b"".join(body.chunks))
-        upstream.request_complete = True
+        upstream.send_request(head_bytes + b"".join(body.chunks))
         return
     writer = _BodyWriter(upstream, head_bytes, chunked, budget)
     # Backpressure: an upstream that cannot take the body fast enough stops us reading it.
-    upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
+    upstream.body_writer_paused = partial(conn.set_reading_paused, _UPSTREAM_PAUSE)
     body.stream_to(writer)
 
 
@@ -977,7 +981,7 @@ class _BodyWriter(_Reframed):
     def on_end(self) -> None:
         self.write_end()
         upstream = self.out
-        upstream.request_complete = True
+        upstream.request_sent()
         if self.budget is not None:
             upstream.limit_exchange(upstream.loop.time() + self.budget)
 
@@ -1092,7 +1096,7 @@ def _start_relay(
     conn.response_started = True
     ex.status = response.status
     # Backpressure: a client that cannot keep up stops us reading the upstream.
-    conn.on_write_paused = partial(upstream.set_reading_paused, "client")
+    conn.on_write_paused = partial(upstream.set_reading_paused, _CLIENT_PAUSE)
     upstream.attach(relay)  # may end the relay at once: the whole body is often here
     if relay.head is not None:
         relay.flush_head()
@@ -1206,7 +1210,7 @@ def _send_buffered(ex: Exchange, response: Any, payload: bytes) -> None:
         if encoder is not None:
             payload = encoder.compress(payload) + encoder.finish()
     if response.has_body:
-        response.content_length = len(payload)  # also re-frames a chunked one
+        response.reframe(len(payload))  # also re-frames a chunked one
     extra = ex.extra_headers + ex.sticky_cookie
     if ex.trace is not None:
         extra = _with_trace(ex, extra)
@@ -1290,13 +1294,13 @@ async def _tunnel(ex: Exchange, response: Any, upstream: UpstreamConnection) -> 
     tunnel = _Tunnel(conn, upstream)
     conn.tunnel = tunnel
     # Backpressure both ways: whichever side cannot keep up stops us reading the other.
-    conn.on_write_paused = partial(upstream.set_reading_paused, "client")
-    upstream.body_writer_paused = partial(conn.set_reading_paused, "upstream")
+    conn.on_write_paused = partial(upstream.set_reading_paused, _CLIENT_PAUSE)
+    upstream.body_writer_paused = partial(conn.set_reading_paused, _UPSTREAM_PAUSE)
     early = conn.take_early_tunnel_bytes()
     if early:
         tunnel.from_client(early)
     upstream.start_tunnel(tunnel)
-    conn.resume_reading("upgrade")
+    conn.resume_reading(_UPGRADE_PAUSE)
     try:
         await tunnel.closed
     finally:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from proxy.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
-from proxy.flow import ProxyConnection, http_version
+from proxy.flow import PauseReason, ProxyConnection, http_version
 from proxy.pathnorm import InvalidTarget, normalize_target
 from proxy.timers import sweeper_for
 
@@ -66,9 +67,29 @@ MAX_HEADER_COUNT = 100
 HEAD_END = b"\r\n\r\n"
 # Reasons to pause reading that are ours to lift: any other also stops the parser (a held
 # body, an upstream that cannot take the body, a connection closing or switching).
-OWN_PAUSE = "pipeline"
+OWN_PAUSE = PauseReason.PIPELINE
+# Module constants: identity tests against them, no attribute lookup on the enum class.
+_BODY_PAUSE = PauseReason.BODY
+_CLOSING_PAUSE = PauseReason.CLOSING
+_UPGRADE_PAUSE = PauseReason.UPGRADE
+_REJECTED_PAUSE = PauseReason.REJECTED
 WRITE_HIGH_WATER = 256 * 1024
 BODY_HIGH_WATER = 256 * 1024
+
+
+class Deadline(enum.Enum):
+    """Which clock a client connection's deadline runs on, and what its expiry means."""
+
+    IDLE = "idle"  # keep-alive between requests: close quietly
+    HEAD = "head"  # a request head arriving: 408
+    BODY = "body"  # a request body arriving, nothing answered yet: 408
+    BUSY = "busy"  # answering: no client clock runs; close if it fires
+
+
+_IDLE = Deadline.IDLE
+_HEAD = Deadline.HEAD
+_BODY = Deadline.BODY
+_BUSY = Deadline.BUSY
 
 REASONS = {
     400: b"Bad Request",
@@ -127,7 +148,7 @@ class RequestBody:
         self.chunks.append(chunk)
         self.buffered += len(chunk)
         if self.buffered >= BODY_HIGH_WATER:
-            self._conn.pause_reading("body")
+            self._conn.pause_reading(_BODY_PAUSE)
         self._wake()
 
     def finish(self) -> None:
@@ -151,7 +172,7 @@ class RequestBody:
         while not self.complete and self.error is None:
             if self.buffered > limit:
                 return False
-            conn.resume_reading("body")
+            conn.resume_reading(_BODY_PAUSE)
             self._waiter = conn.loop.create_future()
             await self._waiter
             self._waiter = None
@@ -166,7 +187,7 @@ class RequestBody:
         for chunk in held:
             consumer.on_body(chunk)
         self.consumer = consumer
-        self._conn.resume_reading("body")
+        self._conn.resume_reading(_BODY_PAUSE)
         if self.complete:
             consumer.on_end()
 
@@ -303,12 +324,12 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._parsing: Request | None = None
         self._current: Request | None = None
         self._queue: collections.deque[Request] = collections.deque()
-        self._reading_paused_for: set[str] = set()
+        self._reading_paused_for: set[PauseReason] = set()
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.deadline = 0.0
-        self._deadline_kind = "idle"
+        self._deadline_kind = _IDLE
         self._head_started_at = 0.0
         self._head_bytes = 0
         self.response_started = False
@@ -348,7 +369,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         now = self._sweeper.now
         self._head_started_at = now
         self.deadline = now + self.limits.client_header_timeout
-        self._deadline_kind = "idle"
+        self._deadline_kind = _IDLE
         self.listener.connection_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -369,8 +390,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
-        if self._deadline_kind == "idle":
-            self._deadline_kind = "head"
+        if self._deadline_kind is _IDLE:
+            self._deadline_kind = _HEAD
             if self.requests_served == 0:
                 self._head_started_at = self._sweeper.now
             self.deadline = self._head_started_at + self.limits.client_header_timeout
@@ -481,7 +502,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             rest = data[start + upgrade.args[0] :]
             self._backlog, self._backlog_at = b"", 0
             self._upgrade_requested(rest)
-            return not self.closed and "upgrade" not in self._reading_paused_for
+            return not self.closed and _UPGRADE_PAUSE not in self._reading_paused_for
         except httptools.HttpParserCallbackError as error:
             cause = error.__context__
             if isinstance(cause, RequestRejected):
@@ -490,7 +511,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
                 self.reject(400, "malformed request")
             return False
         except httptools.HttpParserError as error:
-            if "closing" in self._reading_paused_for:
+            if _CLOSING_PAUSE in self._reading_paused_for:
                 return False  # bytes after a request that ends the connection: never parsed
             self.reject(400, _parser_reason(error))
             return False
@@ -529,10 +550,10 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             self.close()  # answered all it sent; it will send nothing more
             return
         if self._parsing is not None:
-            self._deadline_kind = "head"
+            self._deadline_kind = _HEAD
             self.deadline = self._head_started_at + self.limits.client_header_timeout
         elif self.requests_served:
-            self._deadline_kind = "idle"
+            self._deadline_kind = _IDLE
             self.deadline = self._head_started_at + self.limits.keepalive_timeout
         # else a new connection whose first bytes began no request yet: its deadline stands
 
@@ -682,7 +703,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
 
     def _arm_body_deadline(self, request: Request) -> None:
         waiting = request.body is not None and not request.body.complete
-        self._deadline_kind = "body" if waiting else "busy"
+        self._deadline_kind = _BODY if waiting else _BUSY
         self.deadline = self._sweeper.now + self.limits.client_body_timeout if waiting else 0.0
 
     def _check_request(self, request: Request) -> None:
@@ -752,11 +773,11 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         if request.body is not None:
             request.body.finish()
         if self._current is request:
-            self._deadline_kind = "busy"
+            self._deadline_kind = _BUSY
             self.deadline = 0.0
         if not request.keep_alive:
             # Whatever follows a request that ends the connection is not ours to parse.
-            self.pause_reading("closing")
+            self.pause_reading(_CLOSING_PAUSE)
 
     # -- request lifecycle ---------------------------------------------------------------
 
@@ -830,7 +851,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             # The client is not reading: answers would pile up in the write buffer. The
             # next request waits until it is under its low-water mark (resume_writing).
             self._awaiting_drain = True
-            self._deadline_kind = "busy"
+            self._deadline_kind = _BUSY
             self.deadline = 0.0
             return
         self._next_request()
@@ -852,9 +873,9 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             return
         # client_header_timeout for a head that follows counts from here.
         self._head_started_at = self._sweeper.now
-        if self.tunnel is None and "upgrade" in self._reading_paused_for:
+        if self.tunnel is None and _UPGRADE_PAUSE in self._reading_paused_for:
             # The upstream declined the upgrade (no 101): the connection goes on as HTTP.
-            self.resume_reading("upgrade")
+            self.resume_reading(_UPGRADE_PAUSE)
             self._continue_as_http(self.take_early_tunnel_bytes())
         if self._backlog or self._pumping or self._reading_paused_for:
             self._pump()
@@ -865,9 +886,9 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
 
     def on_deadline(self) -> None:
         kind = self._deadline_kind
-        if kind == "idle":
+        if kind is _IDLE:
             self.close()
-        elif kind in ("head", "body") and not self.response_started:
+        elif (kind is _HEAD or kind is _BODY) and not self.response_started:
             self.reject(408, "client timed out")
         else:
             self.close()
@@ -894,7 +915,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             # put our error in that request's place. Stop reading; answer in order.
             if self._pending_reject is None:
                 self._pending_reject = (status, reason, failed)
-                self.pause_reading("rejected")
+                self.pause_reading(_REJECTED_PAUSE)
                 if failed is not None:
                     # Its answer is this rejection, in its turn: it never starts.
                     with contextlib.suppress(ValueError):
@@ -940,7 +961,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
                 return
             self._continue_as_http(tail)
             return
-        self.pause_reading("upgrade")
+        self.pause_reading(_UPGRADE_PAUSE)
         self._early_tunnel_bytes = tail
         if request is not self._current:
             self.reject(400, "upgrade while a request is in flight", request)
@@ -950,7 +971,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         reads on (``_pump``), from what the client sent after that head."""
         self._parser = httptools.HttpRequestParser(self)
         self._fed_tail = b""
-        if tail and "closing" not in self._reading_paused_for:
+        if tail and _CLOSING_PAUSE not in self._reading_paused_for:
             self._backlog = tail + self._backlog[self._backlog_at :]
             self._backlog_at = 0
 

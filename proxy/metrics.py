@@ -2,12 +2,17 @@
 
 Theory of operation
 -------------------
-Every metric object lives at module level in the default registry. The request path
-never calls ``.labels()``: the runtime builds one ``RouteMetrics`` per route and one
+Every series is a small object of ours (`_Counter`, `_Gauge`, `_Histogram`) holding plain
+numbers, kept by its family (`_Family`) under its label values. The request path never
+looks a series up: the runtime builds one ``RouteMetrics`` per route and one
 ``ServerMetrics`` per server when a config generation is loaded, and those objects hold
-the resolved label children. Label values are config names and bounded sets (HTTP
-methods folded to a known list, status codes, failure kinds), so no client-controlled
-string ever becomes a label value and the number of series stays bounded.
+the series, to which the request path adds with ``series.value += n`` (attribute
+arithmetic, no call). ``/metrics`` reads them through one collector (`_Collector`, a
+``prometheus_client.registry.Collector`` yielding metric families), so nothing of
+prometheus-client is patched and none of its private fields is written. Label values are
+config names and bounded sets (HTTP methods folded to a known list, status codes, failure
+words), so no client-controlled string ever becomes a label value and the number of
+series stays bounded.
 
 Multiple workers
 ----------------
@@ -15,8 +20,14 @@ With ``workers > 1`` each process counts on its own and ``/metrics`` must show t
 prometheus-client's multiprocess mode does that through per-process files in the
 directory named by ``PROMETHEUS_MULTIPROC_DIR``. prometheus-client picks its storage
 when it is first imported, so the daemon sets that variable *before* importing this
-module; ``render()`` then merges every process's files. The supervisor calls
-``mark_process_dead(pid)`` when a worker exits so the ``live*`` gauges forget it.
+module. Each family then also has a prometheus-client metric over those files, and
+``flush()`` hands each request-path series' change since the last flush to it:
+periodically, when this worker renders, and when the supervisor asks (a file write per
+request update cost 11 us per request, measured). Series updated off the request path
+(``inc``, ``set``, ``observe``: health, breaker, reloads, retries, ...) write through at
+once, so the supervisor's own counts (reloads) reach the files without a flush.
+``render()`` merges every process's files; the supervisor calls ``mark_process_dead(pid)``
+when a worker exits so the ``live*`` gauges forget it.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ from __future__ import annotations
 import os
 import threading
 from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,7 +49,16 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client import values as prometheus_values
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from proxy.breaker import BreakerState
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -55,42 +77,10 @@ _METHOD_LABELS: dict[str | bytes, str] = {m: m for m in KNOWN_METHODS} | {
     m.encode(): m for m in KNOWN_METHODS
 }
 
-# Gauge values of sluicegate_circuit_breaker_state, as SPEC fixes them.
-BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
-
 # `_created` series double the series count and nobody alerts on them.
 disable_created_metrics()
 
-
-class _LoopValue:
-    """prometheus-client's value without its mutex, for one process's event loop.
-
-    Every update happens on the event loop thread; the only other reader is the render
-    in a worker thread, which may see a value one update old. The mutex cost more than
-    the arithmetic on every request (3 to 8 updates each).
-    """
-
-    __slots__ = ("_exemplar", "_value")
-    _multiprocess = False
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self._value = 0.0
-        self._exemplar = None
-
-    def inc(self, amount: float) -> None:
-        self._value += amount
-
-    def set(self, value: float, timestamp: float | None = None) -> None:
-        self._value = value
-
-    def set_exemplar(self, exemplar: object) -> None:
-        self._exemplar = exemplar
-
-    def get(self) -> float:
-        return self._value
-
-    def get_exemplar(self) -> object:
-        return self._exemplar
+FLUSH_SECONDS = 1.0  # how stale a worker's series may be in the files between renders
 
 
 def multiprocess_enabled() -> bool:
@@ -98,27 +88,230 @@ def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_DIR_ENV))
 
 
-if not multiprocess_enabled():
-    prometheus_values.ValueClass = _LoopValue
+_MULTIPROCESS = multiprocess_enabled()
 
 
-REQUESTS = Counter(
+class _Counter:
+    """One counter series. Every update happens on the event loop thread; a render in
+    another thread may read a value one update old."""
+
+    __slots__ = ("_file", "_flushed", "value")
+
+    def __init__(self, file: Any = None) -> None:
+        self.value = 0.0
+        self._file = file  # the multiprocess file's series, or None in one process
+        self._flushed = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Off the request path: written through to the file at once."""
+        self.value += amount
+        if self._file is not None:
+            self.flush()
+
+    def flush(self) -> None:
+        delta = self.value - self._flushed
+        if delta:
+            self._file.inc(delta)
+            self._flushed += delta
+
+
+class _Gauge:
+    __slots__ = ("_file", "_flushed", "value")
+
+    def __init__(self, file: Any = None) -> None:
+        self.value = 0.0
+        self._file = file
+        self._flushed = 0.0
+
+    def set(self, value: float) -> None:
+        """Off the request path: written through to the file at once."""
+        self.value = value
+        if self._file is not None:
+            self.flush()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.set(self.value + amount)
+
+    def flush(self) -> None:
+        value = self.value
+        if value != self._flushed:
+            self._file.set(value)
+            self._flushed = value
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative; the last is +Inf) and the sum of observations:
+    the request path adds with one bisect, the collector makes them cumulative."""
+
+    __slots__ = ("_file", "_flushed_counts", "_flushed_total", "bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float], file: Any = None) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+        self._file = file
+        self._flushed_counts = [0] * len(self.counts)
+        self._flushed_total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Off the request path: written through to the file at once."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        if self._file is not None:
+            self.flush()
+
+    def flush(self) -> None:
+        # prometheus-client's public API only observes one value at a time; a batch of
+        # bucket counts has to go to the per-bucket values of its child.
+        file = self._file
+        for index, count in enumerate(self.counts):
+            delta = count - self._flushed_counts[index]
+            if delta:
+                file._buckets[index].inc(delta)
+                self._flushed_counts[index] = count
+        delta_total = self.total - self._flushed_total
+        if delta_total:
+            file._sum.inc(delta_total)
+            self._flushed_total += delta_total
+
+
+class _Family:
+    """One metric: its name, help, kind and label names, and its series by label values."""
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float] = (),
+        multiprocess_mode: str = "all",
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.bounds = tuple(float(bound) for bound in buckets)
+        self._le = [floatToGoString(bound) for bound in self.bounds] + ["+Inf"]
+        self.series: dict[tuple[str, ...], Any] = {}
+        self._files: Any = None
+        if _MULTIPROCESS:
+            if kind == "counter":
+                self._files = Counter(name, documentation, self.labelnames)
+            elif kind == "gauge":
+                self._files = Gauge(
+                    name, documentation, self.labelnames, multiprocess_mode=multiprocess_mode
+                )
+            else:
+                self._files = Histogram(name, documentation, self.labelnames, buckets=buckets)
+        if not self.labelnames:
+            self.labels()
+
+    def labels(self, *values: str) -> Any:
+        """The series for these label values, made on first use (off the request path)."""
+        series = self.series.get(values)
+        if series is None:
+            file = None
+            if self._files is not None:
+                file = self._files.labels(*values) if values else self._files
+            if self.kind == "counter":
+                series = _Counter(file)
+            elif self.kind == "gauge":
+                series = _Gauge(file)
+            else:
+                series = _Histogram(self.bounds, file)
+            self.series[values] = series
+        return series
+
+    def get(self, *values: str) -> Any:
+        """The series for these label values: looked up, made only the first time."""
+        series = self.series.get(values)
+        return series if series is not None else self.labels(*values)
+
+    def remove(self, *values: str) -> None:
+        self.series.pop(values, None)
+
+    def flush(self) -> None:
+        for series in list(self.series.values()):
+            series.flush()
+
+    def collect(self) -> Metric:
+        labelnames = list(self.labelnames)
+        series = list(self.series.items())  # one C-level copy: safe beside the loop thread
+        if self.kind == "counter":
+            family: Any = CounterMetricFamily(self.name, self.documentation, labels=labelnames)
+            for values, counter in series:
+                family.add_metric(values, counter.value)
+        elif self.kind == "gauge":
+            family = GaugeMetricFamily(self.name, self.documentation, labels=labelnames)
+            for values, gauge in series:
+                family.add_metric(values, gauge.value)
+        else:
+            family = HistogramMetricFamily(self.name, self.documentation, labels=labelnames)
+            for values, histogram in series:
+                cumulative, buckets = 0, []
+                for le, count in zip(self._le, list(histogram.counts), strict=True):
+                    cumulative += count
+                    buckets.append((le, cumulative))
+                family.add_metric(values, buckets, histogram.total)
+        return family
+
+
+_FAMILIES: list[_Family] = []
+
+
+def _counter(name: str, documentation: str, labelnames: Sequence[str] = ()) -> _Family:
+    family = _Family("counter", name, documentation, labelnames)
+    _FAMILIES.append(family)
+    return family
+
+
+def _gauge(
+    name: str,
+    documentation: str,
+    labelnames: Sequence[str] = (),
+    *,
+    multiprocess_mode: str = "all",
+) -> _Family:
+    family = _Family("gauge", name, documentation, labelnames, multiprocess_mode=multiprocess_mode)
+    _FAMILIES.append(family)
+    return family
+
+
+def _histogram(
+    name: str, documentation: str, labelnames: Sequence[str] = (), *, buckets: Sequence[float]
+) -> _Family:
+    family = _Family("histogram", name, documentation, labelnames, buckets=buckets)
+    _FAMILIES.append(family)
+    return family
+
+
+class _Collector(Collector):
+    """Every Sluicegate family, read from our own series at each scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        for family in _FAMILIES:
+            yield family.collect()
+
+
+REQUESTS = _counter(
     "sluicegate_requests",
     "Requests answered by the proxy, by route, method and status.",
     ["route", "method", "status"],
 )
-REQUEST_DURATION = Histogram(
+REQUEST_DURATION = _histogram(
     "sluicegate_request_duration_seconds",
     "Time from request head received to response complete, by route.",
     ["route"],
     buckets=LATENCY_BUCKETS,
 )
-UPSTREAM_REQUESTS = Counter(
+UPSTREAM_REQUESTS = _counter(
     "sluicegate_upstream_requests",
     "Attempts sent to upstream servers, by response status or failure kind.",
     ["upstream", "server", "status"],
 )
-UPSTREAM_RESPONSE = Histogram(
+UPSTREAM_RESPONSE = _histogram(
     "sluicegate_upstream_response_seconds",
     "Time from attempt start to the upstream response head.",
     ["upstream", "server"],
@@ -126,7 +319,7 @@ UPSTREAM_RESPONSE = Histogram(
 )
 # In-flight requests and open connections add up across workers, and a dead worker's
 # requests are gone: "livesum".
-UPSTREAM_IN_FLIGHT = Gauge(
+UPSTREAM_IN_FLIGHT = _gauge(
     "sluicegate_upstream_in_flight",
     "Requests in flight to an upstream server.",
     ["upstream", "server"],
@@ -135,7 +328,7 @@ UPSTREAM_IN_FLIGHT = Gauge(
 # Each worker judges health on its own. "livemin" reports a server down as soon as any
 # live worker stopped sending it traffic, which is what an operator alerts on; the
 # workers agree again within one check interval.
-UPSTREAM_HEALTHY = Gauge(
+UPSTREAM_HEALTHY = _gauge(
     "sluicegate_upstream_healthy",
     "1 when the server's active health check says up (or has not reported), else 0.",
     ["upstream", "server"],
@@ -143,53 +336,53 @@ UPSTREAM_HEALTHY = Gauge(
 )
 # Breakers are per worker too; "livemax" shows the worst state any live worker holds
 # (open beats half_open beats closed), so an open breaker is never averaged away.
-BREAKER_STATE = Gauge(
+BREAKER_STATE = _gauge(
     "sluicegate_circuit_breaker_state",
     "Circuit breaker state: 0 closed, 1 half_open, 2 open.",
     ["upstream", "server"],
     multiprocess_mode="livemax",
 )
-BREAKER_TRANSITIONS = Counter(
+BREAKER_TRANSITIONS = _counter(
     "sluicegate_circuit_breaker_transitions",
     "Circuit breaker state changes, by the state entered.",
     ["upstream", "server", "to"],
 )
-RETRIES = Counter(
+RETRIES = _counter(
     "sluicegate_retries",
     "Attempts retried on another server, by the failure that caused the retry.",
     ["upstream", "reason"],
 )
-RATE_LIMITED = Counter(
+RATE_LIMITED = _counter(
     "sluicegate_rate_limited",
     "Requests over their route's rate limit (rejected, or counted in shadow mode).",
     ["route"],
 )
-RATE_LIMIT_BACKEND_ERRORS = Counter(
+RATE_LIMIT_BACKEND_ERRORS = _counter(
     "sluicegate_rate_limit_backend_errors",
     "Rate limit checks where Redis failed or was slower than redis.timeout.",
 )
-HEALTH_CHECKS = Counter(
+HEALTH_CHECKS = _counter(
     "sluicegate_health_checks",
     "Active health check probes, by result.",
     ["upstream", "server", "result"],
 )
-CONFIG_RELOADS = Counter(
+CONFIG_RELOADS = _counter(
     "sluicegate_config_reloads",
     "Configuration reloads, by result (success or failure).",
     ["result"],
 )
-DNS_RESOLUTIONS = Counter(
+DNS_RESOLUTIONS = _counter(
     "sluicegate_dns_resolutions",
     "DNS lookups of servers with `resolve`, by result (success, empty, failure).",
     ["upstream", "result"],
 )
-OPEN_CONNECTIONS = Gauge(
+OPEN_CONNECTIONS = _gauge(
     "sluicegate_open_connections",
     "Client connections currently open.",
     multiprocess_mode="livesum",
 )
 # Autoscaling signals. In-flight requests add up over workers like open connections.
-IN_FLIGHT_REQUESTS = Gauge(
+IN_FLIGHT_REQUESTS = _gauge(
     "sluicegate_in_flight_requests",
     "Client requests being served: head received, answer not yet complete.",
     multiprocess_mode="livesum",
@@ -197,108 +390,41 @@ IN_FLIGHT_REQUESTS = Gauge(
 # A loop that runs its timers late is saturated whatever the CPU graph says (one core per
 # process): from "fine" (under a millisecond) to "requests wait seconds".
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-EVENT_LOOP_LAG = Histogram(
+EVENT_LOOP_LAG = _histogram(
     "sluicegate_event_loop_lag_seconds",
     "How late the event loop ran a timer it had scheduled (one every 0.25 s).",
     buckets=LOOP_LAG_BUCKETS,
 )
-CACHE_REQUESTS = Counter(
+CACHE_REQUESTS = _counter(
     "sluicegate_cache_requests",
     "Requests on cached routes, by what the cache did (hit, miss, stale, revalidated, "
     "coalesced, bypass).",
     ["route", "result"],
 )
-CACHE_STORED_BYTES = Gauge(
+CACHE_STORED_BYTES = _gauge(
     "sluicegate_cache_stored_bytes",
     "Bytes of responses held by the cache store.",
     multiprocess_mode="livesum",
 )
-CACHE_OBJECTS = Gauge(
+CACHE_OBJECTS = _gauge(
     "sluicegate_cache_objects",
     "Responses held by the cache store.",
     multiprocess_mode="livesum",
 )
-CACHE_EVICTIONS = Counter(
+CACHE_EVICTIONS = _counter(
     "sluicegate_cache_evictions",
     "Responses the cache store evicted to stay within max_size.",
 )
-CACHE_PURGED = Counter(
+CACHE_PURGED = _counter(
     "sluicegate_cache_purged",
     "Stored responses removed, by how (url, prefix, tag, invalidation).",
     ["by"],
 )
-COMPRESSED_RESPONSES = Counter(
+COMPRESSED_RESPONSES = _counter(
     "sluicegate_compressed_responses",
     "Responses compressed on the fly, by route and algorithm.",
     ["route", "algorithm"],
 )
-
-
-class _BufferedValue(_LoopValue):
-    """Multiprocess mode: a hot value counted in memory and flushed to its file.
-
-    The request path adds with ``value._value += n``: on a ``_LoopValue`` that is plain
-    attribute arithmetic, no call at all (3 to 8 of them per request). A file-backed value
-    costs a lock and an mmap write per update instead (11 us per request, measured), so
-    in multiprocess mode the hot values count here and ``flush()`` hands the difference
-    to the file: periodically, when this worker renders, and when the supervisor asks.
-    """
-
-    __slots__ = ("_flushed", "_target")
-
-    def __init__(self, target: object) -> None:
-        super().__init__()
-        self._target = target
-        self._flushed = 0.0
-
-
-# By id() of the file-backed value: one buffer per series however many config generations
-# resolve it (label children live as long as the process in multiprocess mode).
-_buffered: dict[int, _BufferedValue] = {}
-_flush_lock = threading.Lock()
-FLUSH_SECONDS = 1.0  # how stale a worker's series may be in the files between renders
-
-
-def flush() -> None:
-    """Write what the hot values counted since the last flush to the multiprocess files."""
-    with _flush_lock:  # the loop's timer and a render thread may both flush
-        for value in list(_buffered.values()):
-            delta = value._value - value._flushed
-            if delta:
-                value._target.inc(delta)  # type: ignore[attr-defined]
-                value._flushed += delta
-
-
-def _hot(child: object) -> object:
-    """The value of a counter or gauge child, to add to with ``._value += n``.
-
-    prometheus-client's ``inc`` validates its argument and observability on every call;
-    the request path only ever adds known-good amounts. This reads the library's value
-    objects (``_value``, a histogram's ``_buckets``/``_sum``), hence the upper bound on its
-    version in pyproject.toml; the unit tests read every series back through the registry.
-    """
-    return _hot_value(child._value)  # type: ignore[attr-defined]
-
-
-def _hot_value(value: object) -> object:
-    if type(value) is _LoopValue:
-        return value
-    buffered = _buffered.get(id(value))
-    if buffered is None:
-        buffered = _buffered[id(value)] = _BufferedValue(value)
-    return buffered
-
-
-class _HotHistogram:
-    """A histogram child's sum and buckets as hot values: one bisect per observation."""
-
-    __slots__ = ("bounds", "buckets", "total")
-
-    def __init__(self, child: object) -> None:
-        self.bounds = list(child._upper_bounds)  # type: ignore[attr-defined]
-        buckets = child._buckets  # type: ignore[attr-defined]
-        self.buckets = [_hot_value(bucket) for bucket in buckets]
-        self.total = _hot_value(child._sum)  # type: ignore[attr-defined]
 
 
 class RouteMetrics:
@@ -315,12 +441,12 @@ class RouteMetrics:
 
     def __init__(self, route: str) -> None:
         self.route = route
-        self._cache_results: dict[str, object] = {}  # result word -> counter child
-        self._compressed: dict[str, object] = {}  # algorithm -> counter child
-        self._duration = _HotHistogram(REQUEST_DURATION.labels(route))
-        self._rate_limited = RATE_LIMITED.labels(route)
-        # (method label, status) -> counter value. Bounded: ~10 methods x status codes.
-        self._requests: dict[tuple[str, int], object] = {}
+        self._cache_results: dict[str, _Counter] = {}  # result word -> series
+        self._compressed: dict[str, _Counter] = {}  # algorithm -> series
+        self._duration: _Histogram = REQUEST_DURATION.labels(route)
+        self._rate_limited: _Counter = RATE_LIMITED.labels(route)
+        # (method label, status) -> series. Bounded: ~10 methods x status codes.
+        self._requests: dict[tuple[str, int], _Counter] = {}
 
     def observe(self, method: str | bytes, status: int, duration: float) -> None:
         """Count one answered request and its total duration in seconds.
@@ -330,11 +456,11 @@ class RouteMetrics:
         key = (_METHOD_LABELS.get(method, OTHER_METHOD), status)
         count = self._requests.get(key)
         if count is None:
-            count = self._requests[key] = _hot(REQUESTS.labels(self.route, key[0], str(status)))
-        count._value += 1
+            count = self._requests[key] = REQUESTS.labels(self.route, key[0], str(status))
+        count.value += 1
         histogram = self._duration
-        histogram.total._value += duration
-        histogram.buckets[bisect_left(histogram.bounds, duration)]._value += 1
+        histogram.total += duration
+        histogram.counts[bisect_left(histogram.bounds, duration)] += 1
 
     def rate_limited(self) -> None:
         """Count one request over the route's limit."""
@@ -342,16 +468,16 @@ class RouteMetrics:
 
     def cache_result(self, result: str) -> None:
         """Count one request on a cached route by what the cache did."""
-        child = self._cache_results.get(result)
-        if child is None:
-            child = self._cache_results[result] = CACHE_REQUESTS.labels(self.route, result)
-        child.inc()  # type: ignore[attr-defined]
+        count = self._cache_results.get(result)
+        if count is None:
+            count = self._cache_results[result] = CACHE_REQUESTS.labels(self.route, result)
+        count.inc()
 
     def compressed(self, algorithm: str) -> None:
-        child = self._compressed.get(algorithm)
-        if child is None:
-            child = self._compressed[algorithm] = COMPRESSED_RESPONSES.labels(self.route, algorithm)
-        child.inc()  # type: ignore[attr-defined]
+        count = self._compressed.get(algorithm)
+        if count is None:
+            count = self._compressed[algorithm] = COMPRESSED_RESPONSES.labels(self.route, algorithm)
+        count.inc()
 
 
 class ServerMetrics:
@@ -377,133 +503,108 @@ class ServerMetrics:
     def __init__(self, upstream: str, server: str) -> None:
         self.upstream = upstream
         self.server = server
-        self._in_flight = _hot(UPSTREAM_IN_FLIGHT.labels(upstream, server))
-        self._healthy = UPSTREAM_HEALTHY.labels(upstream, server)
-        self._breaker_state = BREAKER_STATE.labels(upstream, server)
-        self._response_seconds = _HotHistogram(UPSTREAM_RESPONSE.labels(upstream, server))
-        # Caches keyed by status code / failure kind / state / result: all bounded sets.
-        self._responses: dict[str | int, object] = {}
-        self._transitions: dict[str, object] = {}
-        self._health_checks: dict[str, object] = {}
+        self._in_flight: _Gauge = UPSTREAM_IN_FLIGHT.labels(upstream, server)
+        self._healthy: _Gauge = UPSTREAM_HEALTHY.labels(upstream, server)
+        self._breaker_state: _Gauge = BREAKER_STATE.labels(upstream, server)
+        self._response_seconds: _Histogram = UPSTREAM_RESPONSE.labels(upstream, server)
+        # Caches keyed by status code / failure word / state / result: all bounded sets.
+        self._responses: dict[str | int, _Counter] = {}
+        self._transitions: dict[str, _Counter] = {}
+        self._health_checks: dict[str, _Counter] = {}
         self._healthy.set(1)
 
     def in_flight_inc(self) -> None:
-        self._in_flight._value += 1
+        self._in_flight.value += 1
 
     def in_flight_dec(self) -> None:
-        self._in_flight._value -= 1
+        self._in_flight.value -= 1
 
     def response(self, status_or_kind: str | int, seconds_to_head: float | None) -> None:
-        """Count one attempt by its status code or failure kind ("error", "timeout", ...).
+        """Count one attempt by its status code or failure word ("error", "timeout", ...).
 
         ``seconds_to_head`` is the time to the response head; None when no head came.
         """
         count = self._responses.get(status_or_kind)
         if count is None:
-            count = _hot(UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind)))
+            count = UPSTREAM_REQUESTS.labels(self.upstream, self.server, str(status_or_kind))
             self._responses[status_or_kind] = count
-        count._value += 1
+        count.value += 1
         if seconds_to_head is not None:
             histogram = self._response_seconds
-            histogram.total._value += seconds_to_head
-            histogram.buckets[bisect_left(histogram.bounds, seconds_to_head)]._value += 1
+            histogram.total += seconds_to_head
+            histogram.counts[bisect_left(histogram.bounds, seconds_to_head)] += 1
 
     def set_healthy(self, healthy: bool) -> None:
         self._healthy.set(1 if healthy else 0)
 
-    def set_breaker(self, state: int | str) -> None:
-        """Set the breaker gauge: 0/1/2, or a state name ("closed", "half_open", "open")."""
-        value = getattr(state, "value", state)  # accept an Enum of either kind
-        if isinstance(value, str):
-            value = BREAKER_STATE_VALUES[value]
-        self._breaker_state.set(value)
+    def set_breaker(self, state: BreakerState) -> None:
+        """Set the breaker gauge to the state's `gauge_value` (0 closed, 1 half_open, 2 open)."""
+        self._breaker_state.set(state.gauge_value)
 
-    def breaker_transition(self, to: str) -> None:
-        """Count a breaker state change into ``to`` ("closed", "half_open", "open")."""
-        to = getattr(to, "value", to)
-        child = self._transitions.get(to)
-        if child is None:
-            child = self._transitions[to] = BREAKER_TRANSITIONS.labels(
-                self.upstream, self.server, to
+    def breaker_transition(self, to: BreakerState) -> None:
+        """Count a breaker state change into ``to``, labelled by the state's value."""
+        count = self._transitions.get(to.value)
+        if count is None:
+            count = self._transitions[to.value] = BREAKER_TRANSITIONS.labels(
+                self.upstream, self.server, to.value
             )
-        child.inc()
+        count.inc()
 
     def health_check(self, result: str) -> None:
         """Count one health probe by result (e.g. "success", "failure", "timeout")."""
-        child = self._health_checks.get(result)
-        if child is None:
-            child = self._health_checks[result] = HEALTH_CHECKS.labels(
+        count = self._health_checks.get(result)
+        if count is None:
+            count = self._health_checks[result] = HEALTH_CHECKS.labels(
                 self.upstream, self.server, result
             )
-        child.inc()
+        count.inc()
 
     def retire(self) -> None:
-        """Drop this server's gauge series; call only for servers that left the config.
+        """Drop this server's gauges: it left the config (or its DNS answer).
 
-        Counters stay (Prometheus handles counters that stop moving). Gauges of a removed
-        server would otherwise report its last state forever and keep alerts firing.
-        Per-process files cannot be edited in multiprocess mode, so this is a no-op there.
+        A removed server would otherwise report its last state forever and keep alerts
+        firing. Per-process files cannot be edited in multiprocess mode, so this is a
+        no-op there.
         """
-        if multiprocess_enabled():
+        if _MULTIPROCESS:
             return
         labels = (self.upstream, self.server)
         for gauge in (UPSTREAM_IN_FLIGHT, UPSTREAM_HEALTHY, BREAKER_STATE):
             gauge.remove(*labels)
 
 
-class _LabelCache:
-    """Children of one metric keyed by label tuple, for helpers called with names."""
-
-    __slots__ = ("_children", "_metric")
-
-    def __init__(self, metric) -> None:
-        self._metric = metric
-        self._children: dict[tuple[str, ...], object] = {}
-
-    def get(self, *labels: str):
-        child = self._children.get(labels)
-        if child is None:
-            child = self._children[labels] = self._metric.labels(*labels)
-        return child
-
-
-_retries = _LabelCache(RETRIES)
-_dns_resolutions = _LabelCache(DNS_RESOLUTIONS)
-_rate_limit_backend_errors = RATE_LIMIT_BACKEND_ERRORS
 # Both results exist from the start so "rate of failures" alerts have a series to read.
 _reload_results = {True: CONFIG_RELOADS.labels("success"), False: CONFIG_RELOADS.labels("failure")}
-# The request path adds to it with ``._value += 1`` / ``-= 1`` (see ``_hot``).
-in_flight_requests = _hot(IN_FLIGHT_REQUESTS)
+# The request path adds to it with ``.value += 1`` / ``-= 1``.
+in_flight_requests: _Gauge = IN_FLIGHT_REQUESTS.labels()
+_open_connections: _Gauge = OPEN_CONNECTIONS.labels()
 
 
 def retry(upstream: str, reason: str) -> None:
-    """Count one retry on ``upstream`` caused by ``reason`` (a failure kind)."""
-    _retries.get(upstream, reason).inc()
+    """Count one retry on ``upstream`` caused by ``reason`` (a failure word)."""
+    RETRIES.get(upstream, str(reason)).inc()
 
 
 def dns_resolution(upstream: str, result: str) -> None:
     """Count one DNS lookup for ``upstream``: "success", "empty" or "failure"."""
-    _dns_resolutions.get(upstream, result).inc()
-
-
-_purged = _LabelCache(CACHE_PURGED)
+    DNS_RESOLUTIONS.get(upstream, result).inc()
 
 
 def cache_store(objects: int, stored_bytes: int, new_evictions: int) -> None:
     """The cache store's size after a change, and evictions since the last report."""
-    CACHE_OBJECTS.set(objects)
-    CACHE_STORED_BYTES.set(stored_bytes)
+    CACHE_OBJECTS.get().set(objects)
+    CACHE_STORED_BYTES.get().set(stored_bytes)
     if new_evictions:
-        CACHE_EVICTIONS.inc(new_evictions)
+        CACHE_EVICTIONS.get().inc(new_evictions)
 
 
 def cache_purged(by: str, count: int) -> None:
     if count:
-        _purged.get(by).inc(count)
+        CACHE_PURGED.get(by).inc(count)
 
 
 def rate_limit_backend_error() -> None:
-    _rate_limit_backend_errors.inc()
+    RATE_LIMIT_BACKEND_ERRORS.get().inc()
 
 
 def config_reload(success: bool) -> None:
@@ -511,15 +612,31 @@ def config_reload(success: bool) -> None:
 
 
 def observe_event_loop_lag(seconds: float) -> None:
-    EVENT_LOOP_LAG.observe(seconds)
+    EVENT_LOOP_LAG.get().observe(seconds)
 
 
 def open_connections_inc() -> None:
-    OPEN_CONNECTIONS.inc()
+    _open_connections.inc()
 
 
 def open_connections_dec() -> None:
-    OPEN_CONNECTIONS.dec()
+    _open_connections.inc(-1)
+
+
+_flush_lock = threading.Lock()
+
+
+def flush() -> None:
+    """Write what every series counted since the last flush to the multiprocess files."""
+    if not _MULTIPROCESS:
+        return
+    with _flush_lock:  # the loop's timer and a render thread may both flush
+        for family in _FAMILIES:
+            family.flush()
+
+
+if not _MULTIPROCESS:
+    REGISTRY.register(_Collector())
 
 
 def render() -> tuple[bytes, str]:
@@ -528,7 +645,7 @@ def render() -> tuple[bytes, str]:
     In multiprocess mode a fresh registry merges every worker's files; the default
     registry would only show this process (and process_* collectors that lie there).
     """
-    if multiprocess_enabled():
+    if _MULTIPROCESS:
         flush()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
@@ -538,5 +655,5 @@ def render() -> tuple[bytes, str]:
 
 def mark_process_dead(pid: int) -> None:
     """Tell the multiprocess store that worker ``pid`` exited (no-op in one process)."""
-    if multiprocess_enabled():
+    if _MULTIPROCESS:
         multiprocess.mark_process_dead(pid)

@@ -48,7 +48,8 @@ from typing import Any
 import httptools
 
 from proxy.chunkline import ChunkedScanner
-from proxy.flow import ProxyConnection, http_version
+from proxy.flow import PauseReason, ProxyConnection, http_version
+from proxy.retry import FailureKind
 from proxy.timers import sweeper_for
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
@@ -68,10 +69,19 @@ def client_ssl_context() -> ssl.SSLContext:
     return _ssl_context
 
 
+# Module constants: a lookup on the enum class costs a dict probe each time.
+_ERROR = FailureKind.ERROR
+_TIMEOUT = FailureKind.TIMEOUT
+_INVALID_HEADER = FailureKind.INVALID_HEADER
+_HELD = PauseReason.HELD
+
+
 class UpstreamError(Exception):
     """An attempt failed before a usable response head: ``kind`` is a retry.on word."""
 
-    def __init__(self, kind: str, detail: str, *, sent: bool, budget_spent: bool = False) -> None:
+    def __init__(
+        self, kind: FailureKind, detail: str, *, sent: bool, budget_spent: bool = False
+    ) -> None:
         super().__init__(detail)
         self.kind = kind
         self.detail = detail
@@ -114,6 +124,15 @@ class ResponseHead:
         self.has_body = True
         self.version = "1.1"
 
+    def reframe(self, content_length: int | None) -> None:
+        """The body relayed differs from the upstream's (held and measured, or encoded):
+        framed by this length, or by chunks when None."""
+        self.content_length = content_length
+
+    def replace_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.headers = headers
+        self.lowered = [name.lower() for name, _ in headers]
+
 
 class HeadFuture(asyncio.Future):
     """The waiter a coroutine awaits: resolves with the response head or the failure."""
@@ -140,6 +159,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.out_of_step = False  # it sent what no request of ours asked for: never reused
         self._chunks = ChunkedScanner(trailer_limit=RESPONSE_HEAD_LIMIT)
         self._head_tail = b""  # the last bytes of a head still open when a read ended
+        # Switched protocols (start_tunnel): raw bytes both ways from then on, never reused.
+        self.upgraded = False
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -161,10 +182,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.interim_listener: Any = None  # hears 1xx heads but 100 (set by forwarding)
         self.complete = False
         self.request_is_head = False
-        self.request_complete = False  # the whole request body left us (set by forwarding)
+        self.request_complete = False  # the whole request body left us (request_sent)
         self.budget_end = math.inf  # no read wait runs past this (loop clock), see begin()
         self.body_writer_paused: Callable[[bool], None] | None = None
-        self._reading_paused_for: set[str] = set()
+        self._reading_paused_for: set[PauseReason] = set()
         self.tunnel_data: bytes = b""
         if self._chunks.active:  # a chunked response cut short; most never began one
             self._chunks.stop()
@@ -183,13 +204,13 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.pool.forget(self)
         if self.waiter is None:
             return
-        if self.tunnel_data is None:  # a tunnel the upstream (or its idle timeout) ended
+        if self.upgraded:  # a tunnel the upstream (or its idle timeout) ended
             if self.sink is not None:
                 self.sink.on_end()
             return
         if not self._head_done:
             self._fail(
-                UpstreamError("error", "upstream closed before a full response head", sent=True)
+                UpstreamError(_ERROR, "upstream closed before a full response head", sent=True)
             )
         elif not self.complete:
             response = self._response
@@ -203,14 +224,14 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             if close_delimited:
                 self._finish()
             else:
-                self._abort(UpstreamError("error", "upstream closed mid-response", sent=True))
+                self._abort(UpstreamError(_ERROR, "upstream closed mid-response", sent=True))
 
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
             # Bytes on an idle connection: the peer is out of step; never reuse it.
             self.close()
             return
-        if self.tunnel_data is None:  # upgraded: raw bytes go straight through
+        if self.upgraded:  # raw bytes go straight through
             self.deadline = self._sweeper.now + self.read_timeout
             self.sink.on_body(data)
             return
@@ -241,7 +262,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if not self._head_done:
             self._head_tail = (self._head_tail + data[-3:])[-3:]
             if self._head_bytes > RESPONSE_HEAD_LIMIT and not self.closed:
-                self._fail(UpstreamError("invalid_header", "response head too large", sent=True))
+                self._fail(UpstreamError(_INVALID_HEADER, "response head too large", sent=True))
                 self.close()
             return
         # Outside the parser now: the waiter may finish, and even begin the next exchange.
@@ -306,16 +327,16 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             # (502, or a retry), rather than relaying a head whose body must then be cut.
             self._head_untold = False
             self._head_done = False
-            self._fail(UpstreamError("invalid_header", f"malformed response: {reason}", sent=True))
+            self._fail(UpstreamError(_INVALID_HEADER, f"malformed response: {reason}", sent=True))
         else:
-            self._abort(UpstreamError("error", f"malformed response body: {reason}", sent=True))
+            self._abort(UpstreamError(_ERROR, f"malformed response body: {reason}", sent=True))
         self.close()
 
     def _parser_failed(self, error: Exception) -> None:
         if not self._head_done:
-            self._fail(UpstreamError("invalid_header", f"malformed response: {error}", sent=True))
+            self._fail(UpstreamError(_INVALID_HEADER, f"malformed response: {error}", sent=True))
         else:
-            self._abort(UpstreamError("error", f"malformed response body: {error}", sent=True))
+            self._abort(UpstreamError(_ERROR, f"malformed response body: {error}", sent=True))
         self.close()
 
     def pause_writing(self) -> None:
@@ -395,7 +416,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._held.append(chunk)
         self._held_bytes += len(chunk)
         if self._held_bytes > HELD_BODY_LIMIT:
-            self.pause_reading("held")
+            self.pause_reading(_HELD)
 
     def on_message_complete(self) -> None:
         if self._informational:
@@ -452,7 +473,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         held, self._held = self._held, []
         self._held_bytes = 0
         if self._reading_paused_for:
-            self.resume_reading("held")  # a full hold stopped reading: it is empty now
+            self.resume_reading(_HELD)  # a full hold stopped reading: it is empty now
         return held
 
     async def wait_done(self) -> None:
@@ -465,9 +486,34 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self._done = self.loop.create_future()
         await self._done
 
+    def send_request(self, data: bytes) -> None:
+        """Write the whole request (head and any body) at once."""
+        self.write(data)
+        self.request_complete = True
+
+    def request_sent(self) -> None:
+        """The last byte of a streamed request body has been written."""
+        self.request_complete = True
+
+    def go_idle(self) -> None:
+        """Back in the pool: reading on, the exchange's references dropped."""
+        # Paused for the client's sake (a slow reader of the last response)? An idle
+        # connection must read again, or its next exchange would never see the response
+        # (begin() starts from an empty set of reasons).
+        if self._reading_paused_for:
+            self.resume_all_reading()
+        # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
+        self.waiter = None
+        self.sink = None
+        self.interim_listener = None
+        self._response = None
+        self.body_writer_paused = None
+        self.deadline = self._sweeper.now + POOL_IDLE_SECONDS
+
     def start_tunnel(self, sink: Any) -> None:
         self.sink = sink
-        pending, self.tunnel_data = self.tunnel_data, None  # type: ignore[assignment]
+        self.upgraded = True
+        pending, self.tunnel_data = self.tunnel_data, b""
         # An idle tunnel (no bytes either way, see tunnel_activity) ends after read_timeout;
         # the retry time budget bounded the exchange that opened it, not the tunnel.
         self.budget_end = math.inf
@@ -483,19 +529,19 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self.waiter is None:
             self.close()  # idle too long in the pool
             return
-        if self.tunnel_data is None:
+        if self.upgraded:
             self.close()  # idle tunnel: connection_lost tells the sink
             return
         # Timers fire to the millisecond (uvloop truncates): that close, the budget is out.
         if self.loop.time() >= self.budget_end - TIMER_SLACK:
             error = UpstreamError(
-                "timeout",
+                _TIMEOUT,
                 "retry.timeout spent waiting for the upstream",
                 sent=True,
                 budget_spent=True,
             )
         else:
-            error = UpstreamError("timeout", "upstream read timed out", sent=True)
+            error = UpstreamError(_TIMEOUT, "upstream read timed out", sent=True)
         if not self._head_done:
             self._fail(error)
         else:
@@ -599,7 +645,7 @@ class ConnectionPool:
         if clipped:
             if budget_left <= 0:
                 raise UpstreamError(
-                    "timeout",
+                    _TIMEOUT,
                     "retry.timeout spent before connecting",
                     sent=False,
                     budget_spent=True,
@@ -617,12 +663,12 @@ class ConnectionPool:
         except TimeoutError:
             if clipped:
                 raise UpstreamError(
-                    "timeout", "retry.timeout spent while connecting", sent=False, budget_spent=True
+                    _TIMEOUT, "retry.timeout spent while connecting", sent=False, budget_spent=True
                 ) from None
-            raise UpstreamError("timeout", "connect timed out", sent=False) from None
+            raise UpstreamError(_TIMEOUT, "connect timed out", sent=False) from None
         except OSError as error:
             reason = error.strerror or type(error).__name__
-            raise UpstreamError("error", f"connect failed: {reason}", sent=False) from None
+            raise UpstreamError(_ERROR, f"connect failed: {reason}", sent=False) from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -630,15 +676,7 @@ class ConnectionPool:
             # Paused for the client's sake (a slow reader of the last response)? An idle
             # connection must read again, or its next exchange would never see the
             # response (begin() starts from an empty set of reasons).
-            if conn._reading_paused_for:
-                conn.resume_all_reading()
-            # Idle is `waiter is None`; begin() resets the rest. Drop what holds memory.
-            conn.waiter = None
-            conn.sink = None
-            conn.interim_listener = None
-            conn._response = None
-            conn.body_writer_paused = None
-            conn.deadline = conn._sweeper.now + POOL_IDLE_SECONDS
+            conn.go_idle()
             self._idle.append(conn)
         else:
             conn.close()

@@ -33,11 +33,23 @@ def status_word(status: int) -> str:
     return f"http_{status}"
 
 
+#: Upstream statuses that config may name as failures (`failure_on`, `retry.on`).
+FAILURE_STATUSES = (500, 502, 503, 504, 403, 404, 429)
+
+#: Every failure word, in the order config error messages list them: the one table that
+#: config validates against, the pipeline compares with, and metrics use as labels.
+FAILURE_WORDS: tuple[str, ...] = (
+    *(kind.value for kind in FailureKind),
+    *(status_word(status) for status in FAILURE_STATUSES),
+)
+
+
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 #: `retry.on` words that are not failures but permissions.
 NON_IDEMPOTENT = "non_idempotent"
 IDEMPOTENCY_KEY = "idempotency_key"
+RETRY_CONDITIONS: tuple[str, ...] = (*FAILURE_WORDS, NON_IDEMPOTENT, IDEMPOTENCY_KEY)
 
 
 class NoRetry(enum.StrEnum):

@@ -506,8 +506,8 @@ def _breaker_transition(server: Server, old: BreakerState, new: BreakerState, re
         reason,
         extra={"upstream": server.upstream, "server": server.label, "event": "breaker"},
     )
-    server.metrics.set_breaker(new.gauge_value)
-    server.metrics.breaker_transition(new.value)
+    server.metrics.set_breaker(new)
+    server.metrics.breaker_transition(new)
     if new is BreakerState.CLOSED:
         server.start_ramp()  # back from a failure: it rejoins
 

@@ -34,11 +34,13 @@ from proxy.breaker import BreakerState, CircuitBreaker
 from proxy.health import HealthStatus, ServerHealth
 from proxy.policies import POLICIES
 from proxy.pool import ConnectionPool
+from proxy.retry import FailureKind
 from proxy.slowstart import SlowStart, ramped_weight
 from proxy.stats import RollingStats
 from proxy.sticky import StickyTable
 
 LATENCY_EWMA_WEIGHT = 0.2
+_TIMEOUT = FailureKind.TIMEOUT
 
 
 def server_label(server_cfg: Any, address: tuple[str, int] | None = None) -> str:
@@ -140,7 +142,7 @@ class Server:
             on_transition=lambda old, new, reason: on_breaker_transition(self, old, new, reason),
         )
         self.pool = ConnectionPool(server_cfg, upstream_cfg, connect_to=address)
-        metrics.set_breaker(0)
+        metrics.set_breaker(BreakerState.CLOSED)
         metrics.set_healthy(True)
 
     def effective_weight(self, now: float) -> float:
@@ -181,9 +183,9 @@ class Server:
         else:
             self.latency = seconds
 
-    def count_no_answer(self, kind: str) -> None:
+    def count_no_answer(self, kind: FailureKind) -> None:
         """A try that ended without a response head: ``kind`` is its failure word."""
-        if kind == "timeout":
+        if kind is _TIMEOUT:
             self.timeouts += 1
         else:
             self.errors += 1

@@ -60,7 +60,7 @@ from proxy.forwarding import (
 from proxy.http1 import REASONS
 from proxy.pool import HeadFuture, ResponseHead, UpstreamError
 from proxy.redisconn import SharedRedis
-from proxy.retry import status_word
+from proxy.retry import FailureKind, status_word
 
 log = logging.getLogger("sluicegate")
 
@@ -828,8 +828,7 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
         upstream = pool.take_idle() or await pool.connect()
         waiter = HeadFuture(loop=asyncio.get_running_loop())
         upstream.begin(False, waiter)
-        upstream.write(head_bytes)
-        upstream.request_complete = True
+        upstream.send_request(head_bytes)
         response = await waiter
         books.head(response.status)
         collector = BodyWriter(cached.store.max_object_size)
@@ -857,7 +856,7 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
     except UpstreamError as error:  # the stale entry stays as it is
         books.no_answer(error.kind)
     except Exception:  # a failed background revalidation leaves the stale entry as it is
-        books.no_answer("error")
+        books.no_answer(FailureKind.ERROR)
     finally:
         if upstream is not None:
             upstream.abort()
@@ -890,7 +889,7 @@ class _BackgroundTry:
         if not self.verdict:
             server.failures += 1
 
-    def no_answer(self, kind: str) -> None:
+    def no_answer(self, kind: FailureKind) -> None:
         server = self.server
         if self.verdict is None:  # before a head: no answer at all
             server.metrics.response(kind, None)

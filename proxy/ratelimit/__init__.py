@@ -7,11 +7,11 @@ falls back when Redis fails.
 
 from proxy.ratelimit.bucket import Decision, take
 from proxy.ratelimit.limiter import (
-    BreakerState,
     RateLimitBackend,
     RateLimiter,
     RateLimitRule,
     RedisBreaker,
+    RedisBreakerState,
     compose_key,
     enforced,
 )
@@ -19,7 +19,6 @@ from proxy.ratelimit.memory import MemoryBackend
 from proxy.ratelimit.redis import RateLimitBackendError, RedisBackend
 
 __all__ = [
-    "BreakerState",
     "Decision",
     "MemoryBackend",
     "RateLimitBackend",
@@ -28,6 +27,7 @@ __all__ = [
     "RateLimiter",
     "RedisBackend",
     "RedisBreaker",
+    "RedisBreakerState",
     "compose_key",
     "enforced",
     "take",

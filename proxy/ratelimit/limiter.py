@@ -65,7 +65,7 @@ def enforced(decision: Decision, rule: RateLimitRule) -> bool:
     return not decision.allowed and rule.mode == "enforce"
 
 
-class BreakerState(enum.Enum):
+class RedisBreakerState(enum.Enum):
     CLOSED = "closed"  # Redis is used
     OPEN = "open"  # Redis is skipped until the probe gets an answer
 
@@ -75,12 +75,12 @@ class RedisBreaker:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self.state = BreakerState.CLOSED
+        self.state = RedisBreakerState.CLOSED
         self.opened_at: float | None = None  # clock time of the last closed -> open
 
     @property
     def is_closed(self) -> bool:
-        return self.state is BreakerState.CLOSED
+        return self.state is RedisBreakerState.CLOSED
 
     def open_for(self) -> float:
         """Seconds the breaker has been open (0 while closed)."""
@@ -88,19 +88,19 @@ class RedisBreaker:
 
     def trip(self) -> bool:
         """A Redis call failed. Returns True when this opened the breaker."""
-        return self._move(BreakerState.OPEN)
+        return self._move(RedisBreakerState.OPEN)
 
     def reset(self) -> bool:
         """Redis answered the probe. Returns True when this closed the breaker."""
-        return self._move(BreakerState.CLOSED)
+        return self._move(RedisBreakerState.CLOSED)
 
-    def _move(self, to: BreakerState) -> bool:
+    def _move(self, to: RedisBreakerState) -> bool:
         # Concurrent checks fail together when Redis dies: tripping an open breaker again
         # is expected, not an error, and changes nothing.
         if self.state is to:
             return False
         self.state = to
-        self.opened_at = self._clock() if to is BreakerState.OPEN else None
+        self.opened_at = self._clock() if to is RedisBreakerState.OPEN else None
         return True
 
 

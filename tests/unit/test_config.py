@@ -359,3 +359,33 @@ def test_tls_cert_and_key_that_do_not_match_is_an_error(tmp_path: Path) -> None:
 
 def test_config_is_a_config() -> None:
     assert isinstance(parse_config(MINIMAL, "mem.yaml"), Config)
+
+
+def _upstream_config(**keys: object) -> dict:
+    return {
+        **MINIMAL,
+        "upstreams": {"api": {"servers": [{"url": "http://127.0.0.1:1"}], **keys}},
+        "routes": [{"name": "all", "upstream": "api"}],
+    }
+
+
+def test_policy_names_are_the_registry_of_policies() -> None:
+    from proxy.policies import POLICIES
+
+    for name in POLICIES:
+        assert parse_config(_upstream_config(policy=name), "p.yaml").upstreams["api"].policy == name
+    with pytest.raises(ConfigError) as error:
+        parse_config(_upstream_config(policy="fastest"), "p.yaml")
+    assert all(name in str(error.value) for name in POLICIES)
+
+
+def test_failure_words_are_the_retry_vocabulary() -> None:
+    from proxy.retry import FAILURE_WORDS, FailureKind, status_word
+
+    assert {kind.value for kind in FailureKind} <= set(FAILURE_WORDS)
+    assert status_word(502) in FAILURE_WORDS
+    upstream = _upstream_config(failure_on=list(FAILURE_WORDS), retry={"on": list(FAILURE_WORDS)})
+    api = parse_config(upstream, "f.yaml").upstreams["api"]
+    assert api.failure_on == frozenset(FAILURE_WORDS) == api.retry.on
+    with pytest.raises(ConfigError):
+        parse_config(_upstream_config(failure_on=["http_418"]), "f.yaml")

@@ -14,13 +14,13 @@ import pytest
 
 from proxy.config import RedisConfig
 from proxy.ratelimit import (
-    BreakerState,
     Decision,
     MemoryBackend,
     RateLimitBackendError,
     RateLimiter,
     RedisBackend,
     RedisBreaker,
+    RedisBreakerState,
     compose_key,
     enforced,
 )
@@ -168,11 +168,11 @@ def test_compose_key_and_enforced():
 def test_redis_breaker_transitions():
     clock = FakeClock()
     breaker = RedisBreaker(clock)
-    assert breaker.state is BreakerState.CLOSED and breaker.open_for() == 0.0
+    assert breaker.state is RedisBreakerState.CLOSED and breaker.open_for() == 0.0
     assert breaker.trip()
     assert not breaker.trip()  # concurrent failures: already open
     clock.advance(2.5)
-    assert breaker.state is BreakerState.OPEN and breaker.open_for() == 2.5
+    assert breaker.state is RedisBreakerState.OPEN and breaker.open_for() == 2.5
     assert breaker.reset()
     assert not breaker.reset()
     assert breaker.is_closed and breaker.open_for() == 0.0

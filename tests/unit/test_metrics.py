@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import metrics
+from proxy.breaker import BreakerState
 
 # SPEC "Metrics": family name as exposed -> (type, label names).
 SPEC_METRICS = {
@@ -46,8 +47,8 @@ def exercise_everything(route: str = "spec-route", upstream: str = "spec-up") ->
     server.in_flight_inc()
     server.response(200, 0.01)
     server.set_healthy(True)
-    server.set_breaker(0)
-    server.breaker_transition("open")
+    server.set_breaker(BreakerState.CLOSED)
+    server.breaker_transition(BreakerState.OPEN)
     server.health_check("success")
     metrics.retry(upstream, "timeout")
     metrics.rate_limit_backend_error()
@@ -114,7 +115,7 @@ def test_children_are_resolved_once_and_cached(monkeypatch):
     route.observe("GET", 200, 0.01)
     server.response(200, 0.01)
     server.response("timeout", None)
-    server.breaker_transition("open")
+    server.breaker_transition(BreakerState.OPEN)
     server.health_check("failure")
     metrics.retry("up-cache", "error")
 
@@ -141,7 +142,7 @@ def test_children_are_resolved_once_and_cached(monkeypatch):
         server.in_flight_dec()
         server.response(200, 0.01)
         server.response("timeout", None)
-        server.breaker_transition("open")
+        server.breaker_transition(BreakerState.OPEN)
         server.health_check("failure")
         metrics.retry("up-cache", "error")
         metrics.config_reload(False)
@@ -163,7 +164,7 @@ def test_server_metrics():
     assert value("sluicegate_upstream_response_seconds_count", **labels) == 1  # no head, no time
     server.set_healthy(False)
     assert value("sluicegate_upstream_healthy", **labels) == 0
-    server.breaker_transition("half_open")
+    server.breaker_transition(BreakerState.HALF_OPEN)
     assert value("sluicegate_circuit_breaker_transitions_total", to="half_open", **labels) == 1
     server.health_check("timeout")
     assert value("sluicegate_health_checks_total", result="timeout", **labels) == 1
@@ -171,7 +172,7 @@ def test_server_metrics():
 
 @pytest.mark.parametrize(
     ("state", "expected"),
-    [(0, 0), (1, 1), (2, 2), ("closed", 0), ("half_open", 1), ("open", 2)],
+    [(BreakerState.CLOSED, 0), (BreakerState.HALF_OPEN, 1), (BreakerState.OPEN, 2)],
 )
 def test_breaker_state_gauge_values(state, expected):
     server = metrics.ServerMetrics("up-b", "h:2")
@@ -179,15 +180,10 @@ def test_breaker_state_gauge_values(state, expected):
     assert value("sluicegate_circuit_breaker_state", upstream="up-b", server="h:2") == expected
 
 
-def test_breaker_state_accepts_an_enum():
-    import enum
-
-    class State(enum.Enum):
-        OPEN = "open"
-
+def test_breaker_gauge_and_transition_label_come_from_the_breaker_state():
     server = metrics.ServerMetrics("up-e", "h:3")
-    server.set_breaker(State.OPEN)
-    server.breaker_transition(State.OPEN)
+    server.set_breaker(BreakerState.OPEN)
+    server.breaker_transition(BreakerState.OPEN)
     assert value("sluicegate_circuit_breaker_state", upstream="up-e", server="h:3") == 2
     labels = {"upstream": "up-e", "server": "h:3", "to": "open"}
     assert value("sluicegate_circuit_breaker_transitions_total", **labels) == 1
@@ -239,6 +235,7 @@ WORKER = textwrap.dedent(
     """
     import json, sys
     from proxy import metrics
+    from proxy.breaker import BreakerState
     action = sys.argv[1]
     if action == "work":
         route = metrics.RouteMetrics("api")
@@ -246,10 +243,12 @@ WORKER = textwrap.dedent(
         server = metrics.ServerMetrics("api", "10.0.0.1:8080")
         server.in_flight_inc()
         server.set_healthy(sys.argv[2] == "up")
-        server.set_breaker(sys.argv[3])
+        server.set_breaker(BreakerState(sys.argv[3]))
         metrics.open_connections_inc()
         metrics.config_reload(True)
         metrics.flush()  # as a worker does every second, on render, and when it stops
+    elif action == "reload":  # the supervisor counts reloads and never flushes
+        metrics.config_reload(sys.argv[2] == "ok")
     elif action == "render":
         for pid in sys.argv[2:]:
             metrics.mark_process_dead(int(pid))
@@ -374,3 +373,42 @@ def test_multiprocess_hot_series_reach_the_files_on_flush(tmp_path):
     line = 'sluicegate_requests_total{method="GET",route="api",status="200"}'
     assert f"{line} 1.0" in output["before"]  # render flushes first
     assert f"{line} 2.0" in output["after"]
+
+
+def test_a_failure_kind_is_counted_under_its_config_word():
+    from proxy.retry import FailureKind
+
+    server = metrics.ServerMetrics("up-k", "h:6")
+    server.response(FailureKind.TIMEOUT, None)
+    server.response("timeout", None)  # the same series, whichever form arrives
+    labels = {"upstream": "up-k", "server": "h:6", "status": "timeout"}
+    assert value("sluicegate_upstream_requests_total", **labels) == 2
+
+
+def test_prometheus_client_is_left_unpatched():
+    # Our series are plain numbers read by a collector: the library's own value class
+    # (with its lock) stays in place for anything else that uses prometheus-client.
+    from prometheus_client import values
+
+    assert values.ValueClass.__module__ == "prometheus_client.values"
+    assert type(metrics.in_flight_requests).__module__ == "proxy.metrics"
+
+
+def test_a_scrape_reads_the_series_as_they_are_now():
+    route = metrics.RouteMetrics("route-now")
+    route.observe("GET", 200, 40.0)  # beyond the last bound: the +Inf bucket only
+    labels = {"route": "route-now"}
+    assert value("sluicegate_request_duration_seconds_bucket", le="30.0", **labels) == 0
+    assert value("sluicegate_request_duration_seconds_bucket", le="+Inf", **labels) == 1
+    assert value("sluicegate_request_duration_seconds_sum", **labels) == 40.0
+    route.observe("GET", 200, 0.001)  # on a bound: counted in that bucket (le is <=)
+    assert value("sluicegate_request_duration_seconds_bucket", le="0.001", **labels) == 1
+    assert value("sluicegate_request_duration_seconds_count", **labels) == 2
+
+
+def test_multiprocess_counts_off_the_request_path_need_no_flush(tmp_path):
+    start_worker(tmp_path, "reload", "ok")
+    start_worker(tmp_path, "reload", "failed")
+    samples = rendered_samples(tmp_path)
+    assert sample(samples, "sluicegate_config_reloads_total", result="success") == 1
+    assert sample(samples, "sluicegate_config_reloads_total", result="failure") == 1

@@ -12,7 +12,7 @@ import asyncio
 import json
 from typing import Any
 
-from proxy.http1 import ClientConnection, Request
+from proxy.http1 import ClientConnection, Deadline, Request
 from tests.unit.test_http1_engine import Harness, echo_handler
 
 
@@ -119,13 +119,13 @@ async def test_the_header_timeout_of_a_pipelined_head_counts_from_the_previous_r
     h = Harness(gate, client_header_timeout=5.0)
     h.feed(get("/hold") + b"GET /partial HTTP/1.1\r\nHost:")
     await h.settle()
-    assert h.conn._deadline_kind == "busy"  # answering: no header clock runs
+    assert h.conn._deadline_kind is Deadline.BUSY  # answering: no header clock runs
     h.conn._sweeper.refresh()
     gate.release.set()
     await h.settle()
     assert paths(h) == ["/hold"]
     conn: Any = h.conn
-    assert conn._deadline_kind == "head"
+    assert conn._deadline_kind is Deadline.HEAD
     answered_at = conn._head_started_at
     assert answered_at >= conn._sweeper.now - 0.1
     assert conn.deadline == answered_at + 5.0
@@ -150,5 +150,5 @@ async def test_requests_answered_at_once_leave_an_idle_connection_idle():
     h.feed(get("/x") + get("/y"))
     await h.settle()
     assert [status for status, _, _ in h.responses()] == [404, 404]
-    assert h.conn._deadline_kind == "idle"
+    assert h.conn._deadline_kind is Deadline.IDLE
     assert h.conn.deadline == h.conn._head_started_at + 75.0
