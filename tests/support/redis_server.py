@@ -20,6 +20,7 @@ must not hide the Redis tests: it fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
@@ -29,8 +30,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -427,30 +429,33 @@ def _free_cluster_ports(count: int) -> list[int]:
     return ports
 
 
+@contextlib.contextmanager
+def _running(prefix: str, make: Callable[[Path], Any]) -> Iterator[Any]:
+    """A set of Redis processes in a temporary directory of its own, stopped whatever the
+    test did."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        group = make(Path(workdir))
+        try:
+            group.start()
+            yield group
+        finally:
+            group.stop()
+
+
 @pytest.fixture
 def redis_sentinel() -> Iterator[SentinelSet]:
     server = _need("redis-server")
     sentinel = _need("redis-sentinel")
-    with tempfile.TemporaryDirectory(prefix="sg-sentinel-") as workdir:
-        sentinels = SentinelSet(server, sentinel, Path(workdir))
-        try:
-            sentinels.start()
-            yield sentinels
-        finally:
-            sentinels.stop()
+    with _running("sg-sentinel-", lambda workdir: SentinelSet(server, sentinel, workdir)) as s:
+        yield s
 
 
 @pytest.fixture
 def redis_cluster() -> Iterator[ClusterSet]:
     server = _need("redis-server")
     cli = _need("redis-cli")
-    with tempfile.TemporaryDirectory(prefix="sg-cluster-") as workdir:
-        cluster = ClusterSet(server, cli, Path(workdir))
-        try:
-            cluster.start()
-            yield cluster
-        finally:
-            cluster.stop()
+    with _running("sg-cluster-", lambda workdir: ClusterSet(server, cli, workdir)) as cluster:
+        yield cluster
 
 
 @pytest.fixture
