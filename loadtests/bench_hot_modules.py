@@ -25,12 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {
     # Per attempt: eligibility, the chosen server's slot, the verdict.
     "breaker": (
-        "from proxy.breaker import CircuitBreaker\nbreaker = CircuitBreaker()",
+        "from proxy.balancing.breaker import CircuitBreaker\nbreaker = CircuitBreaker()",
         "breaker.allows(); breaker.acquire(); breaker.record_success()",
     ),
     # Per attempt, when it ends.
     "stats": (
-        "from proxy.stats import RollingStats\nstats = RollingStats()",
+        "from proxy.observability.stats import RollingStats\nstats = RollingStats()",
         "stats.record(0.003, False)",
     ),
     # Per request on a rate-limited route (in-process buckets): take() and its Decision.

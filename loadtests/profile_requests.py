@@ -32,7 +32,7 @@ import bench_instr  # the fixed-count keep-alive client
 
 RUNNER = r"""
 import cProfile, collections, json, os, signal, sys
-from proxy import daemon
+from proxy.control import daemon
 from proxy.config import load_config
 
 mode, out = os.environ["PROFILE_MODE"], os.environ["PROFILE_OUT"]

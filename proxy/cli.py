@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from proxy.supervisor import run_daemon  # imported late: the data plane is heavy to load
+    from proxy.control.supervisor import (
+        run_daemon,  # imported late: the data plane is heavy to load
+    )
 
     return run_daemon(config_path(args.config), watch=args.watch)
 
@@ -107,13 +109,13 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo.stack import run_demo
 
     return run_demo()
 
 
 def _backend(args: argparse.Namespace) -> int:
-    from proxy.backend import run_backend
+    from proxy.demo.backend import run_backend
 
     return run_backend(args.host, args.port, args.name or f"backend-{args.port}")
 

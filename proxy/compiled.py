@@ -31,8 +31,8 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 #: CPython 3.11's specialising interpreter, not faster (DESIGN.md has the figures).
 #: One name a line, as here: the Makefile reads them to rebuild when one is edited.
 HOT_MODULES: tuple[str, ...] = (
-    "proxy.breaker",
-    "proxy.stats",
+    "proxy.balancing.breaker",
+    "proxy.observability.stats",
     "proxy.ratelimit.bucket",
 )
 

@@ -34,9 +34,9 @@ from pydantic import (
     model_validator,
 )
 
+from proxy.balancing.policies import POLICIES
+from proxy.balancing.retry import FAILURE_WORDS, RETRY_CONDITIONS
 from proxy.errors import ConfigError
-from proxy.policies import POLICIES
-from proxy.retry import FAILURE_WORDS, RETRY_CONDITIONS
 from proxy.units import parse_duration, parse_rate, parse_size
 
 __all__ = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from proxy.routing import cookie_value
+from proxy.pipeline.routing import cookie_value
 
 _SEPARATOR = "\x1f"  # cannot appear in a request head: keeps parts from running together
 

@@ -18,7 +18,7 @@ from proxy.cache.control import (
     parse_http_date,
     response_control,
 )
-from proxy.http1 import HOP_BY_HOP
+from proxy.dataplane.client import HOP_BY_HOP
 
 # RFC 9110 §15.1: statuses a cache may store with heuristic freshness (and that a response
 # with only a validator can be stored for).

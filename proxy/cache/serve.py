@@ -24,7 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy import metrics, redisconn
+from proxy import redisconn
+from proxy.balancing.retry import FailureKind, status_word
 from proxy.cache.control import CacheControl, field_value, parse_http_date, request_control
 from proxy.cache.key import KeyMaker, cache_url, url_from_purge
 from proxy.cache.lock import Outcome, StampedeLock
@@ -45,10 +46,13 @@ from proxy.cache.redislock import RedisLock
 from proxy.cache.redisstore import RedisStore
 from proxy.cache.store import BodyWriter, StoredResponse, tags_of
 from proxy.cache.variance import matches, variance
-from proxy.compress import negotiate
+from proxy.dataplane.client import REASONS
+from proxy.dataplane.upstream import HeadFuture, ResponseHead, UpstreamError
+from proxy.observability import metrics
+from proxy.pipeline.compress import negotiate
 
 # The pipeline's own pieces: the cache is one of its phases (see the module docstring).
-from proxy.forwarding import (
+from proxy.pipeline.exchange import (
     RESPONSE_REWRITTEN,
     _forward,
     _relay_over,
@@ -57,10 +61,7 @@ from proxy.forwarding import (
     _send_error,
     _start_relay,
 )
-from proxy.http1 import REASONS
-from proxy.pool import HeadFuture, ResponseHead, UpstreamError
 from proxy.redisconn import SharedRedis
-from proxy.retry import FailureKind, status_word
 
 log = logging.getLogger("sluicegate")
 

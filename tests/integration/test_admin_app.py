@@ -8,8 +8,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import metrics
-from proxy.admin import build_admin_app
+from proxy.control.admin import build_admin_app
+from proxy.observability import metrics
 
 TOKEN = "s3cret-token"
 

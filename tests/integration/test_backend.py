@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from proxy.backend import run_backend
+from proxy.demo.backend import run_backend
 from tests.support import backends as _backends
 from tests.support.backends import (
     REPO_ROOT,
@@ -249,7 +249,7 @@ async def test_backends_are_independent_and_stoppable(start_backend, session):
 
 def _run_backend_process(port: int, name: str | None = None) -> subprocess.Popen:
     code = (
-        "import sys; from proxy.backend import run_backend; "
+        "import sys; from proxy.demo.backend import run_backend; "
         f"sys.exit(run_backend('127.0.0.1', {port}, {name!r}))"
     )
     return subprocess.Popen(

@@ -108,16 +108,16 @@ def test_no_command_prints_usage() -> None:
 
 
 def _fake_daemon(monkeypatch: pytest.MonkeyPatch, behaviour: Callable[[], int]) -> list[str]:
-    """Stand in for proxy.supervisor's run_daemon (the real one binds ports)."""
+    """Stand in for proxy.control.supervisor's run_daemon (the real one binds ports)."""
     calls: list[str] = []
 
     def run_daemon(path: str, *, watch: bool = False) -> int:
         calls.append(f"{path} --watch" if watch else path)
         return behaviour()
 
-    module = types.ModuleType("proxy.supervisor")
+    module = types.ModuleType("proxy.control.supervisor")
     module.run_daemon = run_daemon  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "proxy.supervisor", module)
+    monkeypatch.setitem(sys.modules, "proxy.control.supervisor", module)
     return calls
 
 

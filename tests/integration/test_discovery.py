@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trustme
 
-from proxy.discovery import DnsLookup, LookupFailed, address_order
+from proxy.balancing.discovery import DnsLookup, LookupFailed, address_order
 from tests.integration.test_https_upstream import describe, server_context
 from tests.support.backends import free_port
 from tests.support.daemon import http_request, wait_for

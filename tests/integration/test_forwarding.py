@@ -187,7 +187,7 @@ def test_client_request_id_is_kept(echo_daemon):
     ],
 )
 def test_request_target_is_sent_exactly(start_sluicegate, target):
-    """The query exactly as sent; the path in its normal form (pathnorm.py): the one the
+    """The query exactly as sent; the path in its normal form (http/pathnorm.py): the one the
     route matched."""
     with RawUpstream(simple_response()) as upstream:
         daemon = start_sluicegate(proxy_config(upstream.url))

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from aiohttp import web
 
-from proxy.health import USER_AGENT, HealthChecker, HealthStatus, ServerHealth
+from proxy.balancing.health import USER_AGENT, HealthChecker, HealthStatus, ServerHealth
 
 UP, DOWN, UNKNOWN = HealthStatus.UP, HealthStatus.DOWN, HealthStatus.UNKNOWN
 

@@ -134,12 +134,13 @@ def _clean_env() -> dict[str, str]:
 def test_wheel_carries_the_demo_config_and_the_status_page(installed_wheel: InstalledWheel):
     names = set(zipfile.ZipFile(installed_wheel.wheel).namelist())
     assert {
-        "proxy/demo.yaml",
-        "proxy/static/status.html",
+        "proxy/demo/demo.yaml",
+        "proxy/control/static/status.html",
         "proxy/ratelimit/token_bucket.lua",
     } <= names
     # One source of truth: config/demo.yaml is the packaged file, not a copy that can drift.
-    assert (REPO_ROOT / "config" / "demo.yaml").resolve() == REPO_ROOT / "proxy" / "demo.yaml"
+    packaged = REPO_ROOT / "proxy" / "demo" / "demo.yaml"
+    assert (REPO_ROOT / "config" / "demo.yaml").resolve() == packaged
 
 
 @pytest.mark.slow  # builds and installs the wheel (module fixture)

@@ -4,7 +4,7 @@ Use as a plugin (``pytest_plugins = ["tests.support.backends"]`` in the root con
 or import the fixtures by name. Fixtures:
 
 - ``start_backend``: async factory ``await start_backend(name=None) -> RunningBackend``
-  serving :func:`proxy.backend.build_backend_app` on 127.0.0.1, an ephemeral port;
+  serving :func:`proxy.demo.backend.build_backend_app` on 127.0.0.1, an ephemeral port;
   every backend started is stopped at test end.
 - ``spawn_backend``: factory ``spawn_backend(name=None) -> (Popen, port)`` running
   ``python -m proxy backend``; every process started is terminated at test end.
@@ -30,7 +30,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from proxy.backend import STATE, build_backend_app
+from proxy.demo.backend import STATE, build_backend_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.accesslog import FIELDS, format_json
-from proxy.runtime import _json_line
+from proxy.control.runtime import _json_line
+from proxy.observability.accesslog import FIELDS, format_json
 
 
 def _exchange(path: bytes, error: str, attempts: list) -> tuple:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from proxy.accesslog import FIELDS, AccessLog, format_text, format_time
+from proxy.observability.accesslog import FIELDS, AccessLog, format_text, format_time
 
 SPEC_FIELDS = [
     "time",

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.breaker import BreakerState, CircuitBreaker, IllegalTransition
+from proxy.balancing.breaker import BreakerState, CircuitBreaker, IllegalTransition
 from tests.support.clock import FakeClock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN

@@ -12,8 +12,8 @@ from proxy.cache.policy import Freshness
 from proxy.cache.serve import HIT_STATUS, RouteCache, SharedCache, _CachedRequest, send_prepared
 from proxy.cache.store import StoredResponse
 from proxy.config import CacheConfig, RouteCacheConfig, RouteConfig
-from proxy.forwarding import Exchange
-from proxy.http1 import Request
+from proxy.dataplane.client import Request
+from proxy.pipeline.exchange import Exchange
 
 NOW = 1_000_000.0
 FRESH = Freshness(600.0, 3.0, NOW - 40.5, False, False, 0.0, 0.0)  # 43 s old

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.chunkline import LINE_LIMIT, LINE_TOO_LONG, TRAILERS_TOO_LARGE, ChunkedScanner
+from proxy.http.chunkline import LINE_LIMIT, LINE_TOO_LONG, TRAILERS_TOO_LARGE, ChunkedScanner
 
 HEAD = b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
 NEXT = b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n"

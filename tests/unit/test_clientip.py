@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from proxy.clientip import ClientAddressResolver
+from proxy.http.clientip import ClientAddressResolver
 
 
 def resolver(*networks: str) -> ClientAddressResolver:

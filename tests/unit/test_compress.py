@@ -10,7 +10,8 @@ import brotli
 import pytest
 import zstandard
 
-from proxy.compress import (
+from proxy.config import CompressConfig
+from proxy.pipeline.compress import (
     CompressRule,
     Plan,
     accepted_codings,
@@ -18,7 +19,6 @@ from proxy.compress import (
     compressed_headers,
     negotiate,
 )
-from proxy.config import CompressConfig
 
 ALL = ("zstd", "br", "gzip")
 

@@ -370,7 +370,7 @@ def _upstream_config(**keys: object) -> dict:
 
 
 def test_policy_names_are_the_registry_of_policies() -> None:
-    from proxy.policies import POLICIES
+    from proxy.balancing.policies import POLICIES
 
     for name in POLICIES:
         assert parse_config(_upstream_config(policy=name), "p.yaml").upstreams["api"].policy == name
@@ -380,7 +380,7 @@ def test_policy_names_are_the_registry_of_policies() -> None:
 
 
 def test_failure_words_are_the_retry_vocabulary() -> None:
-    from proxy.retry import FAILURE_WORDS, FailureKind, status_word
+    from proxy.balancing.retry import FAILURE_WORDS, FailureKind, status_word
 
     assert {kind.value for kind in FailureKind} <= set(FAILURE_WORDS)
     assert status_word(502) in FAILURE_WORDS

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 engine while the process drains (``lifecycle.py``): a connection ends only
+"""The HTTP/1.1 engine while the process drains (``control/lifecycle.py``): a connection ends only
 after an answer that said ``Connection: close``, until idle ones are closed for good."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from proxy.http1 import ClientConnection, Request
+from proxy.dataplane.client import ClientConnection, Request
 from tests.unit.test_http1_engine import Harness
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.flow import PauseReason, ProxyConnection
-from proxy.pool import ResponseHead
+from proxy.dataplane.flow import PauseReason, ProxyConnection
+from proxy.dataplane.upstream import ResponseHead
 
 
 class _Transport:

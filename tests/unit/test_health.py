@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.health import FlapDamper, HealthStatus, Hysteresis, ServerHealth
+from proxy.balancing.health import FlapDamper, HealthStatus, Hysteresis, ServerHealth
 from tests.support.clock import FakeClock
 
 UP, DOWN, UNKNOWN = HealthStatus.UP, HealthStatus.DOWN, HealthStatus.UNKNOWN

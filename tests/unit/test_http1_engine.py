@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from proxy.http1 import BODY_HIGH_WATER, ClientConnection, Request
-from proxy.timers import Sweeper
+from proxy.dataplane.client import BODY_HIGH_WATER, ClientConnection, Request
+from proxy.dataplane.timers import Sweeper
 from tests.support.clock import FakeClock
 
 

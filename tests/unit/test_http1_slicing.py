@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from proxy.http1 import ClientConnection, Request
+from proxy.dataplane.client import ClientConnection, Request
 from tests.unit.test_http1_engine import FakeTransport
 
 

@@ -8,7 +8,7 @@ import itertools
 import httptools
 import pytest
 
-from proxy.flow import http_version
+from proxy.dataplane.flow import http_version
 
 VERSIONS = ("0.9", "1.0", "1.1", "2.0")
 CONNECTION_HEADERS = (

@@ -1,10 +1,10 @@
-"""The shutdown phases (``proxy.lifecycle``): forward only, and what each promises."""
+"""The shutdown phases (``proxy.control.lifecycle``): forward only, and what each promises."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.lifecycle import IllegalTransition, Lifecycle, Phase
+from proxy.control.lifecycle import IllegalTransition, Lifecycle, Phase
 
 
 def test_phases_run_forward_one_at_a_time():

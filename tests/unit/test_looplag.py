@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from proxy.looplag import LoopLagSampler
+from proxy.observability.looplag import LoopLagSampler
 from tests.support.clock import FakeClock
 
 

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import metrics
-from proxy.breaker import BreakerState
+from proxy.balancing.breaker import BreakerState
+from proxy.observability import metrics
 
 # SPEC "Metrics": family name as exposed -> (type, label names).
 SPEC_METRICS = {
@@ -234,8 +234,8 @@ def test_mark_process_dead_is_a_no_op_in_one_process():
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from proxy import metrics
-    from proxy.breaker import BreakerState
+    from proxy.observability import metrics
+    from proxy.balancing.breaker import BreakerState
     action = sys.argv[1]
     if action == "work":
         route = metrics.RouteMetrics("api")
@@ -349,7 +349,7 @@ def test_multiprocess_hot_series_reach_the_files_on_flush(tmp_path):
     script = textwrap.dedent(
         """
         import json, sys
-        from proxy import metrics
+        from proxy.observability import metrics
         route = metrics.RouteMetrics("api")
         route.observe("GET", 200, 0.01)
         before = metrics.render()[0].decode()
@@ -376,7 +376,7 @@ def test_multiprocess_hot_series_reach_the_files_on_flush(tmp_path):
 
 
 def test_a_failure_kind_is_counted_under_its_config_word():
-    from proxy.retry import FailureKind
+    from proxy.balancing.retry import FailureKind
 
     server = metrics.ServerMetrics("up-k", "h:6")
     server.response(FailureKind.TIMEOUT, None)
@@ -391,7 +391,7 @@ def test_prometheus_client_is_left_unpatched():
     from prometheus_client import values
 
     assert values.ValueClass.__module__ == "prometheus_client.values"
-    assert type(metrics.in_flight_requests).__module__ == "proxy.metrics"
+    assert type(metrics.in_flight_requests).__module__ == "proxy.observability.metrics"
 
 
 def test_a_scrape_reads_the_series_as_they_are_now():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from proxy.pathnorm import InvalidTarget, normalize_target
+from proxy.http.pathnorm import InvalidTarget, normalize_target
 
 NORMALISED = [
     # (raw target, normal path, query)

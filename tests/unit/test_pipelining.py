@@ -12,7 +12,7 @@ import asyncio
 import json
 from typing import Any
 
-from proxy.http1 import ClientConnection, Deadline, Request
+from proxy.dataplane.client import ClientConnection, Deadline, Request
 from tests.unit.test_http1_engine import Harness, echo_handler
 
 

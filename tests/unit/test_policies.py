@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy.policies import (
+from proxy.balancing.policies import (
     POLICIES,
     IpHash,
     LeastConn,

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.retry import (
+from proxy.balancing.retry import (
     IDEMPOTENT_METHODS,
     FailureKind,
     NoRetry,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import MatchConfig
-from proxy.routing import Router, cookie_value, host_without_port
+from proxy.pipeline.routing import Router, cookie_value, host_without_port
 
 
 class FakeRequest:

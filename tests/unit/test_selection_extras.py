@@ -6,12 +6,12 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-from proxy import metrics
+from proxy.balancing.servers import Server
+from proxy.balancing.slowstart import SlowStart
+from proxy.balancing.sticky import ID_LENGTH, StickyTable, server_id, upstream_key
 from proxy.config import parse_config
-from proxy.runtime import Runtime, _breaker_transition, _health_result
-from proxy.slowstart import SlowStart
-from proxy.sticky import ID_LENGTH, StickyTable, server_id, upstream_key
-from proxy.upstream import Server
+from proxy.control.runtime import Runtime, _breaker_transition, _health_result
+from proxy.observability import metrics
 from tests.support.clock import FakeClock
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from proxy.policies import POLICIES
-from proxy.slowstart import SlowStart, ramped_weight
+from proxy.balancing.policies import POLICIES
+from proxy.balancing.slowstart import SlowStart, ramped_weight
 from tests.support.clock import FakeClock
 
 RAMP = 10.0

@@ -2,7 +2,7 @@
 
 import pytest
 
-from proxy.stats import RollingStats
+from proxy.observability.stats import RollingStats
 from tests.support.clock import FakeClock
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from proxy.supervisor import merge_worker_status
+from proxy.control.supervisor import merge_worker_status
 
 
 def server(url: str, address: str, **fields) -> dict:

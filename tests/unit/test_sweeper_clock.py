@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.timers import Sweeper
+from proxy.dataplane.timers import Sweeper
 from tests.support.clock import FakeClock
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy.timers import Sweeper
+from proxy.dataplane.timers import Sweeper
 
 
 class FakeLoop:

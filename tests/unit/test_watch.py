@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from proxy.watch import RACY_SECONDS, ConfigFileWatch, _read
+from proxy.control.watch import RACY_SECONDS, ConfigFileWatch, _read
 
 LONG_AGO = 1_000_000_000  # mtimes in the tests: far older than RACY_SECONDS from "now"
 

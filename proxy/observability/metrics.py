@@ -58,7 +58,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from proxy.breaker import BreakerState
+from proxy.balancing.breaker import BreakerState
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

@@ -30,14 +30,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from proxy.breaker import BreakerState, CircuitBreaker
-from proxy.health import HealthStatus, ServerHealth
-from proxy.policies import POLICIES
-from proxy.pool import ConnectionPool
-from proxy.retry import FailureKind
-from proxy.slowstart import SlowStart, ramped_weight
-from proxy.stats import RollingStats
-from proxy.sticky import StickyTable
+from proxy.balancing.breaker import BreakerState, CircuitBreaker
+from proxy.balancing.health import HealthStatus, ServerHealth
+from proxy.balancing.policies import POLICIES
+from proxy.balancing.retry import FailureKind
+from proxy.balancing.slowstart import SlowStart, ramped_weight
+from proxy.balancing.sticky import StickyTable
+from proxy.dataplane.upstream import ConnectionPool
+from proxy.observability.stats import RollingStats
 
 LATENCY_EWMA_WEIGHT = 0.2
 _TIMEOUT = FailureKind.TIMEOUT

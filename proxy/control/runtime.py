@@ -16,19 +16,19 @@ import os
 import time
 from typing import Any
 
-from proxy import metrics
-from proxy.accesslog import _json_value, format_time
-from proxy.breaker import BreakerState
+from proxy.balancing.breaker import BreakerState
+from proxy.balancing.discovery import Discovery, address_order
+from proxy.balancing.health import HealthChecker
+from proxy.balancing.retry import RetryPolicy
+from proxy.balancing.servers import Server, UpstreamGroup, server_label
+from proxy.balancing.slowstart import SlowStart
 from proxy.cache.serve import RouteCache, SharedCache
-from proxy.clientip import ClientAddressResolver
-from proxy.compress import CompressRule
-from proxy.discovery import Discovery, address_order
-from proxy.health import HealthChecker
-from proxy.http1 import ConnectionLimits
-from proxy.retry import RetryPolicy
-from proxy.routing import Router
-from proxy.slowstart import SlowStart
-from proxy.upstream import Server, UpstreamGroup, server_label
+from proxy.dataplane.client import ConnectionLimits
+from proxy.http.clientip import ClientAddressResolver
+from proxy.observability import metrics
+from proxy.observability.accesslog import _json_value, format_time
+from proxy.pipeline.compress import CompressRule
+from proxy.pipeline.routing import Router
 
 log = logging.getLogger("sluicegate")
 

@@ -13,7 +13,7 @@ Invariants every policy keeps:
 - randomness comes from the injected `rng`, so tests get exact picks;
 - `select` allocates nothing on the hot path beyond what the algorithm needs.
 
-Slow start (``proxy.slowstart``): a policy built with ``slow_start`` asks it once per call
+Slow start (``proxy.balancing.slowstart``): a policy built with ``slow_start`` asks it once per call
 whether a ramp runs; one built without (its upstream has no slow start) tests one
 attribute and makes no call. When none does (nearly always) the integer weights fixed at
 construction are used, with no clock read and no float arithmetic. While one runs, the
@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 
 class Selectable(Protocol):
-    """What a policy reads of a server (`proxy.upstream.Server` has it all)."""
+    """What a policy reads of a server (`proxy.balancing.servers.Server` has it all)."""
 
     weight: int
     in_flight: int
@@ -79,7 +79,7 @@ class Policy(Generic[S]):
         slow_start: Any = None,
     ) -> None:
         self._servers: tuple[S, ...] = tuple(servers)
-        self._slow_start = slow_start  # a proxy.slowstart.SlowStart, or None
+        self._slow_start = slow_start  # a proxy.balancing.slowstart.SlowStart, or None
         weights = []
         for server in self._servers:
             weight = int(getattr(server, "weight", 1))

@@ -2,7 +2,7 @@
 
 Lifetimes live here and only here, opened in one order and closed in the reverse:
 logging -> runtime (routes, servers) -> rate limiter -> traffic listeners -> admin ->
-health checks. Shutdown (uvicorn's order, after a drain: see ``lifecycle.py``): readiness
+health checks. Shutdown (uvicorn's order, after a drain: see ``control/lifecycle.py``): readiness
 off, keep accepting for ``drain_time`` with every answer closing its connection, stop
 accepting, close idle connections, let in-flight requests finish up to
 ``shutdown_timeout``, cut the rest, then health checks, limiter, access log, admin. A
@@ -10,7 +10,7 @@ second SIGTERM/SIGINT cuts at once.
 
 With ``workers > 1`` a supervisor forks N workers sharing the listen ports
 (SO_REUSEPORT); each worker serves its own admin API on a private unix socket, and the
-supervisor serves the public admin address by asking the workers (see ``supervisor.py``).
+supervisor serves the public admin address by asking the workers (see ``control/supervisor.py``).
 """
 
 from __future__ import annotations
@@ -31,18 +31,19 @@ import sys
 import time
 from typing import Any
 
-from proxy import __version__, metrics
-from proxy.accesslog import AccessLog
+from proxy import __version__
 from proxy.config import Config, load_config
+from proxy.control.lifecycle import Lifecycle, Phase
+from proxy.control.runtime import Refusal, Runtime
+from proxy.control.watch import reload_on_change
+from proxy.dataplane.client import ClientConnection
+from proxy.dataplane.timers import sweeper_for
 from proxy.errors import ConfigError, StartupError
-from proxy.forwarding import handle
-from proxy.http1 import ClientConnection
-from proxy.lifecycle import Lifecycle, Phase
-from proxy.looplag import LoopLagSampler
+from proxy.observability import metrics
+from proxy.observability.accesslog import AccessLog
+from proxy.observability.looplag import LoopLagSampler
+from proxy.pipeline.exchange import handle
 from proxy.ratelimit import RateLimiter, RedisBackend
-from proxy.runtime import Refusal, Runtime
-from proxy.timers import sweeper_for
-from proxy.watch import reload_on_change
 
 log = logging.getLogger("sluicegate")
 
@@ -131,7 +132,7 @@ class ListeningAddress:
         self.handler = handle
         self.server: asyncio.AbstractServer | None = None
         # Read per request, so plain attributes: the process sets them on every listener.
-        self.runtime: Runtime = proxy.runtime
+        self.runtime: Runtime = proxy.control.runtime
         self.shutting_down = proxy.shutting_down
         self.closing_idle = proxy.closing_idle
 
@@ -141,13 +142,13 @@ class ListeningAddress:
         return self.runtime.connection_limits
 
     def new_request_id(self) -> bytes:
-        return self.proxy.runtime.new_request_id()
+        return self.proxy.control.runtime.new_request_id()
 
     def connection_opened(self, conn: ClientConnection) -> None:
         proxy = self.proxy
         proxy.connections.add(conn)
         metrics.open_connections_inc()
-        if len(proxy.connections) > proxy.runtime.config.limits.max_connections:
+        if len(proxy.connections) > proxy.control.runtime.config.limits.max_connections:
             # Refuse at once rather than slow everyone being served.
             conn.abort()
 
@@ -325,7 +326,7 @@ class ProxyProcess:
     async def _start_admin(self, config: Config) -> None:
         from aiohttp import web
 
-        from proxy.admin import build_admin_app
+        from proxy.control.admin import build_admin_app
 
         token = os.environ.get(config.admin.token_env) if config.admin.token_env else None
         app = build_admin_app(self, token=token or None)
@@ -432,7 +433,7 @@ class ProxyProcess:
             self.listeners[listener.address] = listener
         return opened
 
-    # -- admin control (see admin.py) ------------------------------------------------------
+    # -- admin control (see control/admin.py) ------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         runtime = self.runtime

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from proxy import metrics
+from proxy.observability import metrics
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,7 @@
-"""One worker process under the supervisor: ``python -m proxy.worker`` (see supervisor.py)."""
+"""One worker process under the supervisor: ``python -m proxy.control.worker``.
+
+See control/supervisor.py.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-sock", required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
-    from proxy.daemon import serve
+    from proxy.control.daemon import serve
 
     def work() -> int:
         config = load_config(args.config)

@@ -47,10 +47,10 @@ from typing import Any
 
 import httptools
 
-from proxy.chunkline import ChunkedScanner
-from proxy.flow import PauseReason, ProxyConnection, http_version
-from proxy.retry import FailureKind
-from proxy.timers import sweeper_for
+from proxy.balancing.retry import FailureKind
+from proxy.dataplane.flow import PauseReason, ProxyConnection, http_version
+from proxy.dataplane.timers import sweeper_for
+from proxy.http.chunkline import ChunkedScanner
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
 HELD_BODY_LIMIT = 256 * 1024
@@ -274,7 +274,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     def _slice_end(self, data: bytes, start: int, size: int) -> int:
         """Where to stop feeding the parser: at the end of each head, so a chunked body
-        starts a slice and its scanner (chunkline.py) walks it ahead of the parser; else
+        starts a slice and its scanner (http/chunkline.py) walks it ahead of the parser; else
         at the end of the read. -1: the scanner refused the body."""
         scanner = self._chunks
         if scanner.active:

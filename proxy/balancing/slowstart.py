@@ -8,7 +8,7 @@ to protect them from yet, all of them start cold together.
 One ``SlowStart`` per upstream is shared by its servers (which start ramps) and its
 policies (which ask whether any ramp is running). ``ramping()`` is the whole cost on the
 hot path when no ramp runs: one attribute read. While a ramp runs, policies read
-``server.effective_weight(now)`` for every candidate (see ``proxy.policies``).
+``server.effective_weight(now)`` for every candidate (see ``proxy.balancing.policies``).
 """
 
 from __future__ import annotations

@@ -32,14 +32,14 @@ import time
 from functools import partial
 from typing import Any
 
-from proxy.compress import begin_compression
-from proxy.flow import PauseReason
-from proxy.http1 import HOP_BY_HOP, REASONS, ClientConnection, Request, error_response
-from proxy.metrics import in_flight_requests
-from proxy.pool import HeadFuture, UpstreamConnection, UpstreamError
+from proxy.balancing.retry import FailureKind, status_word
+from proxy.dataplane.client import HOP_BY_HOP, REASONS, ClientConnection, Request, error_response
+from proxy.dataplane.flow import PauseReason
+from proxy.dataplane.upstream import HeadFuture, UpstreamConnection, UpstreamError
+from proxy.observability.metrics import in_flight_requests
+from proxy.pipeline.compress import begin_compression
+from proxy.pipeline.routing import cookie_value
 from proxy.ratelimit.bucket import Decision
-from proxy.retry import FailureKind, status_word
-from proxy.routing import cookie_value
 
 # Request headers we rewrite ourselves (framing, forwarding facts, 100-continue). The
 # client's copies are dropped and ours added after the hop-by-hop ones are gone, so a

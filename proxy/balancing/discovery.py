@@ -26,7 +26,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-from proxy import metrics
+from proxy.observability import metrics
 
 log = logging.getLogger("sluicegate")
 

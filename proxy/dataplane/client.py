@@ -5,8 +5,8 @@ request parser per connection. llhttp rejects most ambiguous framing by itself (
 Content-Length and Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding that
 does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); the
 callbacks here add what it allows but a proxy must not (obs-fold, repeated framing headers,
-CONNECT, foreign absolute-form targets, a missing Host, a request-target pathnorm.py
-refuses, a chunk-size line or trailer section chunkline.py bounds). A request that fails
+CONNECT, foreign absolute-form targets, a missing Host, a request-target http/pathnorm.py
+refuses, a chunk-size line or trailer section http/chunkline.py bounds). A request that fails
 any check is answered by us and the connection is closed: nothing unparsed is ever
 forwarded. A chunked body's framing is walked by its ``ChunkedScanner`` ahead of the parser,
 over exactly the bytes the parser is fed next (``_piece_end``).
@@ -22,10 +22,10 @@ mark (``pause_writing``/``resume_writing``: a client that does not read stops us
 (so a retry can replay it) or hands chunks to the upstream as they come, with backpressure
 both ways through ``pause_reading``/``pause_writing``.
 
-Deadlines (one coarse sweep, see timers.py): a new or kept-alive idle connection closes after
-``keepalive_timeout`` (new ones after ``client_header_timeout``); a started head must be
-complete within ``client_header_timeout`` of its first byte (of the previous response's end
-on a kept-alive connection), else 408; a body stalls at most ``client_body_timeout``.
+Deadlines (one coarse sweep, see dataplane/timers.py): a new or kept-alive idle connection
+closes after ``keepalive_timeout`` (new ones after ``client_header_timeout``); a started
+head must be complete within ``client_header_timeout`` of its first byte (of the previous
+response's end on a kept-alive connection), else 408; a body stalls at most ``client_body_timeout``.
 """
 
 from __future__ import annotations
@@ -40,13 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from proxy.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
-from proxy.flow import PauseReason, ProxyConnection, http_version
-from proxy.pathnorm import InvalidTarget, normalize_target
-from proxy.timers import sweeper_for
+from proxy.dataplane.flow import PauseReason, ProxyConnection, http_version
+from proxy.dataplane.timers import sweeper_for
+from proxy.http.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
+from proxy.http.pathnorm import InvalidTarget, normalize_target
 
 if TYPE_CHECKING:
-    from proxy.timers import Sweeper
+    from proxy.dataplane.timers import Sweeper
 
 # Headers that describe one connection, not the message (RFC 9110 7.6.1): never
 # forwarded, never stored.
@@ -464,7 +464,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         """How many bytes of ``data`` from ``start`` to feed at once: up to the end of the
         message being parsed (its head, or a body of known length), so that the parser
         never runs ahead into the next request. A chunked body is fed up to its end as its
-        scanner (chunkline.py) finds it, the scanner walking the framing first: -1 when the
+        scanner (http/chunkline.py) finds it, the scanner walking the framing first: -1 when the
         scanner refused it (the connection has answered)."""
         parsing = self._parsing
         if parsing is not None and parsing.method:
@@ -1010,7 +1010,7 @@ _ACTED_ON = {
 
 
 def _normalise(request: Request) -> None:
-    """Routes, limits, logs and the upstream all see the normal path (pathnorm.py): the
+    """Routes, limits, logs and the upstream all see the normal path (http/pathnorm.py): the
     target we forward is rebuilt from it, so no spelling can match one route and reach the
     upstream as another path."""
     try:

@@ -1,6 +1,6 @@
 """``workers: N``: a supervisor and N worker processes sharing the listen ports.
 
-Each worker is a fresh interpreter (``python -m proxy.worker``), not a fork: no state or
+Each worker is a fresh interpreter (``python -m proxy.control.worker``), not a fork: no state or
 event loop is inherited half-initialised, and prometheus-client's multiprocess mode is on
 from the first import (``PROMETHEUS_MULTIPROC_DIR`` is set before anything imports it). Workers bind
 the traffic ports with SO_REUSEPORT, so the kernel spreads connections over them. Each
@@ -29,8 +29,8 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, load_config
+from proxy.control.watch import reload_on_change
 from proxy.errors import ConfigError, StartupError
-from proxy.watch import reload_on_change
 
 log = logging.getLogger("sluicegate")
 
@@ -56,7 +56,7 @@ class Worker:
             [
                 sys.executable,
                 "-m",
-                "proxy.worker",
+                "proxy.control.worker",
                 "--config",
                 self.path,
                 "--admin-sock",
@@ -123,7 +123,7 @@ class Supervisor:
         )
         return [r for r in replies if not isinstance(r, BaseException)]
 
-    # -- admin control (the same interface ProxyProcess offers to admin.py) ---------------
+    # -- admin control (the same interface ProxyProcess offers to control/admin.py) ---------------
 
     async def status(self) -> dict[str, Any]:
         replies = [body for status, body in await self._ask_all("GET", "/status") if status == 200]
@@ -250,8 +250,8 @@ class Supervisor:
     async def _start_admin(self) -> None:
         from aiohttp import web
 
-        from proxy.admin import build_admin_app
-        from proxy.daemon import bind_socket
+        from proxy.control.admin import build_admin_app
+        from proxy.control.daemon import bind_socket
 
         admin = self.config.admin
         token = os.environ.get(admin.token_env) if admin.token_env else None
@@ -428,7 +428,7 @@ def run_daemon(path: str, *, watch: bool = False) -> int:
     workers = config.workers or os.cpu_count() or 1
     if workers > 1:
         return supervise(path, config, workers, watch=watch)
-    from proxy.daemon import serve
+    from proxy.control.daemon import serve
 
     return serve(path, config, watch=watch)
 
@@ -439,7 +439,7 @@ def supervise(path: str, config: Config, workers: int, *, watch: bool = False) -
     # and the supervisor counts reloads into the same multiprocess store as its workers.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.path.join(run_dir, "metrics")
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-    from proxy.daemon import install_event_loop_policy, setup_logging
+    from proxy.control.daemon import install_event_loop_policy, setup_logging
 
     install_event_loop_policy()
     setup_logging(config)

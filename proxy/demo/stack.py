@@ -71,7 +71,7 @@ def _stop(processes: list[subprocess.Popen]) -> None:
 
 
 def run_demo(config_path: str | os.PathLike[str] = DEMO_CONFIG) -> int:
-    from proxy.daemon import serve
+    from proxy.control.daemon import serve
 
     if not Path(config_path).exists():
         raise StartupError(f"demo config {config_path}: file not found")

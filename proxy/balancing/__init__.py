@@ -1,0 +1,1 @@
+"""Choosing a server: policies, servers and their breakers, health checks, retries, discovery."""

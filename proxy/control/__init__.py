@@ -1,0 +1,1 @@
+"""The process: daemon, supervisor and workers, the admin API, config generations, reload, drain."""

@@ -1,0 +1,1 @@
+"""What the proxy tells about itself: Prometheus metrics, the access log, status statistics."""
