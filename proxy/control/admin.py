@@ -84,7 +84,7 @@ def build_admin_app(control: AdminControl, *, token: str | None) -> web.Applicat
 
 def load_status_page() -> bytes:
     """The live page, read once from the package data."""
-    return resources.files("proxy").joinpath(STATUS_PAGE).read_bytes()
+    return resources.files("proxy.control").joinpath(STATUS_PAGE).read_bytes()
 
 
 def json_error(status: int, message: str, **headers: str) -> web.Response:
