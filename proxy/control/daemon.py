@@ -132,7 +132,7 @@ class ListeningAddress:
         self.handler = handle
         self.server: asyncio.AbstractServer | None = None
         # Read per request, so plain attributes: the process sets them on every listener.
-        self.runtime: Runtime = proxy.control.runtime
+        self.runtime: Runtime = proxy.runtime
         self.shutting_down = proxy.shutting_down
         self.closing_idle = proxy.closing_idle
 
@@ -142,13 +142,13 @@ class ListeningAddress:
         return self.runtime.connection_limits
 
     def new_request_id(self) -> bytes:
-        return self.proxy.control.runtime.new_request_id()
+        return self.proxy.runtime.new_request_id()
 
     def connection_opened(self, conn: ClientConnection) -> None:
         proxy = self.proxy
         proxy.connections.add(conn)
         metrics.open_connections_inc()
-        if len(proxy.connections) > proxy.control.runtime.config.limits.max_connections:
+        if len(proxy.connections) > proxy.runtime.config.limits.max_connections:
             # Refuse at once rather than slow everyone being served.
             conn.abort()
 
