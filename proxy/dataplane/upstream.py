@@ -13,8 +13,8 @@ A connection goes back to the pool only after a complete, well-framed exchange w
 response allowed keep-alive and whose request body was sent in full; anything else closes it.
 
 Interim responses. A 1xx other than 101 is not the response: the next head follows on the
-same connection, and the waiter hears only that final one. The exchange's
-``interim_listener``, when forwarding sets one, hears each 1xx but 100 (the proxy answers
+same connection, and the waiter hears only that final one. The exchange's listener, when
+forwarding sets one (``listen_interim``), hears each 1xx but 100 (the proxy answers
 ``Expect`` itself) as ``interim_received(head)``, from inside the parser, so that it goes out
 before the final head: it may only write it on. Interim heads count against the response
 head limit, checked as each is parsed, so that what an upstream can make us relay before
@@ -42,7 +42,6 @@ import asyncio
 import collections
 import math
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -74,6 +73,7 @@ _ERROR = FailureKind.ERROR
 _TIMEOUT = FailureKind.TIMEOUT
 _INVALID_HEADER = FailureKind.INVALID_HEADER
 _HELD = PauseReason.HELD
+_UPSTREAM_PAUSE = PauseReason.UPSTREAM
 
 
 class UpstreamError(Exception):
@@ -184,7 +184,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.request_is_head = False
         self.request_complete = False  # the whole request body left us (request_sent)
         self.budget_end = math.inf  # no read wait runs past this (loop clock), see begin()
-        self.body_writer_paused: Callable[[bool], None] | None = None
+        # The client whose body we send: while we cannot write it fast enough, that client
+        # is not read (backpressure, ``feed_from``).
+        self._feeding_from: ProxyConnection | None = None
         self._reading_paused_for: set[PauseReason] = set()
         self.tunnel_data: bytes = b""
         if self._chunks.active:  # a chunked response cut short; most never began one
@@ -340,12 +342,12 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.close()
 
     def pause_writing(self) -> None:
-        if self.body_writer_paused is not None:
-            self.body_writer_paused(True)
+        if self._feeding_from is not None:
+            self._feeding_from.pause_reading(_UPSTREAM_PAUSE)
 
     def resume_writing(self) -> None:
-        if self.body_writer_paused is not None:
-            self.body_writer_paused(False)
+        if self._feeding_from is not None:
+            self._feeding_from.resume_reading(_UPSTREAM_PAUSE)
 
     # -- httptools callbacks -------------------------------------------------------------
 
@@ -443,6 +445,15 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.deadline = self.loop.time() + self.read_timeout
         self.limit_exchange(budget_end)
 
+    def listen_interim(self, listener: Any) -> None:
+        """``listener.interim_received(head)`` hears each 1xx but 100 of this exchange."""
+        self.interim_listener = listener
+
+    def feed_from(self, client: ProxyConnection) -> None:
+        """What this exchange sends comes from ``client`` as it arrives (a streamed body,
+        a tunnel): while the upstream cannot take it, ``client`` is not read."""
+        self._feeding_from = client
+
     def limit_exchange(self, budget_end: float) -> None:
         """No wait of this exchange runs past ``budget_end`` (loop clock) from now on."""
         if budget_end >= self.budget_end:
@@ -507,7 +518,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.sink = None
         self.interim_listener = None
         self._response = None
-        self.body_writer_paused = None
+        self._feeding_from = None
         self.deadline = self._sweeper.now + POOL_IDLE_SECONDS
 
     def start_tunnel(self, sink: Any) -> None:
@@ -671,6 +682,12 @@ class ConnectionPool:
             raise UpstreamError(_ERROR, f"connect failed: {reason}", sent=False) from None
         return conn
 
+    def connect_then(self, budget_left: float, listener: Any) -> None:
+        """``connect`` by callback: ``listener.connected(conn)`` or
+        ``listener.connect_failed(error)``, on a later loop turn."""
+        task = asyncio.get_running_loop().create_task(self.connect(budget_left))
+        task.add_done_callback(_ConnectCall(listener).done)
+
     def release(self, conn: UpstreamConnection) -> None:
         if conn.reusable and len(self._idle) < self.max_idle and not self.closed:
             # Paused for the client's sake (a slow reader of the last response)? An idle
@@ -695,3 +712,23 @@ class ConnectionPool:
         """The server is gone: idle connections close now, busy ones when released."""
         self.closed = True
         self.close_idle()
+
+
+class _ConnectCall:
+    """Tells a ``connect_then`` listener how its connect ended."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+
+    def done(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        if task.cancelled():  # the loop is shutting down: nobody is waiting any more
+            return
+        error = task.exception()
+        if error is None:
+            self.listener.connected(task.result())
+        elif isinstance(error, UpstreamError):
+            self.listener.connect_failed(error)
+        else:  # not a connect failure: a bug, which the listener reports as one
+            self.listener.connect_crashed(error)
