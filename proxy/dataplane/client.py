@@ -827,8 +827,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._relaying_from = upstream
 
     def tie_upstream(self, upstream: Any) -> None:
-        """``upstream``'s exchange serves this client (None: no longer): it is aborted if
-        the client goes away first."""
+        """``upstream``'s exchange serves this client's current request: it is aborted if
+        the client goes away first. Untied when the request is done."""
         self._tied = upstream
 
     def open_tunnel(self, tunnel: Any) -> None:
@@ -877,6 +877,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def request_crashed(self, request: Request) -> None:
         """A bug while serving ``request`` (called from an ``except`` block): 500, close."""
         self.listener.log_exception("unhandled error while serving a request")
+        self._tied = None
         if not self.response_started and not self.closed:
             rid = request.request_id or b"-"
             self.write(error_response(500, "internal error", rid, close=True))
@@ -888,6 +889,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         if request is not self._current:
             return
         self._current = None
+        self._tied = None
         self.requests_served += 1
         self.response_started = False  # a later rejection (or 408) may answer again
         if self.closed:

@@ -5,16 +5,17 @@ Theory of operation. An ``UpstreamConnection`` carries one exchange at a time (w
 pipeline to upstreams). ``begin(request_is_head, waiter)`` starts one: the waiter is told
 ``head_received(ResponseHead)`` or ``head_failed(UpstreamError)``, always after the parser
 has returned (never from inside an llhttp callback), so it may attach a sink, finish, and
-even hand this connection to the next exchange. The forwarding fast path is such a waiter
-itself; coroutines use ``HeadFuture``. Body bytes that arrive before the forwarding code
-attaches a ``sink`` are held (bounded: reading pauses past ``HELD_BODY_LIMIT``), then handed
-over in order; the sink hears ``on_end`` once, when it is attached and the body is complete.
-A connection goes back to the pool only after a complete, well-framed exchange whose
-response allowed keep-alive and whose request body was sent in full; anything else closes it.
+even hand this connection to the next exchange. The pipeline's exchange is such a waiter
+itself; coroutines (the cache's background revalidation) use ``HeadFuture``. Body bytes that
+arrive before the forwarding code attaches a ``sink`` are held (bounded: reading pauses past
+``HELD_BODY_LIMIT``), then handed over in order; the sink hears ``on_end`` once, when it is
+attached and the body is complete. A connection goes back to the pool only after a complete,
+well-framed exchange whose response allowed keep-alive and whose request body was sent in
+full; anything else closes it.
 
 Interim responses. A 1xx other than 101 is not the response: the next head follows on the
 same connection, and the waiter hears only that final one. The exchange's listener, when
-forwarding sets one (``listen_interim``), hears each 1xx but 100 (the proxy answers
+forwarding gives one (``begin``), hears each 1xx but 100 (the proxy answers
 ``Expect`` itself) as ``interim_received(head)``, from inside the parser, so that it goes out
 before the final head: it may only write it on. Interim heads count against the response
 head limit, checked as each is parsed, so that what an upstream can make us relay before
@@ -434,20 +435,24 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     # -- the exchange, driven by forwarding ----------------------------------------------
 
-    def begin(self, request_is_head: bool, waiter: Any, budget_end: float = math.inf) -> None:
+    def begin(
+        self,
+        request_is_head: bool,
+        waiter: Any,
+        budget_end: float = math.inf,
+        interim_listener: Any = None,
+    ) -> None:
         """Start an exchange; ``waiter`` hears head_received(head) or head_failed(error).
-        ``budget_end``: when its retry time budget runs out (loop clock), if known yet."""
+        ``budget_end``: when its retry time budget runs out (loop clock), if known yet.
+        ``interim_listener.interim_received(head)`` hears each 1xx but 100, if given."""
         self._reset_exchange()
         self.request_is_head = request_is_head
         self.waiter = waiter
+        self.interim_listener = interim_listener
         # The loop's clock, not the sweeper's tick-cached one: a stale `now` fires the
         # timeout early.
         self.deadline = self.loop.time() + self.read_timeout
         self.limit_exchange(budget_end)
-
-    def listen_interim(self, listener: Any) -> None:
-        """``listener.interim_received(head)`` hears each 1xx but 100 of this exchange."""
-        self.interim_listener = listener
 
     def feed_from(self, client: ProxyConnection) -> None:
         """What this exchange sends comes from ``client`` as it arrives (a streamed body,

@@ -53,9 +53,13 @@ class Attempt:
         request = ex.request
         conn = ex.conn
         self.upstream = upstream
-        upstream.begin(request.method == b"HEAD", waiter, conn.loop.time() + ex.budget_left())
-        if request.version == "1.1":  # no 1xx to an HTTP/1.0 client (RFC 9110 15.2)
-            upstream.listen_interim(ex)
+        upstream.begin(
+            request.method == b"HEAD",
+            waiter,
+            conn.loop.time() + ex.budget_left(),
+            # No 1xx to an HTTP/1.0 client (RFC 9110 15.2).
+            ex if request.version == "1.1" else None,
+        )
         conn.tie_upstream(upstream)
         send_request(
             upstream,
@@ -133,7 +137,8 @@ class Attempt:
         return error.kind, error, None
 
     def release_upstream(self) -> None:
-        """The exchange ended well: the connection may serve another."""
+        """The exchange ended well: the connection may serve another. (The client stays
+        tied to it until its request is done: release only right before that, or untie.)"""
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             self.server.pool.release(upstream)
@@ -143,7 +148,8 @@ class Attempt:
             return
         self.settled = True
         ex = self.ex
-        ex.conn.tie_upstream(None)
+        # The client connection unties it itself when the request is done (or crashed);
+        # between tries the one it holds is over already, and aborting it again is nothing.
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.abort()

@@ -171,14 +171,6 @@ class Exchange:
 
     # -- ROUTED -> REQUEST_FILTERS: the route's filters, in order -------------------------
 
-    def start(self) -> None:
-        """Routed: through the route's request filters, then upstream."""
-        if self.route_runtime.request_filters:
-            self._enter(_REQUEST_FILTERS)
-            self._run_filters()
-        else:
-            self.proceed()
-
     def _run_filters(self) -> None:
         filters = self.route_runtime.request_filters
         while self.filter_at < len(filters):
@@ -240,7 +232,9 @@ class Exchange:
                 self._enter(_BODY)
                 body.buffer_then(self.group.retry_policy.max_body_bytes, self)
                 return
-        self._first_try()
+        self.prepare()
+        self._enter(_SELECT)
+        self._select()
 
     def holds_body(self) -> bool:
         """Is the body held in full before the first try, so that a retry can replay it?"""
@@ -258,7 +252,9 @@ class Exchange:
         try:
             self.replayable = complete
             self.retry_started = self.clock()  # the retry time budget starts once held
-            self._first_try()
+            self.prepare()
+            self._enter(_SELECT)
+            self._select()
         except Exception:
             self._crashed()
 
@@ -290,9 +286,6 @@ class Exchange:
         self.head_bytes = request_head(
             self.conn, request, self.route_runtime, chunked=self.body_chunked
         )
-
-    def _first_try(self) -> None:
-        self.prepare()
         if self.trace is not None:
             group = self.group
             self.trace["policy"] = group.config.policy
@@ -307,8 +300,6 @@ class Exchange:
                 }
                 for server in group.servers
             ]
-        self._enter(_SELECT)
-        self._select()
 
     def _tried_set(self) -> set[Any]:
         tried = self.tried
@@ -402,7 +393,9 @@ class Exchange:
                 self.suspended_on = task
                 task.add_done_callback(self._filter_relayed)
                 return
-            if upstream.complete:  # the whole response came with its head: one write
+            # The whole response came with its head: one write (a compressed one streams,
+            # chunked, as SPEC says, even then).
+            if upstream.complete and self.route_runtime.compression is None:
                 send_buffered(self, response, upstream.take_held())
                 attempt.release_upstream()  # type: ignore[union-attr]
                 self._forward_over()
@@ -450,6 +443,9 @@ class Exchange:
             if not collector.too_big and upstream.complete:
                 held = (collector.response, b"".join(collector.chunks))
                 attempt.release_upstream()  # type: ignore[union-attr]
+                # Pooled again, it may serve another client while this one waits for its
+                # next try: its going away must not abort that.
+                self.conn.tie_upstream(None)
             self._try_failed((attempt.retry_word, None, held))  # type: ignore[union-attr]
         except Exception:
             self._crashed()
@@ -647,8 +643,15 @@ class Exchange:
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
             attempt.settle()
-        self._release_retry()
-        self.answered()
+        if self.holding_retry:
+            self._release_retry()
+        # answered(), inline: this is the end of every forwarded request.
+        self._enter(_DONE)
+        response_filter = self.response_filter
+        if response_filter is not None:
+            response_filter.exchange_over(self)
+        self.close_books()
+        self.conn.request_done(self.request)
 
     def answered(self) -> None:
         """The request is over: its filters hear it, the books close, and the connection
@@ -722,7 +725,11 @@ def handle(conn: Downstream, request: Request) -> None:
             return
         ex.route = route.name
         ex.route_runtime = route
-        ex.start()
+        if route.request_filters:
+            ex._enter(_REQUEST_FILTERS)
+            ex._run_filters()
+        else:
+            ex.proceed()
     except Exception:
         ex._crashed()
 

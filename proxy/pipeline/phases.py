@@ -36,6 +36,10 @@ class Phase(enum.Enum):
     TUNNEL = "tunnel"
     DONE = "done"
 
+    # Members are singletons: identity hashing is exact, and C-fast where Enum's own
+    # __hash__ is a Python call on every lookup in the table (as flow.PauseReason).
+    __hash__ = object.__hash__
+
 
 class IllegalTransition(RuntimeError):
     """A phase change the table does not allow: a bug in the pipeline, never the client's."""
