@@ -767,11 +767,7 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
         head += b"Connection: keep-alive\r\n\r\n"
     else:
         head += b"\r\n"
-    conn.begin_response()
-    if body:
-        conn.write_after(head, body)
-    else:
-        conn.write(head)
+    conn.respond(head, body)
     ex.status = entry.status
     ex.bytes_out += len(body)
 

@@ -821,6 +821,16 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         connection, and a rejection (408) may no longer answer."""
         self.response_started = True
 
+    def respond(self, head: bytes, body: bytes = b"") -> None:
+        """A response in one piece (``begin_response`` and the write, in one call: the
+        common answer's path): ``head`` and ``body`` in one system call."""
+        self.response_started = True
+        if not self.closed:
+            if len(body) <= 4096:
+                self.transport.write(head + body)  # type: ignore[union-attr]
+            else:
+                self.transport.writelines((head, body))  # type: ignore[union-attr]
+
     def relay_from(self, upstream: ProxyConnection | None) -> None:
         """Relaying ``upstream``'s response (None: no longer): while the client cannot
         keep up, ``upstream`` is not read."""

@@ -31,11 +31,7 @@ def send_buffered(ex: Any, response: Any, payload: bytes) -> None:
     if ex.trace is not None:
         extra = with_trace(ex, extra)
     head = response_head(response, request, extra, close=close, chunked=False)
-    conn.begin_response()
-    if response.has_body and payload:
-        conn.write_after(head, payload)
-    else:
-        conn.write(head)
+    conn.respond(head, payload if response.has_body else b"")
     ex.status = response.status
     ex.bytes_out += len(payload)
     if close:
@@ -53,7 +49,6 @@ def send_error(ex: Any, status: int, reason: str, extra_headers: bytes = b"") ->
         or (request.body is not None and not request.body.complete)
         or conn.listener.shutting_down
     )
-    conn.begin_response()
     data = error_response(
         status,
         reason,
@@ -61,7 +56,7 @@ def send_error(ex: Any, status: int, reason: str, extra_headers: bytes = b"") ->
         close=close,
         extra_headers=with_trace(ex, extra_headers),
     )
-    conn.write(data)
+    conn.respond(data)
     ex.bytes_out += len(data)
     if close:
         request.close_after()  # said Connection: close: the connection ends after it

@@ -154,14 +154,13 @@ class Exchange:
         # it is given, or answers from the store when the upstream fails. None elsewhere.
         self.response_filter: Any = None
         self.cache_status = ""  # what the cache did, for the access log
-        self.filter_at = 0  # the request filter running (or suspended)
-        self.suspended_on: Any = None  # the future a suspended filter waits on
         self.tried: Any = _NOT_TRIED  # servers tried (a set from the first retry on)
         self.holding_retry = False  # a retry taken from the retry budget, until its try ends
         self.last_error: UpstreamError | None = None
         self.last_response: tuple[Any, bytes] | None = None  # a held failed response
-        self.collector: Collector | None = None  # HOLD_FAILED: the failed body being read
-        self.tunnel: Tunnel | None = None
+        # Set where first used, not here (most requests never use them): ``filter_at``
+        # (the request filter running or suspended), ``suspended_on`` (the future it
+        # waits on), ``collector`` (HOLD_FAILED: the failed body being read), ``tunnel``.
 
     def _enter(self, phase: Phase) -> None:
         """The one way the phase changes: along the table, or ``IllegalTransition``."""
@@ -222,7 +221,11 @@ class Exchange:
     def proceed(self) -> None:
         """Past the filters: 100-continue, the body held for replay when a retry may need
         it (``BODY``), then the first try."""
-        self.join_group()
+        if self.group is None:  # join_group(), inline: every forwarded request passes here
+            group = self.group = self.route_runtime.group
+            self.upstream = group.name
+            self.budget = group.retry_budget
+            self.budget.request_started()
         request = self.request
         body = request.body
         if body is not None:
@@ -385,20 +388,24 @@ class Exchange:
             if response.upgrade:
                 self._open_tunnel(response)
                 return
-            self._enter(_RELAY)
             upstream = attempt.upstream  # type: ignore[union-attr]
             response_filter = self.response_filter
+            # The whole response came with its head: one write, nothing to relay, done (a
+            # compressed one streams, chunked, as SPEC says, even then).
+            if (
+                upstream.complete
+                and response_filter is None
+                and self.route_runtime.compression is None
+            ):
+                send_buffered(self, response, upstream.take_held())
+                attempt.release_upstream()  # type: ignore[union-attr]
+                self._forward_over()
+                return
+            self._enter(_RELAY)
             if response_filter is not None:  # the cache's: store it, or answer from the store
                 task = self.conn.loop.create_task(response_filter.relay(self, response, upstream))
                 self.suspended_on = task
                 task.add_done_callback(self._filter_relayed)
-                return
-            # The whole response came with its head: one write (a compressed one streams,
-            # chunked, as SPEC says, even then).
-            if upstream.complete and self.route_runtime.compression is None:
-                send_buffered(self, response, upstream.take_held())
-                attempt.release_upstream()  # type: ignore[union-attr]
-                self._forward_over()
                 return
             start_relay(self, response, upstream, listener=self)
         except Exception:
@@ -510,7 +517,23 @@ class Exchange:
             self.group.retry_budget.release_retry()
 
     def _give_up(self) -> None:
-        """No (more) tries: answer with the best there is."""
+        """No (more) tries: answer with the best there is. While the request body is still
+        arriving, on the next loop turn: the rest of the read being parsed may refuse the
+        request (a malformed or too large body), and that answer is then the one the
+        client gets and the access log shows."""
+        body = self.request.body
+        if body is not None and not body.complete:
+            self.conn.loop.call_soon(self._answer_failure)
+        else:
+            self._answer_failure()
+
+    def _answer_failure(self) -> None:
+        try:
+            self._answer_with_best()
+        except Exception:
+            self._crashed()
+
+    def _answer_with_best(self) -> None:
         conn = self.conn
         last_response = self.last_response
         last_error = self.last_error
@@ -727,6 +750,7 @@ def handle(conn: Downstream, request: Request) -> None:
         ex.route_runtime = route
         if route.request_filters:
             ex._enter(_REQUEST_FILTERS)
+            ex.filter_at = 0
             ex._run_filters()
         else:
             ex.proceed()

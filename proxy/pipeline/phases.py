@@ -7,7 +7,8 @@ retry may have to replay is held in full (``BODY``); a server is chosen for a tr
 (``CONNECT``); the request goes out and the response head is awaited (``AWAIT_HEAD``). A
 listed failure status the request may still be retried for is read while small
 (``HOLD_FAILED``: if no other server does better it is the answer); otherwise the response
-streams to the client (``RELAY``) or the connection switches protocols (``TUNNEL``).
+streams to the client (``RELAY``; one that came whole with its head leaves in one write,
+and the request is ``DONE`` at once) or the connection switches protocols (``TUNNEL``).
 ``DONE`` is the end, whatever the answer.
 
 The table is data, checked by ``Exchange._enter`` on every change (as h11 keeps its
@@ -65,11 +66,13 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     _P.AWAIT_HEAD: frozenset(
         {
             _P.HOLD_FAILED,  # a listed failure status: hold it, try elsewhere
-            _P.RELAY,  # the answer
+            _P.RELAY,  # the answer, streamed
             _P.TUNNEL,  # 101 Switching Protocols
             _P.CONNECT,  # the idle-close race: once more, on another connection
             _P.SELECT,  # failed before a head: a retry
-            _P.DONE,  # failed, no retry: 502/504 (or the client left)
+            # The whole answer came with its head and left in one write; or failed, no
+            # retry: 502/504 (or the client left).
+            _P.DONE,
         }
     ),
     _P.HOLD_FAILED: frozenset({_P.SELECT, _P.DONE}),

@@ -31,8 +31,9 @@ class ClientSide:
     def write(self, data: bytes) -> None:
         self.sent += data
 
-    def begin_response(self) -> None:
+    def respond(self, head: bytes, body: bytes = b"") -> None:
         self.response_started = True
+        self.sent += head + body
 
     def write_after(self, head: bytes, data: bytes) -> None:
         self.sent += head + data
