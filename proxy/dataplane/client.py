@@ -188,8 +188,9 @@ class RequestBody:
     def buffer_then(self, limit: int, listener: Any) -> None:
         """``buffer_up_to`` by callback: ``listener.body_held(complete)`` once the body is
         complete (True) or more than ``limit`` bytes are held (False), or
-        ``listener.body_lost(error)``. Told on a later loop turn, never from inside the
-        parser (the listener may write, finish, even start the next request)."""
+        ``listener.body_lost(error)``. Told at once when that is known already, else on
+        a later loop turn: never from inside the parser's body callbacks (the listener
+        may write, finish, even start the next request)."""
         self._holder = listener
         self._hold_limit = limit
         self._hold_step(None)

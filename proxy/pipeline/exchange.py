@@ -412,6 +412,8 @@ class Exchange:
             self._crashed()
 
     def head_failed(self, error: UpstreamError) -> None:
+        if self.phase is not _AWAIT_HEAD:
+            return  # the exchange moved on (a crash aborted the connection)
         try:
             attempt = self.attempt
             if attempt.idle_race(error):  # type: ignore[union-attr]
@@ -590,6 +592,8 @@ class Exchange:
     # -- RELAY: the relay's listener --------------------------------------------------
 
     def relay_ended(self, relay: Any) -> None:
+        if self.phase is not _RELAY:
+            return  # the exchange moved on (a crash)
         try:
             relay_over(self, relay)
             self.attempt.release_upstream()  # type: ignore[union-attr]
@@ -598,6 +602,8 @@ class Exchange:
             self._crashed()
 
     def relay_failed(self, relay: Any, error: UpstreamError) -> None:
+        if self.phase is not _RELAY:
+            return  # the exchange moved on (a crash aborted the connection)
         try:
             relay_over(self, relay)
             self._try_failed(self.attempt.failed(error))  # type: ignore[union-attr]

@@ -41,6 +41,9 @@ class RateLimitFilter:
 
     def resume(self, ex: Any, pending: Any) -> Verdict:
         decision = ex.runtime.limiter.decided(pending, self.name, ex.limit_key, self.rule)
+        if ex.conn.closed:  # gone while Redis answered: logged as gone, not as limited
+            ex.client_gone()
+            return _ANSWERED
         return self.apply(ex, decision)
 
     def client_key(self, request: Any, runtime: Any) -> str:
