@@ -163,6 +163,12 @@ class TestClient(asyncio.Protocol):
             while not self.lost:
                 await self._wait()
 
+    async def received_bytes(self, expected: bytes, timeout: float = RESPONSE_WAIT) -> None:
+        """Until ``expected`` is among the bytes received."""
+        async with asyncio.timeout(timeout):
+            while expected not in self.received:
+                await self._wait()
+
     async def tunnel_bytes(self, count: int, timeout: float = RESPONSE_WAIT) -> bytes:
         async with asyncio.timeout(timeout):
             while len(self.tunnel) < count:
@@ -357,11 +363,10 @@ class PipelineProxy:
 
     async def record(self, count: int = 1) -> dict[str, Any]:
         """The ``count``-th access record, once written (at the exchange's very end)."""
-        for _ in range(1000):
-            if len(self.records) >= count:
-                return self.records[count - 1]
-            await asyncio.sleep(0)
-        raise AssertionError(f"no access record #{count}: {self.records}")
+        async with asyncio.timeout(RESPONSE_WAIT):
+            while len(self.records) < count:
+                await asyncio.sleep(0.01)
+        return self.records[count - 1]
 
     async def stop(self) -> None:
         """Close every connection; a script that raised fails the test here."""
