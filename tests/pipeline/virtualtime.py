@@ -17,7 +17,9 @@ moves on.
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
+from typing import Any
 
 START = 1000.0  # not 0: the data plane reads a deadline of 0 as "none"
 # A test waiting on something that never comes would otherwise spin through virtual time
@@ -26,6 +28,10 @@ VIRTUAL_LIMIT = 24 * 3600.0
 # Nothing scheduled and nothing ready: only real I/O (a thread, a real socket) could wake
 # the loop. Wait for it this long in real time before calling the test stuck.
 REAL_IDLE_LIMIT = 5.0
+# Timers are moved onto a binary grid (later, never earlier, by under a microsecond): sums
+# and differences of grid instants are exact, so "one second after" is exactly 1.0 later,
+# as a test of a token bucket or a deadline expects, with no float residue either way.
+GRID = 2.0**-20
 
 
 class StuckTest(RuntimeError):
@@ -46,7 +52,7 @@ class _AutojumpSelector(selectors.DefaultSelector):
             if not events:
                 raise StuckTest("the event loop is idle with no timer scheduled")
             return events
-        self._virtual_loop.jump(timeout)
+        self._virtual_loop.jump_to_next_timer(timeout)
         return []
 
 
@@ -66,8 +72,20 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         """Virtual seconds since the loop was made."""
         return self._now - START
 
-    def jump(self, seconds: float) -> None:
-        if seconds > 0:
-            self._now += seconds
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+        return super().call_at(math.ceil(when / GRID) * GRID, callback, *args, context=context)
+
+    def jump_to_next_timer(self, timeout: float) -> None:
+        """Idle: time moves to the earliest timer, which the loop then runs."""
+        scheduled = self._scheduled  # type: ignore[attr-defined]
+        self._now = max(self._now, scheduled[0].when()) if scheduled else self._now + timeout
+        self._check_limit()
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock by hand; timers now due run at the loop's next iteration."""
+        self._now = math.ceil((self._now + seconds) / GRID) * GRID
+        self._check_limit()
+
+    def _check_limit(self) -> None:
         if self._now - START > VIRTUAL_LIMIT:
             raise StuckTest(f"virtual time passed {VIRTUAL_LIMIT:.0f} s: the test never ends")
