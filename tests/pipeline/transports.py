@@ -1,10 +1,11 @@
 """In-memory transports: two ``FakeTransport`` ends make a connection between two protocols.
 
 What one end's protocol writes reaches the other end's protocol on a later loop iteration
-(``call_soon``), as with a socket, and only while that protocol reads: a protocol that
-paused reading leaves the bytes in the writer's buffer, and when that buffer passes the
-writer's high-water mark its protocol hears ``pause_writing`` (``resume_writing`` once it
-drains to the low-water mark). So backpressure is the one asyncio gives, end to end.
+(``call_soon``), at most ``READ_SIZE`` bytes a ``data_received`` as with a socket, and only
+while that protocol reads: a protocol that paused reading leaves the bytes in the writer's
+buffer, and when that buffer passes the writer's high-water mark its protocol hears
+``pause_writing`` (``resume_writing`` once it drains to the low-water mark). So
+backpressure is the one asyncio gives, end to end.
 
 ``close`` delivers what is buffered, then the peer hears EOF (``eof_received``; it closes
 its end unless that returns true) and this end's protocol hears ``connection_lost``.
@@ -18,6 +19,7 @@ import asyncio
 from typing import Any
 
 DEFAULT_HIGH_WATER = 64 * 1024
+READ_SIZE = 64 * 1024  # bytes handed over per data_received, as one socket read would
 
 
 class FakeTransport(asyncio.Transport):
@@ -154,13 +156,13 @@ class FakeTransport(asyncio.Transport):
         if self._buffer and not peer.lost:
             if not peer.reading:
                 return  # stays buffered: the peer's resume_reading flushes again
-            data = bytes(self._buffer)
-            self._buffer.clear()
+            data = bytes(self._buffer[:READ_SIZE])
+            del self._buffer[:READ_SIZE]
             peer.protocol.data_received(data)
             if self.writing_paused and len(self._buffer) <= self._low and not self.closing:
                 self.writing_paused = False
                 self.protocol.resume_writing()
-            if self._buffer:  # the peer wrote back and we wrote more meanwhile
+            if self._buffer:  # the next read's worth
                 self._schedule_flush()
                 return
         if self._buffer:
