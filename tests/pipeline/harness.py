@@ -294,7 +294,10 @@ class PipelineProxy:
         self.access_log = RecordingAccessLog()
         self.limiter = RateLimiter(None, clock=loop.time)
         self.runtime = Runtime(
-            self.config, limiter=self.limiter, access_log=self.access_log, clock=loop.time
+            self.config,
+            limiter=self.limiter,
+            access_log=self.access_log,
+            balancing_clock=loop.time,
         )
         self.process = _Process(self.runtime)
         self.listener = ListeningAddress(self.process, self.config.listen[0], None)  # type: ignore[arg-type]
