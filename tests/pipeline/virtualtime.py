@@ -48,7 +48,7 @@ class _AutojumpSelector(selectors.DefaultSelector):
         if events or timeout == 0:
             return events
         if timeout is None:
-            events = super().select(REAL_IDLE_LIMIT)
+            events = super().select(self._virtual_loop.real_idle_limit)
             if not events:
                 raise StuckTest("the event loop is idle with no timer scheduled")
             return events
@@ -62,6 +62,7 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
 
     def __init__(self) -> None:
         self._now = START
+        self.real_idle_limit = REAL_IDLE_LIMIT
         super().__init__(_AutojumpSelector(self))
         self._clock_resolution = 1e-9  # timers due within this of now are run now
 
