@@ -161,3 +161,32 @@ async def test_pooled_upstream_connection_closed_after_its_idle_time(make_proxy)
 
     assert proxy.server("app").pool.idle_count == 0
     assert upstream.connections[0].closed
+
+
+async def test_read_timeout_retried_on_the_next_server(make_proxy):
+    proxy = make_proxy(base_config(timeouts={"read": 2}))
+    proxy.script("app", never_answer, index=0)
+    started = proxy.now()
+
+    response = await proxy.get("/")
+
+    assert (response.status, response.body) == (200, b"app[1] GET /")
+    assert proxy.now() - started == pytest.approx(2.0, abs=0.01)
+    assert proxy.metric("sluicegate_retries_total", upstream="app", reason="timeout") == 1
+    record = await proxy.record()
+    assert [a["outcome"] for a in record["attempts"]] == ["timeout", 200]
+
+
+async def test_client_body_timeout_answers_408(make_proxy):
+    config = base_config(servers=ONE_SERVER)
+    config["limits"] = {"client_body_timeout": 6}
+    proxy = make_proxy(config)
+    client = proxy.connect()
+    client.expect("POST")
+    client.send(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nonly part")
+    started = proxy.now()
+
+    await client.closed()
+
+    assert proxy.now() - started == pytest.approx(6.0, abs=0.06)
+    assert client.received.startswith(b"HTTP/1.1 408")
