@@ -116,3 +116,17 @@ async def test_close_delivers_then_ends_and_abort_resets():
     await settle()
     assert four.data == b""
     assert isinstance(four.lost[0], ConnectionResetError)
+
+
+async def test_writing_to_a_closed_peer_is_a_reset():
+    c, d = FakeTransport.pair(("10.0.0.1", 3), ("10.0.0.2", 4))
+    writer, closer = Recorder(), Recorder()
+    c.connect(writer)
+    d.connect(closer)
+    c.pause_reading()  # the writer does not read: it does not hear the peer's EOF
+    d.close()
+    await settle()
+    assert closer.lost == [None] and writer.lost == []
+    c.write(b"anyone there?")
+    await settle()
+    assert isinstance(writer.lost[0], ConnectionResetError)

@@ -39,6 +39,7 @@ class FakeTransport(asyncio.Transport):
         self.closing = False
         self.eof_sent = False
         self.lost = False  # our protocol heard connection_lost
+        self._eof_heard = False  # our protocol heard eof_received
         self._flush_scheduled = False
 
     # -- wiring ----------------------------------------------------------------------------
@@ -151,9 +152,16 @@ class FakeTransport(asyncio.Transport):
     def _flush(self) -> None:
         self._flush_scheduled = False
         peer = self.peer
-        if self.lost or peer is None:
+        if peer is None:
             return
-        if self._buffer and not peer.lost:
+        if peer.lost:
+            # Writing to a socket the other side has closed: a reset (EPIPE), as TCP does.
+            if not self.lost and (self._buffer or self.closing):
+                error = ConnectionResetError("connection reset by peer") if self._buffer else None
+                self._buffer.clear()
+                self._loop.call_soon(self._lose, error)
+            return
+        if self._buffer:
             if not peer.reading:
                 return  # stays buffered: the peer's resume_reading flushes again
             data = bytes(self._buffer[:READ_SIZE])
@@ -165,17 +173,20 @@ class FakeTransport(asyncio.Transport):
             if self._buffer:  # the next read's worth
                 self._schedule_flush()
                 return
-        if self._buffer:
-            return
-        if (self.closing or self.eof_sent) and not peer.closing and not peer._eof_heard:
+        # All written. EOF is read like data: a peer that does not read hears it when it
+        # resumes (its resume_reading flushes this end again, even after we are gone).
+        if (
+            (self.closing or self.eof_sent)
+            and peer.reading
+            and not peer.closing
+            and not peer._eof_heard
+        ):
             peer._eof_heard = True
             keep_open = peer.protocol.eof_received()
             if not keep_open:
                 peer.close()
-        if self.closing:
+        if self.closing and not self.lost:
             self._loop.call_soon(self._lose, None)
-
-    _eof_heard = False
 
     def _lose(self, exc: Exception | None) -> None:
         if self.lost:

@@ -173,7 +173,6 @@ class FakeServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reset_by_peer = isinstance(exc, ConnectionResetError)
-        self.upstream.lost(self)
 
     def _tunnel(self, data: bytes) -> None:
         if data:
@@ -252,9 +251,6 @@ class FakeUpstream:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.errors.append(task.exception())  # type: ignore[arg-type]
-
-    def lost(self, conn: FakeServerConnection) -> None:
-        pass
 
     def stop(self) -> None:
         for task in self._tasks:
