@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proxy.balancing.breaker import BreakerState
@@ -121,8 +122,13 @@ class Runtime:
         previous: Runtime | None = None,
         limiter: Any,
         access_log: Any,
+        balancing_clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``balancing_clock``: what breakers, slow start and server statistics measure
+        time by (monotonic seconds); tests/pipeline hands its event loop's virtual clock
+        here, so that ``open_duration`` and a ramp pass without a real wait."""
         self.config = config
+        self._balancing_clock = balancing_clock
         self.loaded_at = time.time()
         self.limiter = limiter
         self.access_log = access_log
@@ -144,7 +150,9 @@ class Runtime:
         carried_slow_starts = previous.slow_starts if previous is not None else {}
         previous_upstreams = previous.config.upstreams if previous is not None else {}
         for name, upstream_cfg in config.upstreams.items():
-            slow_start = carried_slow_starts.get(name) or SlowStart(upstream_cfg.slow_start)
+            slow_start = carried_slow_starts.get(name) or SlowStart(
+                upstream_cfg.slow_start, clock=balancing_clock
+            )
             slow_start.duration = upstream_cfg.slow_start
             self.slow_starts[name] = slow_start
             entries = []
@@ -222,6 +230,7 @@ class Runtime:
             on_breaker_transition=_breaker_transition,
             address=address,
             slow_start=self.slow_starts[name],
+            clock=self._balancing_clock,
         )
 
     def _carry(
