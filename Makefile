@@ -8,7 +8,7 @@ HOT_SOURCES := $(shell sed -n 's/^    "proxy\.\(.*\)",$$/\1/p' proxy/compiled.py
                  | tr . / | sed 's|.*|proxy/&.py|')
 # Run once more as pure Python (SLUICEGATE_NO_EXTENSIONS=1): the units and the core of the
 # traffic path, so the .py files the compiled run does not execute still do what it does.
-PURE_SUBSET := tests/unit tests/integration/test_forwarding.py \
+PURE_SUBSET := tests/unit tests/pipeline tests/integration/test_forwarding.py \
                tests/integration/test_retries.py tests/integration/test_hostile_input.py \
                tests/integration/test_ratelimit_e2e.py
 

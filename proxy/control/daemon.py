@@ -399,6 +399,8 @@ class ProxyProcess:
         if limiter is not self.limiter:
             old_limiter, self.limiter = self.limiter, limiter
             await old_limiter.close()
+        if old.cache is not None and runtime.cache is None:
+            await old.cache.aclose()  # the section is gone: its Redis clients are nobody's now
         if self.count_reloads:
             metrics.config_reload(True)
         log.info(
@@ -549,6 +551,8 @@ class ProxyProcess:
         await self.runtime.stop_health_checks()
         await self.runtime.stop_discovery()
         await self.limiter.close()
+        if self.runtime.cache is not None:
+            await self.runtime.cache.aclose()
         self.access_log.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from proxy.balancing.breaker import BreakerState
@@ -132,14 +133,20 @@ class Runtime:
         previous: Runtime | None = None,
         limiter: Any,
         access_log: Any,
+        balancing_clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``balancing_clock``: what breakers, slow start and server statistics measure
+        time by (monotonic seconds); tests/pipeline hands its event loop's virtual clock
+        here, so that ``open_duration`` and a ramp pass without a real wait. ``clock``:
+        what requests are timed by (durations, tries, the retry time budget, which the
+        retry policies measure by the same clock)."""
         self.config = config
+        self._balancing_clock = balancing_clock
         self.loaded_at = time.time()
         self.limiter = limiter
         self.access_log = access_log
-        # The clock requests are timed by (durations, tries, the retry time budget's
-        # start): monotonic seconds; a test may put its own in place.
-        self.clock = time.monotonic
+        self.clock = clock
         self.metrics = metrics
         self.connection_limits = ConnectionLimits(config.limits)
         self._resolver = ClientAddressResolver(config.trusted_proxies)
@@ -158,7 +165,9 @@ class Runtime:
         carried_slow_starts = previous.slow_starts if previous is not None else {}
         previous_upstreams = previous.config.upstreams if previous is not None else {}
         for name, upstream_cfg in config.upstreams.items():
-            slow_start = carried_slow_starts.get(name) or SlowStart(upstream_cfg.slow_start)
+            slow_start = carried_slow_starts.get(name) or SlowStart(
+                upstream_cfg.slow_start, clock=balancing_clock
+            )
             slow_start.duration = upstream_cfg.slow_start
             self.slow_starts[name] = slow_start
             entries = []
@@ -186,7 +195,7 @@ class Runtime:
                         server.start_ramp()  # added by a reload: it joins
                 self.servers[key] = server
                 entries.append([server])
-            retry_policy = RetryPolicy.from_config(upstream_cfg.retry)
+            retry_policy = RetryPolicy.from_config(upstream_cfg.retry, clock=clock)
             old_group = previous.groups.get(name) if previous is not None else None
             budget = (
                 old_group.retry_budget
@@ -238,6 +247,7 @@ class Runtime:
             on_breaker_transition=_breaker_transition,
             address=address,
             slow_start=self.slow_starts[name],
+            clock=self._balancing_clock,
         )
 
     def _carry(

@@ -151,7 +151,7 @@ class Supervisor:
         return not reasons, reasons
 
     async def reload(self) -> tuple[bool, str]:
-        from proxy import metrics  # multiprocess mode: see supervise()
+        from proxy.observability import metrics  # multiprocess mode: see supervise()
 
         try:
             config = load_config(self.path)

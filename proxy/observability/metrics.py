@@ -44,11 +44,11 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
     multiprocess,
 )
+from prometheus_client import values as stored_values
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -161,18 +161,52 @@ class _Histogram:
             self.flush()
 
     def flush(self) -> None:
-        # prometheus-client's public API only observes one value at a time; a batch of
-        # bucket counts has to go to the per-bucket values of its child.
         file = self._file
         for index, count in enumerate(self.counts):
             delta = count - self._flushed_counts[index]
             if delta:
-                file._buckets[index].inc(delta)
+                file.buckets[index].inc(delta)
                 self._flushed_counts[index] = count
         delta_total = self.total - self._flushed_total
         if delta_total:
-            file._sum.inc(delta_total)
+            file.sum.inc(delta_total)
             self._flushed_total += delta_total
+
+
+class _HistogramFile:
+    """One histogram series in the multiprocess files: a value per bucket and the sum.
+
+    prometheus-client's ``Histogram`` only observes one value at a time, and a flush adds
+    a batch of bucket counts; so the series is laid out here from the same public
+    ``values.ValueClass`` the client's own histogram uses, under the same sample names
+    (``_bucket`` with ``le``, ``_sum``), which its ``MultiProcessCollector`` merges.
+    """
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        labelvalues: tuple[str, ...],
+        le: Sequence[str],
+    ) -> None:
+        self.sum = stored_values.ValueClass(
+            "histogram", name, name + "_sum", labelnames, labelvalues, documentation
+        )
+        bucket_labels = (*labelnames, "le")
+        self.buckets = [
+            stored_values.ValueClass(
+                "histogram",
+                name,
+                name + "_bucket",
+                bucket_labels,
+                (*labelvalues, bound),
+                documentation,
+            )
+            for bound in le
+        ]
 
 
 class _Family:
@@ -203,8 +237,6 @@ class _Family:
                 self._files = Gauge(
                     name, documentation, self.labelnames, multiprocess_mode=multiprocess_mode
                 )
-            else:
-                self._files = Histogram(name, documentation, self.labelnames, buckets=buckets)
         if not self.labelnames:
             self.labels()
 
@@ -213,7 +245,12 @@ class _Family:
         series = self.series.get(values)
         if series is None:
             file = None
-            if self._files is not None:
+            if self.kind == "histogram":
+                if _MULTIPROCESS:
+                    file = _HistogramFile(
+                        self.name, self.documentation, self.labelnames, values, self._le
+                    )
+            elif self._files is not None:
                 file = self._files.labels(*values) if values else self._files
             if self.kind == "counter":
                 series = _Counter(file)

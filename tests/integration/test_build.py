@@ -29,7 +29,7 @@ def project_copy(tmp_path: Path) -> Path:
         REPO_ROOT / "proxy", copy / "proxy", ignore=shutil.ignore_patterns("*.so", "__pycache__")
     )
     # An extension left by an earlier build beside a source must not survive a pure build.
-    (copy / "proxy" / "breaker.cpython-311-x86_64-linux-gnu.so").write_bytes(b"stale")
+    (copy / "proxy" / "balancing" / "breaker.cpython-311-x86_64-linux-gnu.so").write_bytes(b"stale")
     return copy
 
 

@@ -235,6 +235,36 @@ def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluiceg
         wait_for(lambda: cache_clients() <= before, message="the replaced clients closed")
 
 
+def test_a_reload_that_removes_the_cache_section_closes_its_redis_clients(
+    start_sluicegate, redis_server
+):
+    def cache_clients() -> int:
+        with redis_server.client() as client:
+            return sum(1 for c in client.client_list() if c["cmd"] != "client|list")
+
+    origin = Origin(fresh_for(60))
+    with RawUpstream(origin) as upstream:
+        config = cached_config(upstream)
+        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
+        config["cache"]["store"] = "redis"
+        daemon = start_sluicegate(config)
+        daemon.get("/a")  # the store's pool and the lock's subscription are open now
+        wait_for(lambda: daemon.get("/a")[1]["cache-status"] == "sluicegate; hit")
+        assert cache_clients() >= 2
+        uncached = dict(daemon.config)
+        del uncached["cache"]
+        del uncached["redis"]  # nothing else uses Redis: every client of the daemon goes
+        uncached["routes"] = [
+            {key: value for key, value in route.items() if key != "cache"}
+            for route in daemon.config["routes"]
+        ]
+        daemon.write_config(uncached)
+        assert daemon.admin("POST", "/reload")[0] == 200
+        status, headers, _ = daemon.get("/a")
+        assert status == 200 and "cache-status" not in headers
+        wait_for(lambda: cache_clients() == 0, message="the cache's clients closed")
+
+
 def test_redis_versions_before_7_are_named():
     from proxy.cache.redisstore import _major
 
