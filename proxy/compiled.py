@@ -35,6 +35,7 @@ HOT_MODULES: tuple[str, ...] = (
     "proxy.http.pathnorm",
     "proxy.http.request_head",
     "proxy.http.response_head",
+    "proxy.observability.accessline",
     "proxy.observability.stats",
     "proxy.ratelimit.bucket",
 )
