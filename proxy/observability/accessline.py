@@ -38,6 +38,11 @@ _MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))  # a table, not a f
 
 def format_time(epoch_seconds: float) -> str:
     """RFC 3339 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
+    return _format_time(epoch_seconds)
+
+
+@cython.cfunc
+def _format_time(epoch_seconds: Any) -> str:
     global _cached_second, _cached_second_text, _cached_milli, _cached_milli_text
     # Round once on the whole millisecond count (Python's round: half to even): 0.123 is
     # 0.12299.. as a float.
@@ -75,45 +80,50 @@ def json_value(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-class _JsonNames(dict[str | bytes, str]):
-    """JSON forms of the strings that repeat line after line: methods, and route, upstream
-    and server names (all from the config or llhttp's method table, so a bounded set),
-    each encoded the first time it is asked for."""
+# JSON forms of the strings that repeat line after line, each encoded the first time it is
+# asked for. Plain dicts read in C: a dict subclass with __missing__ costs ~500
+# instructions a lookup. Methods and route, upstream and server names come from the config
+# or llhttp's method table (bounded sets); Host values from clients, so they are bounded
+# here.
+_json_names = cython.declare(dict, {})  # str or bytes -> its JSON string
+_json_places = cython.declare(dict, {})  # (route, upstream, server) -> '"route":..,' x 3
+_json_hosts = cython.declare(dict, {})  # Host value -> its JSON string
 
-    def __missing__(self, name: str | bytes) -> str:
-        if len(self) >= 4096:  # a bound, should a config ever have that many names
-            self.clear()
+
+@cython.cfunc
+def _json_name(name: Any) -> str:
+    encoded = _json_names.get(name)
+    if encoded is None:
+        if len(_json_names) >= 4096:  # a bound, should a config ever have that many names
+            _json_names.clear()
         text = name.decode("latin-1") if isinstance(name, bytes) else name
-        encoded = self[name] = _escape(text)
-        return encoded
+        encoded = _json_names[name] = _escape(text)
+    return encoded
 
 
-class _JsonPlaces(dict[tuple[str, str, str], str]):
-    """``"route":..,"upstream":..,"server":..,`` by (route, upstream, server): one lookup
-    a line instead of three. Config names, so a bounded set."""
-
-    def __missing__(self, place: tuple[str, str, str]) -> str:
-        if len(self) >= 4096:
-            self.clear()
-        route, upstream, server = (_json_names[name] for name in place)
-        text = self[place] = f'"route":{route},"upstream":{upstream},"server":{server},'
-        return text
-
-
-class _JsonHosts(dict[bytes, str]):
-    """JSON forms of Host values: clients send the same few again and again. Bounded,
-    since clients choose them."""
-
-    def __missing__(self, host: bytes) -> str:
-        if len(self) >= 1024:
-            self.clear()
-        encoded = self[host] = _escape(host.decode("latin-1"))
-        return encoded
+@cython.cfunc
+def _json_place(route: Any, upstream: Any, server: Any) -> str:
+    """``"route":..,"upstream":..,"server":..,``: one lookup a line instead of three."""
+    place = (route, upstream, server)
+    text = _json_places.get(place)
+    if text is None:
+        if len(_json_places) >= 4096:
+            _json_places.clear()
+        text = _json_places[place] = (
+            f'"route":{_json_name(route)},"upstream":{_json_name(upstream)},'
+            f'"server":{_json_name(server)},'
+        )
+    return text
 
 
-_json_names = _JsonNames()
-_json_places = _JsonPlaces()
-_json_hosts = _JsonHosts()
+@cython.cfunc
+def _json_host(host: bytes) -> str:
+    encoded = _json_hosts.get(host)
+    if encoded is None:
+        if len(_json_hosts) >= 1024:
+            _json_hosts.clear()
+        encoded = _json_hosts[host] = _escape(host.decode("latin-1"))
+    return encoded
 
 
 def json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
@@ -129,18 +139,18 @@ def json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> st
     duration_ms: cython.double = duration * 1000
     upstream_ms: cython.double = outcome.upstream_seconds * 1000
     return (
-        f'{{"time":"{format_time(time.time())}"'
+        f'{{"time":"{_format_time(time.time())}"'
         f',"request_id":{_escape(request_id.decode("latin-1")) if request_id else _EMPTY}'
         f',"client_ip":{_escape(client_ip)}'
-        f',"method":{_json_names[request.method]}'
-        f',"host":{_json_hosts[host] if host else _EMPTY}'
+        f',"method":{_json_name(request.method)}'
+        f',"host":{_json_host(host) if host else _EMPTY}'
         f',"path":{_escape(request.path.decode("latin-1"))}'
-        f",{_json_places[outcome.route, outcome.upstream, outcome.server]}"
+        f",{_json_place(outcome.route, outcome.upstream, outcome.server)}"
         f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
         f',"duration_ms":{duration_ms:.3f},"upstream_duration_ms":{upstream_ms:.3f}'
         f',"tries":{tries},"rate_limited":{"true" if outcome.rate_limited else "false"}'
         f',"error":{_escape(error) if error else _EMPTY}'
-        f',"cache":{_json_names[outcome.cache_status]}'
+        f',"cache":{_json_name(outcome.cache_status)}'
         f"{_attempts_field(outcome.attempts)}}}"
     )
 
@@ -160,7 +170,7 @@ def _attempts_field(attempts: Any) -> str:
         status = attempt.get("status")
         status_json = "" if status is None else f',"status":{status:d}'
         parts.append(
-            f'{{"server":{_json_names[attempt["server"]]},"outcome":{outcome_json}'
+            f'{{"server":{_json_name(attempt["server"])},"outcome":{outcome_json}'
             f',"ms":{attempt["ms"]!r}{status_json}}}'
         )
-    return ',"attempts":[' + ",".join(parts) + "]"
+    return f',"attempts":[{",".join(parts)}]'
