@@ -84,8 +84,10 @@ class HeadReader:
     parser = cython.declare(object, visibility="readonly")  # the httptools parser, or None
     _message_begun = cython.declare(object)
     _head_parsed = cython.declare(object)
-    _on_body = cython.declare(object)
-    _on_message_complete = cython.declare(object)
+    # The connection's own: llhttp looks its callbacks up once, as attributes, so it calls
+    # these directly, never through the reader.
+    on_body = cython.declare(object, visibility="readonly")
+    on_message_complete = cython.declare(object, visibility="readonly")
     _checked_host = cython.declare(object)  # the last Host found valid on this connection
     _max_header_bytes = cython.declare(cython.Py_ssize_t)
     _max_body_bytes = cython.declare(object)
@@ -111,8 +113,8 @@ class HeadReader:
         # Bound once: llhttp's callbacks pass straight on, without a lookup each.
         self._message_begun = conn.message_begun
         self._head_parsed = conn.head_parsed
-        self._on_body = conn.on_body
-        self._on_message_complete = conn.on_message_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
         self._checked_host = None
         self._max_header_bytes = max_header_bytes
         self._max_body_bytes = max_body_bytes
@@ -168,12 +170,6 @@ class HeadReader:
             self._write_head(request, method)
             raise
         self._head_parsed(request, upgrade_offered)
-
-    def on_body(self, chunk: bytes) -> None:
-        self._on_body(chunk)
-
-    def on_message_complete(self) -> None:
-        self._on_message_complete()
 
     # -- the head ------------------------------------------------------------------------
 

@@ -40,8 +40,10 @@ class ResponseReader:
     parser = cython.declare(object, visibility="readonly")  # the httptools parser
     _message_begun = cython.declare(object)
     _head_parsed = cython.declare(object)
-    _on_body = cython.declare(object)
-    _on_message_complete = cython.declare(object)
+    # The connection's own: llhttp looks its callbacks up once, as attributes, so it calls
+    # these directly, never through the reader.
+    on_body = cython.declare(object, visibility="readonly")
+    on_message_complete = cython.declare(object, visibility="readonly")
     _limit = cython.declare(cython.Py_ssize_t)
     _fields_bytes = cython.declare(cython.Py_ssize_t)  # this exchange's heads so far
     # The message being read: its head, and the head so far.
@@ -56,8 +58,8 @@ class ResponseReader:
         # Bound once: llhttp's callbacks pass straight on, without a lookup each.
         self._message_begun = conn.message_begun
         self._head_parsed = conn.head_parsed
-        self._on_body = conn.on_body
-        self._on_message_complete = conn.on_message_complete
+        self.on_body = conn.on_body
+        self.on_message_complete = conn.on_message_complete
         self._limit = head_limit
         self._fields_bytes = 0
         self._response = None
@@ -96,12 +98,6 @@ class ResponseReader:
         response = self._response
         self._write_head(response)
         self._head_parsed(response, self._check_head(response))
-
-    def on_body(self, chunk: bytes) -> None:
-        self._on_body(chunk)
-
-    def on_message_complete(self) -> None:
-        self._on_message_complete()
 
     # -- the head ------------------------------------------------------------------------
 
