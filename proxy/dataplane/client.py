@@ -3,13 +3,14 @@
 Theory of operation. One ``ClientConnection`` per accepted socket, one httptools (llhttp)
 request parser per connection. llhttp rejects most ambiguous framing by itself (both
 Content-Length and Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding that
-does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); the
-callbacks here add what it allows but a proxy must not (obs-fold, repeated framing headers,
-CONNECT, foreign absolute-form targets, a missing Host, a request-target http/pathnorm.py
-refuses, a chunk-size line or trailer section http/chunkline.py bounds). A request that fails
-any check is answered by us and the connection is closed: nothing unparsed is ever
-forwarded. A chunked body's framing is walked by its ``ChunkedScanner`` ahead of the parser,
-over exactly the bytes the parser is fed next (``_piece_end``).
+does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); its
+callbacks (``HeadReader``, http/request_head.py, compiled) add what it allows but a proxy
+must not (obs-fold, repeated framing headers, CONNECT, foreign absolute-form targets, a
+missing Host, a request-target http/pathnorm.py refuses), and so does this engine (a
+chunk-size line or trailer section http/chunkline.py bounds). A request that fails any
+check is answered by us and the connection is closed: nothing unparsed is ever forwarded.
+A chunked body's framing is walked by its ``ChunkedScanner`` ahead of the parser, over
+exactly the bytes the parser is fed next (``_piece_end``).
 
 Requests are handled one at a time in arrival order (pipelining), and the next one is read
 only once the current response is on its way (as nginx and HAProxy do), so memory per

@@ -1,5 +1,6 @@
-"""Our side of upstream connections: an httptools response parser per connection and a
-per-server pool of idle ones.
+"""Our side of upstream connections: an httptools response parser per connection (its
+callbacks: ``ResponseReader``, http/response_head.py, compiled) and a per-server pool of
+idle ones.
 
 Theory of operation. An ``UpstreamConnection`` carries one exchange at a time (we never
 pipeline to upstreams). ``begin(request_is_head, waiter)`` starts one: the waiter is told

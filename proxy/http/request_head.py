@@ -4,9 +4,9 @@ they arrive, and the request-target put in normal form.
 Theory of operation. llhttp (httptools) calls its protocol object back for every piece of
 a head: the URL, each field, the end of the head. ``HeadReader`` is that protocol for one
 client connection; it fills the ``Request`` being parsed and refuses, with
-``RequestRejected``, what llhttp allows but a proxy must not (obs-fold aside, which llhttp
-refuses: repeated framing fields, a bad Host, CR/LF/NUL in a value, CONNECT, a foreign
-absolute-form target, a missing Host, a request-target http/pathnorm.py refuses). What the
+``RequestRejected``, what llhttp allows but a proxy must not: repeated or conflicting
+framing fields, a bad Host, CR/LF/NUL in a value, CONNECT, a foreign absolute-form target,
+a missing Host, a request-target http/pathnorm.py refuses. What the
 connection itself must do at those moments (start or queue the request, its body, its
 deadlines) stays with the connection (dataplane/client.py): the reader passes on the
 message's begin and end, its body, and the head once it has checked it.
