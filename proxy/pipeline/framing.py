@@ -5,13 +5,24 @@ Pure functions of their inputs (no I/O, no exchange state): a second front end o
 in-process test can build the same bytes. ``error_response`` is the connection engine's
 (``proxy.dataplane.client``), which answers rejections itself; it is re-exported here so
 that the pipeline has one place for everything it frames.
+
+Compiled (proxy/compiled.py), the two heads every request writes are C functions over
+typed locals: the header lists are walked by index, the rewritten names looked up in a
+typed frozenset, and a status line or a ``Content-Length`` is made without a ``%`` format
+(parsed anew at every call). The request and response stay Python objects: code that stays
+Python reads them far more often than the framing does (DESIGN.md, "The compiled hot path").
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from proxy.dataplane.client import HOP_BY_HOP, REASONS, Request, error_response
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
+from proxy.dataplane.client import HOP_BY_HOP, REASONS, error_response
 
 __all__ = [
     "CHUNK_END",
@@ -45,75 +56,125 @@ RESPONSE_REWRITTEN = HOP_BY_HOP | {b"content-length"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 CHUNK_END = b"0\r\n\r\n"
 
+# The same sets typed, for the compiled lookups (a declared global is C-only, so the public
+# names above stay for the modules that import them).
+_REQUEST_REWRITTEN = cython.declare(frozenset, frozenset(REQUEST_REWRITTEN))
+_RESPONSE_REWRITTEN = cython.declare(frozenset, frozenset(RESPONSE_REWRITTEN))
+# status -> (reason, status line): the last line made for each status, reused while the
+# upstream gives the same reason (at most one entry per status code).
+_STATUS_LINES = cython.declare(dict, {})
 
-def request_head(downstream: Any, request: Request, route: Any, *, chunked: bool) -> bytes:
+
+def request_head(downstream: Any, request: Any, route: Any, *, chunked: cython.bint) -> bytes:
     target = request.target
-    prefix = route.strip_prefix
+    prefix: bytes = route.strip_prefix
     if prefix and target.startswith(prefix):
         target = target[len(prefix) :]
         if not target.startswith(b"/"):
             target = b"/" + target
-    parts = [request.method, b" ", target, b" HTTP/1.1\r\n"]
-    dropped = request.connection_tokens
-    for (name, value), lowered in zip(request.headers, request.lowered, strict=True):
-        if lowered in REQUEST_REWRITTEN or (lowered in dropped and lowered != NEVER_HOP_BY_HOP):
+    parts: list = [request.method, b" ", target, b" HTTP/1.1\r\n"]
+    dropped: tuple = request.connection_tokens
+    headers: list = request.headers
+    lowered_names: list = request.lowered
+    count: cython.Py_ssize_t = len(headers)
+    if len(lowered_names) != count:
+        raise ValueError("a request's headers and their lowered names differ in number")
+    i: cython.Py_ssize_t
+    for i in range(count):
+        lowered = lowered_names[i]
+        if lowered in _REQUEST_REWRITTEN or (
+            dropped and lowered in dropped and lowered != NEVER_HOP_BY_HOP
+        ):
             continue
-        parts += (name, b": ", value, b"\r\n")
+        field: tuple = headers[i]
+        parts.append(field[0])
+        parts.append(b": ")
+        parts.append(field[1])
+        parts.append(b"\r\n")
     forwarded_for = request.forwarded_for
-    peer = downstream.peer.encode()
-    parts += (
-        b"X-Forwarded-For: ",
-        forwarded_for + b", " + peer if forwarded_for else peer,
-        b"\r\nX-Forwarded-Proto: ",
-        downstream.scheme,
-        b"\r\n",
-    )
-    if request.host is not None:
-        parts += (b"X-Forwarded-Host: ", request.host, b"\r\n")
+    peer_address: str = downstream.peer
+    peer: bytes = peer_address.encode()
+    parts.append(b"X-Forwarded-For: ")
+    parts.append(forwarded_for + b", " + peer if forwarded_for else peer)
+    parts.append(b"\r\nX-Forwarded-Proto: ")
+    parts.append(downstream.scheme)
+    parts.append(b"\r\n")
+    host = request.host
+    if host is not None:
+        parts.append(b"X-Forwarded-Host: ")
+        parts.append(host)
+        parts.append(b"\r\n")
     # The client's own ID when it sent one (the last, if several), else the one we made.
-    parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
+    parts.append(b"X-Request-ID: ")
+    parts.append(request.request_id)
+    parts.append(b"\r\n")
     if request.upgrade:
         upgrade = request.header(b"upgrade") or b"websocket"
-        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
+        parts.append(b"Connection: upgrade\r\nUpgrade: ")
+        parts.append(upgrade)
+        parts.append(b"\r\n")
     body = request.body
     if body is not None:
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
         elif body.complete:
-            parts.append(b"Content-Length: %d\r\n" % body.received)
+            parts.append(_content_length_line(body.received))
         else:
-            parts.append(b"Content-Length: %d\r\n" % request.content_length)
+            parts.append(_content_length_line(request.content_length))
     parts.append(b"\r\n")
     return b"".join(parts)
 
 
 def response_head(
-    response: Any, request: Request, extra_headers: bytes, *, close: bool, chunked: bool
+    response: Any,
+    request: Any,
+    extra_headers: bytes,
+    *,
+    close: cython.bint,
+    chunked: cython.bint,
 ) -> bytes:
-    status = response.status
-    reason = response.reason or REASONS.get(status, b"")
-    parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
-    has_request_id = False
-    lowered_names = response.lowered
-    dropped = named_in_connection(response) if b"connection" in lowered_names else ()
-    for (name, value), lowered in zip(response.headers, lowered_names, strict=True):
-        if lowered in RESPONSE_REWRITTEN or lowered in dropped:
-            if lowered == b"content-length" and not response.has_body:
-                parts += (name, b": ", value, b"\r\n")  # HEAD/304 announce the entity's size
+    parts: list = [_status_line(response.status, response.reason)]
+    has_request_id: cython.bint = False
+    has_body: cython.bint = response.has_body
+    headers: list = response.headers
+    lowered_names: list = response.lowered
+    count: cython.Py_ssize_t = len(headers)
+    if len(lowered_names) != count:
+        raise ValueError("a response's headers and their lowered names differ in number")
+    dropped: tuple = named_in_connection(response) if b"connection" in lowered_names else ()
+    i: cython.Py_ssize_t
+    for i in range(count):
+        lowered = lowered_names[i]
+        field: tuple = headers[i]
+        if lowered in _RESPONSE_REWRITTEN or (dropped and lowered in dropped):
+            if lowered == b"content-length" and not has_body:
+                # HEAD/304 announce the entity's size
+                parts.append(field[0])
+                parts.append(b": ")
+                parts.append(field[1])
+                parts.append(b"\r\n")
             continue
         if lowered == b"x-request-id":
             has_request_id = True
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(field[0])
+        parts.append(b": ")
+        parts.append(field[1])
+        parts.append(b"\r\n")
     if response.upgrade:
-        upgrade = header(response.headers, b"upgrade") or b"websocket"
-        parts += (b"Connection: upgrade\r\nUpgrade: ", upgrade, b"\r\n")
-    elif response.has_body:
-        if response.content_length is not None:
-            parts.append(b"Content-Length: %d\r\n" % response.content_length)
+        upgrade = header(headers, b"upgrade") or b"websocket"
+        parts.append(b"Connection: upgrade\r\nUpgrade: ")
+        parts.append(upgrade)
+        parts.append(b"\r\n")
+    elif has_body:
+        content_length = response.content_length
+        if content_length is not None:
+            parts.append(_content_length_line(content_length))
         elif chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
     if not has_request_id:
-        parts += (b"X-Request-ID: ", request.request_id, b"\r\n")  # type: ignore[arg-type]
+        parts.append(b"X-Request-ID: ")
+        parts.append(request.request_id)
+        parts.append(b"\r\n")
     if extra_headers:
         parts.append(extra_headers)
     if close:
@@ -122,6 +183,25 @@ def response_head(
         parts.append(b"Connection: keep-alive\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+@cython.cfunc
+def _status_line(status: object, reason: object) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n``, the reason the registry's when none was given."""
+    if not reason:
+        reason = REASONS.get(status, b"")
+    known: tuple = _STATUS_LINES.get(status)
+    if known is not None and (known[0] is reason or known[0] == reason):
+        return known[1]
+    line: bytes = b"HTTP/1.1 " + f"{status}".encode("ascii") + b" " + reason + b"\r\n"
+    _STATUS_LINES[status] = (reason, line)
+    return line
+
+
+@cython.cfunc
+def _content_length_line(length: object) -> bytes:
+    # An f-string of an int is one C conversion; `b"...%d" % length` parses its format.
+    return b"Content-Length: " + f"{length}".encode("ascii") + b"\r\n"
 
 
 def interim_head(response: Any) -> bytes:
