@@ -63,6 +63,9 @@ _RESPONSE_REWRITTEN = cython.declare(frozenset, frozenset(RESPONSE_REWRITTEN))
 # status -> (reason, status line): the last line made for each status, reused while the
 # upstream gives the same reason (at most one entry per status code).
 _STATUS_LINES = cython.declare(dict, {})
+# client address -> (scheme, its X-Forwarded-For and X-Forwarded-Proto lines); emptied when full.
+_FORWARDED_LINES = cython.declare(dict, {})
+_FORWARDED_LINES_MAX = 4096
 
 
 def request_head(downstream: Any, request: Any, route: Any, *, chunked: cython.bint) -> bytes:
@@ -93,12 +96,14 @@ def request_head(downstream: Any, request: Any, route: Any, *, chunked: cython.b
         parts.append(b"\r\n")
     forwarded_for = request.forwarded_for
     peer_address: str = downstream.peer
-    peer: bytes = peer_address.encode()
-    parts.append(b"X-Forwarded-For: ")
-    parts.append(forwarded_for + b", " + peer if forwarded_for else peer)
-    parts.append(b"\r\nX-Forwarded-Proto: ")
-    parts.append(downstream.scheme)
-    parts.append(b"\r\n")
+    if forwarded_for:
+        parts.append(b"X-Forwarded-For: ")
+        parts.append(forwarded_for + b", " + peer_address.encode())
+        parts.append(b"\r\nX-Forwarded-Proto: ")
+        parts.append(downstream.scheme)
+        parts.append(b"\r\n")
+    else:
+        parts.append(_forwarded_lines(peer_address, downstream.scheme))
     host = request.host
     if host is not None:
         parts.append(b"X-Forwarded-Host: ")
@@ -196,6 +201,22 @@ def _status_line(status: object, reason: object) -> bytes:
     line: bytes = b"HTTP/1.1 " + f"{status}".encode("ascii") + b" " + reason + b"\r\n"
     _STATUS_LINES[status] = (reason, line)
     return line
+
+
+@cython.cfunc
+def _forwarded_lines(peer_address: str, scheme: bytes) -> bytes:
+    """``X-Forwarded-For`` and ``X-Forwarded-Proto`` for a client that sent no
+    ``X-Forwarded-For``: made once per client address, not encoded and joined per request."""
+    known: tuple = _FORWARDED_LINES.get(peer_address)
+    if known is not None and known[0] == scheme:
+        return known[1]
+    lines: bytes = (
+        b"X-Forwarded-For: " + peer_address.encode() + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n"
+    )
+    if len(_FORWARDED_LINES) >= _FORWARDED_LINES_MAX:
+        _FORWARDED_LINES.clear()  # many clients: start over rather than grow without end
+    _FORWARDED_LINES[peer_address] = (scheme, lines)
+    return lines
 
 
 @cython.cfunc
