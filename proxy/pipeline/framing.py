@@ -84,7 +84,7 @@ def request_head(downstream: Any, request: Any, route: Any, *, chunked: cython.b
         raise ValueError("a request's headers and their lowered names differ in number")
     i: cython.Py_ssize_t
     for i in range(count):
-        lowered = lowered_names[i]
+        lowered: bytes = lowered_names[i]
         if lowered in _REQUEST_REWRITTEN or (
             dropped and lowered in dropped and lowered != NEVER_HOP_BY_HOP
         ):
@@ -149,7 +149,7 @@ def response_head(
     dropped: tuple = named_in_connection(response) if b"connection" in lowered_names else ()
     i: cython.Py_ssize_t
     for i in range(count):
-        lowered = lowered_names[i]
+        lowered: bytes = lowered_names[i]
         field: tuple = headers[i]
         if lowered in _RESPONSE_REWRITTEN or (dropped and lowered in dropped):
             if lowered == b"content-length" and not has_body:
@@ -222,7 +222,7 @@ def _forwarded_lines(peer_address: str, scheme: bytes) -> bytes:
 @cython.cfunc
 def _content_length_line(length: object) -> bytes:
     # An f-string of an int is one C conversion; `b"...%d" % length` parses its format.
-    return b"Content-Length: " + f"{length}".encode("ascii") + b"\r\n"
+    return f"Content-Length: {length}\r\n".encode("ascii")
 
 
 def interim_head(response: Any) -> bytes:
