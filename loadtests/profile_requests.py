@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the origin, configs and process helpers are shared
 import bench_instr  # the fixed-count keep-alive client
 
+SMALL = bench_instr.Probe("small", "/")  # the small keep-alive GET bench_instr measures
+
 RUNNER = r"""
 import cProfile, collections, json, os, signal, sys
 from proxy.control import daemon
@@ -95,10 +97,10 @@ def profile(args: argparse.Namespace, workdir: Path) -> Path:
     try:
         bench.wait_port(origin_port, origin, "origin")
         bench.wait_port(port, proc, "sluicegate")
-        bench_instr.drive(port, "/", args.warmup, args.connections)
+        bench_instr.drive(port, SMALL, args.warmup, args.connections)
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.3)
-        ok = bench_instr.drive(port, "/", args.requests, args.connections)
+        ok = bench_instr.drive(port, SMALL, args.requests, args.connections)
         time.sleep(0.3)
         proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + 30
