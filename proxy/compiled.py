@@ -36,6 +36,7 @@ HOT_MODULES: tuple[str, ...] = (
     "proxy.http.request_head",
     "proxy.http.response_head",
     "proxy.observability.accessline",
+    "proxy.pipeline.framing",
     "proxy.observability.stats",
     "proxy.ratelimit.bucket",
 )

@@ -1,11 +1,15 @@
 """The cache as the request pipeline sees it: one filter per cached route.
 
-``RouteCache.serve(ex)`` is the coroutine that answers a request on a cached route. It
-looks the key up and answers from the store when it may (RFC 9111 §4); otherwise it sends
-the request on through ``forwarding._forward`` with itself as the exchange's
+``RouteCache`` is a request filter (``proxy.pipeline.filters``). ``on_request(ex)``
+answers a fresh hit from a store that answers at once (memory) there and then; anything
+that has to wait (a Redis lookup, the stampede lock's leader, another instance's) runs as
+a task the exchange is suspended on, whose result says whether the request was answered
+(``resume``). A request that goes upstream has its ``_CachedRequest`` as the exchange's
 ``response_filter``, which the pipeline calls with the upstream's response head
 (``relay``: store it as it streams to the client, or answer a revalidation's 304 from the
-store) and when the upstream failed (``upstream_failed``: stale-if-error).
+store), when the upstream failed (``upstream_failed``: stale-if-error), and when the
+exchange is over (``exchange_over``: the result counted, the stampede lock released).
+It uses the pipeline's public pieces only (``answer``, ``relay``, ``framing``).
 
 ``SharedCache`` is what every cached route of a process shares: the store, the stampede
 lock, the clock. A reload keeps it when the top-level ``cache`` section is unchanged.
@@ -49,18 +53,11 @@ from proxy.cache.variance import matches, variance
 from proxy.dataplane.client import REASONS
 from proxy.dataplane.upstream import HeadFuture, ResponseHead, UpstreamError
 from proxy.observability import metrics
+from proxy.pipeline.answer import send_buffered, send_error
 from proxy.pipeline.compress import negotiate
-
-# The pipeline's own pieces: the cache is one of its phases (see the module docstring).
-from proxy.pipeline.exchange import (
-    RESPONSE_REWRITTEN,
-    _forward,
-    _relay_over,
-    _request_head,
-    _send_buffered,
-    _send_error,
-    _start_relay,
-)
+from proxy.pipeline.framing import RESPONSE_REWRITTEN, request_head
+from proxy.pipeline.relay import relay_over, start_relay
+from proxy.pipeline.verdict import Verdict
 from proxy.redisconn import SharedRedis
 
 log = logging.getLogger("sluicegate")
@@ -295,24 +292,27 @@ class RouteCache:
             "bytes": stats.bytes,
         }
 
-    def serve(self, ex: Any) -> Any:
-        """None when answered at once from a store that answers at once (a hit needs no
-        task), else the coroutine that serves the request."""
+    def on_request(self, ex: Any) -> Verdict:
+        """Answered at once from a store that answers at once (a hit needs no task), on
+        upstream at once (an unsafe method), or suspended on the lookup's task."""
+        ex.join_group()  # answered from the store or not, it counts as its group's request
         variants = self.plain_variants(ex) if self.plain_hits else None
         if variants is not None and self.fresh_hit(ex, variants):
-            ex.answered()
-            return None
+            return Verdict.ANSWERED
         cached = _CachedRequest(self, ex)
         if cached.answer_now(variants):
-            ex.answered()
-            return None
-        return self._serve(ex, cached)
+            return Verdict.ANSWERED
+        if ex.request.method not in (b"GET", b"HEAD"):
+            cached.result = Result.BYPASS
+            cached.status_word = b"fwd=bypass"
+            cached.begin_forward()
+            return Verdict.CONTINUE
+        ex.suspend(asyncio.get_running_loop().create_task(cached.before_forward()))
+        return Verdict.SUSPENDED
 
-    async def _serve(self, ex: Any, cached: _CachedRequest) -> None:
-        try:
-            await cached.run()
-        finally:
-            ex.close_books()
+    def resume(self, ex: Any, task: Any) -> Verdict:
+        """The lookup's task is done: True when it answered (its failure, a bug, raises)."""
+        return Verdict.ANSWERED if task.result() else Verdict.CONTINUE
 
     def bypassed(self, ex: Any) -> bytes:
         """The proxy answers before the cache (429, or 503 with the limiter down): counted
@@ -382,6 +382,8 @@ class _CachedRequest:
             else NO_DIRECTIVES
         )
         self.revalidating: StoredResponse | None = None  # the entry a conditional asks about
+        self.leading = False  # holds the stampede lock for its key, until exchange_over
+        self.leading_remote = False  # ... and the other instances' (a shared store)
         self.stored = False
         self.result = Result.MISS
         self.status_word = b"fwd=uri-miss"
@@ -397,18 +399,14 @@ class _CachedRequest:
 
     # -- the request ------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def before_forward(self) -> bool:
+        """A GET or HEAD the store could not answer at once: look it up, and answer from
+        the store when it may (True); else set it up to go upstream (False)."""
         ex = self.ex
-        method = self.request.method
-        if method not in (b"GET", b"HEAD"):
-            self.result = Result.BYPASS
-            self.status_word = b"fwd=bypass"
-            await self.forward()
-            return
         if self.found is None:
             entry, any_variant = await self.lookup()
             if entry is not None and self.answer_from(entry):
-                return
+                return True
         else:  # answer_now() looked, and answer_from() did not answer
             entry, any_variant = self.found
         if entry is None and any_variant:
@@ -416,12 +414,12 @@ class _CachedRequest:
         if "only-if-cached" in self.control:
             self.cache.count(ex, Result.MISS)
             ex.extra_headers += b"Cache-Status: sluicegate; " + self.status_word + b"\r\n"
-            _send_error(ex, 504, "not in cache (only-if-cached)", ex.extra_headers)
-            return
-        if self.revalidating is not None or method == b"HEAD":
-            await self.forward()
-            return
-        await self.forward_once()
+            send_error(ex, 504, "not in cache (only-if-cached)", ex.extra_headers)
+            return True
+        if self.revalidating is not None or self.request.method == b"HEAD":
+            self.begin_forward()
+            return False
+        return await self.lead_or_follow()
 
     def answer_now(self, variants: list[StoredResponse] | None = None) -> bool:
         """Answer from a store that answers at once (memory), when the entry allows;
@@ -486,34 +484,50 @@ class _CachedRequest:
         self.make_conditional(entry)
         return False
 
-    async def forward_once(self) -> None:
+    async def lead_or_follow(self) -> bool:
         """A miss: the first goes upstream, concurrent ones wait for it (stampede lock:
-        within the process, and across instances with a shared store)."""
+        within the process, and across instances with a shared store). True when a
+        follower was answered from what the leader stored; a leader holds the locks
+        until its exchange is over (``exchange_over``)."""
         lock = self.shared.lock
         primary = self.primary
         if not lock.lead(primary):
             if await lock.follow(primary) is Outcome.STORED and await self.answer_collapsed():
-                return
-            await self.forward()
-            return
-        outcome = Outcome.NOT_STORED
+                return True
+            self.begin_forward()
+            return False
+        self.leading = True
         try:
             remote = self.shared.remote_lock
-            if remote is None:
-                await self.forward()
-            elif await remote.lead(primary):
-                try:
-                    await self.forward()
-                finally:
-                    await remote.release(primary, self.stored_outcome())
-            else:
-                if await remote.follow(primary) is Outcome.STORED and await self.answer_collapsed():
-                    outcome = Outcome.STORED
-                    return
-                await self.forward()
-            outcome = self.stored_outcome()
+            if remote is not None:
+                if await remote.lead(primary):
+                    self.leading_remote = True
+                elif (
+                    await remote.follow(primary) is Outcome.STORED and await self.answer_collapsed()
+                ):
+                    self.release_locks(Outcome.STORED)
+                    return True
+        except BaseException:
+            self.release_locks(Outcome.NOT_STORED)
+            raise
+        self.begin_forward()
+        return False
+
+    def release_locks(self, outcome: Outcome) -> None:
+        """The stampede locks this request leads: the other instances' first (off the
+        request's path, in the background), then this process's."""
+        if self.leading_remote:
+            self.leading_remote = self.leading = False
+            self.shared.in_background(self._release_remote(outcome))
+        elif self.leading:
+            self.leading = False
+            self.shared.lock.release(self.primary, outcome)
+
+    async def _release_remote(self, outcome: Outcome) -> None:
+        try:
+            await self.shared.remote_lock.release(self.primary, outcome)  # type: ignore[union-attr]
         finally:
-            lock.release(primary, outcome)
+            self.shared.lock.release(self.primary, outcome)
 
     def stored_outcome(self) -> Outcome:
         return Outcome.STORED if self.stored else Outcome.NOT_STORED
@@ -530,14 +544,19 @@ class _CachedRequest:
         self.send_stored(entry, b"fwd=uri-miss; collapsed", now)
         return True
 
-    async def forward(self) -> None:
+    def begin_forward(self) -> None:
+        """On upstream, with this as the exchange's response filter."""
         ex = self.ex
         ex.response_filter = self
         # Errors the proxy makes carry the same Cache-Status; relay() adds "stored".
         self.cache_status_headers(ex)
-        await _forward(ex, set())
+
+    def exchange_over(self, ex: Any) -> None:
+        """The forwarded exchange is over, however it ended: its result counted (unless
+        the relay counted one), the stampede locks it leads released."""
         if not ex.cache_status:
             self.cache.count(ex, self.result)
+        self.release_locks(self.stored_outcome())
 
     def cache_status_headers(self, ex: Any, stored: bool = False) -> None:
         value = b"sluicegate; " + self.status_word + (b"; stored" if stored else b"")
@@ -604,11 +623,11 @@ class _CachedRequest:
         # body of unknown length may still be stored, once it has arrived within the limit.
         self.cache_status_headers(ex, stored=decision is not None and length is not None)
         writer = BodyWriter(self.store.max_object_size) if decision is not None else None
-        relay = _start_relay(ex, response, upstream, tap=writer)
+        relay = start_relay(ex, response, upstream, tap=writer)
         try:
             await upstream.wait_done()
         finally:
-            _relay_over(ex, relay)
+            relay_over(ex, relay)
         if writer is not None and decision is not None:
             body = writer.body()
             if body is not None:
@@ -633,8 +652,9 @@ class _CachedRequest:
 
     @property
     def started(self) -> float:
-        # The exchange's monotonic start, on the store's clock.
-        return self.shared.clock() - (time.monotonic() - self.ex.started)
+        # The exchange's start (its own clock), on the store's clock.
+        ex = self.ex
+        return self.shared.clock() - (ex.clock() - ex.started)
 
     # -- the store -------------------------------------------------------------------------
 
@@ -721,13 +741,13 @@ class _CachedRequest:
         head.lowered = [name.lower() for name, _ in headers]
         head.content_length = len(entry.body)
         ex.extra_headers = self.base_extra + b"Cache-Status: sluicegate; " + status_word + b"\r\n"
-        _send_buffered(ex, head, entry.body if head.has_body else b"")
+        send_buffered(ex, head, entry.body if head.has_body else b"")
 
 
 def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> None:
     """A plain GET's answer from ``entry``: its head prepared once (``PreparedHead``) and
     the per-answer fields after it, the same bytes ``send_stored`` makes through
-    ``_send_buffered`` for a 200 with no compression and no trace."""
+    ``send_buffered`` for a 200 with no compression and no trace."""
     prepared = entry.prepared
     if prepared is None or prepared.headers is not entry.headers:  # new, or freshened
         prepared = entry.prepared = PreparedHead(entry)
@@ -742,16 +762,12 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
     head += extra + ex.sticky_cookie
     if close:
         head += b"Connection: close\r\n\r\n"
-        request.keep_alive = False
+        request.close_after()
     elif request.version == "1.0":
         head += b"Connection: keep-alive\r\n\r\n"
     else:
         head += b"\r\n"
-    conn.response_started = True
-    if body:
-        conn.write_after(head, body)
-    else:
-        conn.write(head)
+    conn.respond(head, body)
     ex.status = entry.status
     ex.bytes_out += len(body)
 
@@ -821,9 +837,9 @@ async def _background_revalidation(cached: _CachedRequest, entry: StoredResponse
         return
     request = cached.request
     cached.make_conditional(entry)
-    head_bytes = _request_head(ex.conn, request, ex.route_runtime, chunked=False)
+    head_bytes = request_head(ex.conn, request, ex.route_runtime, chunked=False)
     pool = server.pool
-    books = _BackgroundTry(server, group.failure_on)
+    books = _BackgroundTry(server, group.failure_on, ex.clock)
     upstream = None
     try:
         upstream = pool.take_idle() or await pool.connect()
@@ -869,12 +885,13 @@ class _BackgroundTry:
     for the others): in-flight and request counts, the head's status and latency, the
     latency sample, and the breaker's verdict."""
 
-    __slots__ = ("failure_on", "server", "started", "verdict")
+    __slots__ = ("clock", "failure_on", "server", "started", "verdict")
 
-    def __init__(self, server: Any, failure_on: Any) -> None:
+    def __init__(self, server: Any, failure_on: Any, clock: Callable[[], float]) -> None:
         self.server = server
         self.failure_on = failure_on
-        self.started = time.monotonic()
+        self.clock = clock  # the exchange's
+        self.started = clock()
         self.verdict: bool | None = None
         server.in_flight += 1
         server.requests += 1
@@ -882,7 +899,7 @@ class _BackgroundTry:
 
     def head(self, status: int) -> None:
         server = self.server
-        seconds = time.monotonic() - self.started
+        seconds = self.clock() - self.started
         server.observe_latency(seconds)
         server.metrics.response(status, seconds)
         server.status_classes[status // 100] += 1
@@ -903,7 +920,7 @@ class _BackgroundTry:
         server = self.server
         server.in_flight -= 1
         server.metrics.in_flight_dec()
-        server.stats.record(time.monotonic() - self.started, self.verdict is False)
+        server.stats.record(self.clock() - self.started, self.verdict is False)
         if self.verdict is True:
             server.breaker.record_success()
         elif self.verdict is False:

@@ -28,6 +28,8 @@ from proxy.http.clientip import ClientAddressResolver
 from proxy.observability import metrics
 from proxy.observability.accessline import json_line
 from proxy.pipeline.compress import CompressRule
+from proxy.pipeline.compression_filter import CompressionFilter
+from proxy.pipeline.filters import request_filters
 from proxy.pipeline.routing import Router
 
 log = logging.getLogger("sluicegate")
@@ -51,6 +53,7 @@ class RouteRuntime:
     __slots__ = (
         "cache",
         "compress",
+        "compression",
         "counters",
         "group",
         "limit_key_kind",
@@ -58,6 +61,7 @@ class RouteRuntime:
         "metrics",
         "name",
         "rate_limit",
+        "request_filters",
         "strip_prefix",
     )
 
@@ -76,7 +80,14 @@ class RouteRuntime:
             self.limit_key_name = name.lower().encode() if kind == "header" else name.encode()
         self.metrics = metrics.RouteMetrics(cfg.name)
         self.compress = CompressRule(cfg.compress) if cfg.compress is not None else None
+        # The response filter the rule makes (the encoder a head asks for), counted here.
+        self.compression = (
+            CompressionFilter(self.compress, self.metrics) if self.compress is not None else None
+        )
         self.cache: Any = None  # a RouteCache when the route is cached (set by Runtime)
+        # What runs before the request goes upstream (rate limit, cache lookup): composed
+        # by the Runtime once the cache is set (``proxy.pipeline.filters``).
+        self.request_filters: tuple[Any, ...] = ()
 
     def status(self) -> dict[str, Any]:
         """The route's entry in ``/status``: ``limit`` and ``cache`` are null when the route
@@ -122,15 +133,19 @@ class Runtime:
         limiter: Any,
         access_log: Any,
         balancing_clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``balancing_clock``: what breakers, slow start and server statistics measure
         time by (monotonic seconds); tests/pipeline hands its event loop's virtual clock
-        here, so that ``open_duration`` and a ramp pass without a real wait."""
+        here, so that ``open_duration`` and a ramp pass without a real wait. ``clock``:
+        what requests are timed by (durations, tries, the retry time budget, which the
+        retry policies measure by the same clock)."""
         self.config = config
         self._balancing_clock = balancing_clock
         self.loaded_at = time.time()
         self.limiter = limiter
         self.access_log = access_log
+        self.clock = clock
         self.metrics = metrics
         self.connection_limits = ConnectionLimits(config.limits)
         self._resolver = ClientAddressResolver(config.trusted_proxies)
@@ -179,7 +194,7 @@ class Runtime:
                         server.start_ramp()  # added by a reload: it joins
                 self.servers[key] = server
                 entries.append([server])
-            retry_policy = RetryPolicy.from_config(upstream_cfg.retry)
+            retry_policy = RetryPolicy.from_config(upstream_cfg.retry, clock=clock)
             old_group = previous.groups.get(name) if previous is not None else None
             budget = (
                 old_group.retry_budget
@@ -213,6 +228,8 @@ class Runtime:
             for route, cfg in zip(self.routes, config.routes, strict=True):
                 if cfg.cache is not None:
                     route.cache = RouteCache(cfg, self.cache, route.metrics)
+        for route in self.routes:
+            route.request_filters = request_filters(route)
         self.router = Router(
             (route, cfg.match) for route, cfg in zip(self.routes, config.routes, strict=True)
         )

@@ -73,6 +73,7 @@ _BODY_PAUSE = PauseReason.BODY
 _CLOSING_PAUSE = PauseReason.CLOSING
 _UPGRADE_PAUSE = PauseReason.UPGRADE
 _REJECTED_PAUSE = PauseReason.REJECTED
+_CLIENT_PAUSE = PauseReason.CLIENT
 WRITE_HIGH_WATER = 256 * 1024
 BODY_HIGH_WATER = 256 * 1024
 
@@ -111,6 +112,8 @@ class RequestBody:
 
     __slots__ = (
         "_conn",
+        "_hold_limit",
+        "_holder",
         "_waiter",
         "buffered",
         "chunks",
@@ -129,6 +132,8 @@ class RequestBody:
         self.consumer: Any = None  # has on_body(chunk) / on_end()
         self._waiter: asyncio.Future[None] | None = None
         self.error: Exception | None = None
+        self._holder: Any = None  # hears body_held / body_lost (buffer_then)
+        self._hold_limit = 0
 
     def feed(self, chunk: bytes) -> None:
         self.received += len(chunk)
@@ -170,6 +175,31 @@ class RequestBody:
         if self.error is not None:
             raise self.error
         return True
+
+    def buffer_then(self, limit: int, listener: Any) -> None:
+        """``buffer_up_to`` by callback: ``listener.body_held(complete)`` once the body is
+        complete (True) or more than ``limit`` bytes are held (False), or
+        ``listener.body_lost(error)``. Told at once when that is known already, else on
+        a later loop turn: never from inside the parser's body callbacks (the listener
+        may write, finish, even start the next request)."""
+        self._holder = listener
+        self._hold_limit = limit
+        self._hold_step(None)
+
+    def _hold_step(self, _: Any) -> None:
+        self._waiter = None
+        listener = self._holder
+        if self.error is not None:
+            self._holder = None
+            listener.body_lost(self.error)
+        elif self.complete or self.buffered > self._hold_limit:
+            self._holder = None
+            listener.body_held(self.complete)
+        else:
+            conn = self._conn
+            conn.resume_reading(_BODY_PAUSE)
+            self._waiter = waiter = conn.loop.create_future()
+            waiter.add_done_callback(self._hold_step)
 
     def stream_to(self, consumer: Any) -> None:
         """From now on chunks go straight to ``consumer``; held ones first."""
@@ -240,6 +270,10 @@ class Request:
     def add_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
         self.lowered.append(name.lower())
+
+    def close_after(self) -> None:
+        """The connection ends after this request's response (it said Connection: close)."""
+        self.keep_alive = False
 
     @property
     def has_body(self) -> bool:
@@ -325,12 +359,14 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._head_started_at = 0.0
         self._head_bytes = 0
         self.response_started = False
-        self.on_write_paused: Callable[[bool], None] | None = None
+        # The upstream whose response we relay: a client that cannot keep up stops us
+        # reading it (backpressure, ``relay_from``).
+        self._relaying_from: ProxyConnection | None = None
         self.tunnel: Any = None
         self.requests_served = 0
         self._early_tunnel_bytes = b""
         self._upgrading: Request | None = None
-        self.on_lost: Callable[[], None] | None = None
+        self._tied: Any = None  # an upstream exchange aborted if the client goes (tie_upstream)
         self._pending_reject: tuple[int, str, Request | None] | None = None
         # What reject() answered before closing (408 stalled body, 413 too large): the
         # request in flight then ends with that answer, not as a client gone away.
@@ -367,8 +403,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self.closed = True
         self._sweeper.unwatch(self)
         self.listener.connection_closed(self)
-        if self.on_lost is not None:
-            self.on_lost()
+        if self._tied is not None:
+            self._tied.abort()
         for request in (self._parsing, self._current, *self._queue):
             if request is not None and request.body is not None and not request.body.complete:
                 request.body.fail(ConnectionResetError("client went away"))
@@ -550,13 +586,13 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
-        if self.on_write_paused is not None:
-            self.on_write_paused(True)
+        if self._relaying_from is not None:
+            self._relaying_from.pause_reading(_CLIENT_PAUSE)
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self.on_write_paused is not None:
-            self.on_write_paused(False)
+        if self._relaying_from is not None:
+            self._relaying_from.resume_reading(_CLIENT_PAUSE)
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -654,6 +690,38 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             # Whatever follows a request that ends the connection is not ours to parse.
             self.pause_reading(_CLOSING_PAUSE)
 
+    # -- what the pipeline changes, through these (proxy.pipeline.downstream) -------------
+
+    def begin_response(self) -> None:
+        """The response's first bytes are going out: a failure now can only cut the
+        connection, and a rejection (408) may no longer answer."""
+        self.response_started = True
+
+    def respond(self, head: bytes, body: bytes = b"") -> None:
+        """A response in one piece (``begin_response`` and the write, in one call: the
+        common answer's path): ``head`` and ``body`` in one system call."""
+        self.response_started = True
+        if not self.closed:
+            if len(body) <= 4096:
+                self.transport.write(head + body)  # type: ignore[union-attr]
+            else:
+                self.transport.writelines((head, body))  # type: ignore[union-attr]
+
+    def relay_from(self, upstream: ProxyConnection | None) -> None:
+        """Relaying ``upstream``'s response (None: no longer): while the client cannot
+        keep up, ``upstream`` is not read."""
+        self._relaying_from = upstream
+
+    def tie_upstream(self, upstream: Any) -> None:
+        """``upstream``'s exchange serves this client's current request: it is aborted if
+        the client goes away first. Untied when the request is done."""
+        self._tied = upstream
+
+    def open_tunnel(self, tunnel: Any) -> None:
+        """The connection switched protocols: raw bytes go to ``tunnel.from_client`` and
+        its end to ``tunnel.client_closed``."""
+        self.tunnel = tunnel
+
     # -- request lifecycle ---------------------------------------------------------------
 
     def _start(self, request: Request) -> None:
@@ -695,6 +763,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def request_crashed(self, request: Request) -> None:
         """A bug while serving ``request`` (called from an ``except`` block): 500, close."""
         self.listener.log_exception("unhandled error while serving a request")
+        self._tied = None
         if not self.response_started and not self.closed:
             rid = request.request_id or b"-"
             self.write(error_response(500, "internal error", rid, close=True))
@@ -706,6 +775,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         if request is not self._current:
             return
         self._current = None
+        self._tied = None
         self.requests_served += 1
         self.response_started = False  # a later rejection (or 408) may answer again
         if self.closed:

@@ -6,16 +6,17 @@ Theory of operation. An ``UpstreamConnection`` carries one exchange at a time (w
 pipeline to upstreams). ``begin(request_is_head, waiter)`` starts one: the waiter is told
 ``head_received(ResponseHead)`` or ``head_failed(UpstreamError)``, always after the parser
 has returned (never from inside an llhttp callback), so it may attach a sink, finish, and
-even hand this connection to the next exchange. The forwarding fast path is such a waiter
-itself; coroutines use ``HeadFuture``. Body bytes that arrive before the forwarding code
-attaches a ``sink`` are held (bounded: reading pauses past ``HELD_BODY_LIMIT``), then handed
-over in order; the sink hears ``on_end`` once, when it is attached and the body is complete.
-A connection goes back to the pool only after a complete, well-framed exchange whose
-response allowed keep-alive and whose request body was sent in full; anything else closes it.
+even hand this connection to the next exchange. The pipeline's exchange is such a waiter
+itself; coroutines (the cache's background revalidation) use ``HeadFuture``. Body bytes that
+arrive before the forwarding code attaches a ``sink`` are held (bounded: reading pauses past
+``HELD_BODY_LIMIT``), then handed over in order; the sink hears ``on_end`` once, when it is
+attached and the body is complete. A connection goes back to the pool only after a complete,
+well-framed exchange whose response allowed keep-alive and whose request body was sent in
+full; anything else closes it.
 
 Interim responses. A 1xx other than 101 is not the response: the next head follows on the
-same connection, and the waiter hears only that final one. The exchange's
-``interim_listener``, when forwarding sets one, hears each 1xx but 100 (the proxy answers
+same connection, and the waiter hears only that final one. The exchange's listener, when
+forwarding gives one (``begin``), hears each 1xx but 100 (the proxy answers
 ``Expect`` itself) as ``interim_received(head)``, from inside the parser, so that it goes out
 before the final head: it may only write it on. Interim heads count against the response
 head limit, checked as each is parsed, so that what an upstream can make us relay before
@@ -43,7 +44,6 @@ import asyncio
 import collections
 import math
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 import httptools
@@ -76,6 +76,7 @@ _ERROR = FailureKind.ERROR
 _TIMEOUT = FailureKind.TIMEOUT
 _INVALID_HEADER = FailureKind.INVALID_HEADER
 _HELD = PauseReason.HELD
+_UPSTREAM_PAUSE = PauseReason.UPSTREAM
 
 
 class UpstreamError(Exception):
@@ -187,7 +188,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.request_is_head = False
         self.request_complete = False  # the whole request body left us (request_sent)
         self.budget_end = math.inf  # no read wait runs past this (loop clock), see begin()
-        self.body_writer_paused: Callable[[bool], None] | None = None
+        # The client whose body we send: while we cannot write it fast enough, that client
+        # is not read (backpressure, ``feed_from``).
+        self._feeding_from: ProxyConnection | None = None
         self._reading_paused_for: set[PauseReason] = set()
         self.tunnel_data: bytes = b""
         if self._chunks.active:  # a chunked response cut short; most never began one
@@ -343,12 +346,12 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.close()
 
     def pause_writing(self) -> None:
-        if self.body_writer_paused is not None:
-            self.body_writer_paused(True)
+        if self._feeding_from is not None:
+            self._feeding_from.pause_reading(_UPSTREAM_PAUSE)
 
     def resume_writing(self) -> None:
-        if self.body_writer_paused is not None:
-            self.body_writer_paused(False)
+        if self._feeding_from is not None:
+            self._feeding_from.resume_reading(_UPSTREAM_PAUSE)
 
     # -- the head, as ResponseReader (http/response_head.py) passes it on -------------------
 
@@ -400,16 +403,29 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     # -- the exchange, driven by forwarding ----------------------------------------------
 
-    def begin(self, request_is_head: bool, waiter: Any, budget_end: float = math.inf) -> None:
+    def begin(
+        self,
+        request_is_head: bool,
+        waiter: Any,
+        budget_end: float = math.inf,
+        interim_listener: Any = None,
+    ) -> None:
         """Start an exchange; ``waiter`` hears head_received(head) or head_failed(error).
-        ``budget_end``: when its retry time budget runs out (loop clock), if known yet."""
+        ``budget_end``: when its retry time budget runs out (loop clock), if known yet.
+        ``interim_listener.interim_received(head)`` hears each 1xx but 100, if given."""
         self._reset_exchange()
         self.request_is_head = request_is_head
         self.waiter = waiter
+        self.interim_listener = interim_listener
         # The loop's clock, not the sweeper's tick-cached one: a stale `now` fires the
         # timeout early.
         self.deadline = self.loop.time() + self.read_timeout
         self.limit_exchange(budget_end)
+
+    def feed_from(self, client: ProxyConnection) -> None:
+        """What this exchange sends comes from ``client`` as it arrives (a streamed body,
+        a tunnel): while the upstream cannot take it, ``client`` is not read."""
+        self._feeding_from = client
 
     def limit_exchange(self, budget_end: float) -> None:
         """No wait of this exchange runs past ``budget_end`` (loop clock) from now on."""
@@ -475,7 +491,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.sink = None
         self.interim_listener = None
         self._response = None
-        self.body_writer_paused = None
+        self._feeding_from = None
         self.deadline = self._sweeper.now + POOL_IDLE_SECONDS
 
     def start_tunnel(self, sink: Any) -> None:
@@ -639,6 +655,12 @@ class ConnectionPool:
             raise UpstreamError(_ERROR, f"connect failed: {reason}", sent=False) from None
         return conn
 
+    def connect_then(self, budget_left: float, listener: Any) -> None:
+        """``connect`` by callback: ``listener.connected(conn)`` or
+        ``listener.connect_failed(error)``, on a later loop turn."""
+        task = asyncio.get_running_loop().create_task(self.connect(budget_left))
+        task.add_done_callback(_ConnectCall(listener).done)
+
     def release(self, conn: UpstreamConnection) -> None:
         if conn.reusable and len(self._idle) < self.max_idle and not self.closed:
             # Paused for the client's sake (a slow reader of the last response)? An idle
@@ -663,3 +685,23 @@ class ConnectionPool:
         """The server is gone: idle connections close now, busy ones when released."""
         self.closed = True
         self.close_idle()
+
+
+class _ConnectCall:
+    """Tells a ``connect_then`` listener how its connect ended."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+
+    def done(self, task: asyncio.Task[UpstreamConnection]) -> None:
+        if task.cancelled():  # the loop is shutting down: nobody is waiting any more
+            return
+        error = task.exception()
+        if error is None:
+            self.listener.connected(task.result())
+        elif isinstance(error, UpstreamError):
+            self.listener.connect_failed(error)
+        else:  # not a connect failure: a bug, which the listener reports as one
+            self.listener.connect_crashed(error)

@@ -1,5 +1,5 @@
 """A plain GET hit goes out from the entry's head prepared once: the same bytes as the
-general path (``send_stored`` through ``_send_buffered``), and a revalidation that
+general path (``send_stored`` through ``send_buffered``), and a revalidation that
 replaces the stored fields is seen by the next hit."""
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ class ClientSide:
     def write(self, data: bytes) -> None:
         self.sent += data
 
+    def respond(self, head: bytes, body: bytes = b"") -> None:
+        self.response_started = True
+        self.sent += head + body
+
     def write_after(self, head: bytes, data: bytes) -> None:
         self.sent += head + data
 
@@ -46,8 +50,8 @@ def exchange(version: str, keep_alive: bool, extra: bytes, cookie: bytes, shutti
     request.method, request.target, request.path, request.host = b"GET", b"/a", b"/a", b"h"
     request.headers, request.lowered = [(b"Host", b"h")], [b"host"]
     request.version, request.keep_alive, request.request_id = version, keep_alive, b"rid-1"
-    ex = Exchange(conn, request, runtime=None)  # type: ignore[arg-type]
-    ex.route_runtime = SimpleNamespace(compress=None)
+    ex = Exchange(conn, request, runtime=SimpleNamespace(clock=lambda: NOW))  # type: ignore[arg-type]
+    ex.route_runtime = SimpleNamespace(compress=None, compression=None)
     ex.extra_headers = extra
     ex.sticky_cookie = cookie
     return ex, conn
