@@ -22,6 +22,7 @@ compiled = False
 int = int  # the name cython.int
 double = float
 bint = bool
+uchar = int
 Py_ssize_t = int
 longlong = int
 

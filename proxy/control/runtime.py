@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import itertools
-import json
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from proxy.cache.serve import RouteCache, SharedCache
 from proxy.dataplane.client import ConnectionLimits
 from proxy.http.clientip import ClientAddressResolver
 from proxy.observability import metrics
-from proxy.observability.accesslog import _json_value, format_time
+from proxy.observability.accessline import json_line
 from proxy.pipeline.compress import CompressRule
 from proxy.pipeline.compression_filter import CompressionFilter
 from proxy.pipeline.filters import request_filters
@@ -355,7 +354,7 @@ class Runtime:
             client_ip = request.client_ip  # resolved already when a limit or ip_hash asked
             if client_ip is None:
                 client_ip = self.client_ip(request)
-            access_log.log_line(_json_line(request, outcome, client_ip, duration))
+            access_log.log_line(json_line(request, outcome, client_ip, duration))
             return
         body = request.body
         record = {
@@ -414,112 +413,6 @@ class Runtime:
             for name, group in self.groups.items()
             if not group.has_eligible_server()
         ]
-
-
-_escape = json.encoder.encode_basestring_ascii  # C; quotes and escapes one string
-_JSON_FIELDS = (
-    '{"time":"%s","request_id":%s,"client_ip":%s,"method":%s,"host":%s,"path":%s,'
-    '%s"status":%d,"bytes_in":%d,"bytes_out":%d,'
-    '"duration_ms":%.3f,"upstream_duration_ms":%.3f,"tries":%d,"rate_limited":%s,'
-    '"error":%s,"cache":%s'
-)
-_ATTEMPT = '{"server":%s,"outcome":%s,"ms":%r%s}'  # one entry of "attempts"
-_JSON_LINE = _JSON_FIELDS + "%s}"  # then "attempts" formatted apart, or nothing
-# The common case, one try that got a response, in the same single format operation.
-_JSON_LINE_ONE_TRY = _JSON_FIELDS + ',"attempts":[' + _ATTEMPT + "]}"
-
-
-class _JsonNames(dict[str | bytes, str]):
-    """JSON forms of the strings that repeat line after line: methods, and route, upstream
-    and server names (all from the config or llhttp's method table, so a bounded set),
-    each encoded the first time it is asked for."""
-
-    def __missing__(self, name: str | bytes) -> str:
-        if len(self) >= 4096:  # a bound, should a config ever have that many names
-            self.clear()
-        text = name.decode("latin-1") if isinstance(name, bytes) else name
-        encoded = self[name] = _escape(text)
-        return encoded
-
-
-_json_names = _JsonNames()
-
-
-class _JsonPlaces(dict[tuple[str, str, str], str]):
-    """``"route":..,"upstream":..,"server":..,`` by (route, upstream, server): one lookup
-    and one format field a line instead of three. Config names, so a bounded set."""
-
-    def __missing__(self, place: tuple[str, str, str]) -> str:
-        if len(self) >= 4096:
-            self.clear()
-        route, upstream, server = (_json_names[name] for name in place)
-        text = self[place] = f'"route":{route},"upstream":{upstream},"server":{server},'
-        return text
-
-
-class _JsonHosts(dict[bytes, str]):
-    """JSON forms of Host values: clients send the same few again and again. Bounded,
-    since clients choose them."""
-
-    def __missing__(self, host: bytes) -> str:
-        if len(self) >= 1024:
-            self.clear()
-        encoded = self[host] = _escape(host.decode("latin-1"))
-        return encoded
-
-
-_json_places = _JsonPlaces()
-_json_hosts = _JsonHosts()
-
-
-def _json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
-    """The access log's JSON line, in one format operation: this runs once per request.
-
-    Same fields and order as ``accesslog.format_json`` (the generic form, used by tests
-    and the text format's records).
-    """
-    body = request.body
-    names = _json_names
-    fields = (
-        format_time(time.time()),
-        _escape(request.request_id.decode("latin-1")) if request.request_id else '""',
-        _escape(client_ip),
-        names[request.method],
-        _json_hosts[request.host] if request.host else '""',
-        _escape(request.path.decode("latin-1")),
-        _json_places[outcome.route, outcome.upstream, outcome.server],
-        outcome.status,
-        body.received if body is not None else 0,
-        outcome.bytes_out,
-        duration * 1000,
-        outcome.upstream_seconds * 1000,
-        outcome.tries,
-        "true" if outcome.rate_limited else "false",
-        _escape(outcome.error) if outcome.error else '""',
-        names[outcome.cache_status],
-    )
-    attempts = outcome.attempts
-    if len(attempts) == 1 and len(attempts[0]) == 3 and type(attempts[0]["outcome"]) is int:
-        attempt = attempts[0]
-        server = names[attempt["server"]]
-        return _JSON_LINE_ONE_TRY % (*fields, server, attempt["outcome"], attempt["ms"], "")
-    return _JSON_LINE % (*fields, ',"attempts":' + _attempts_json(attempts) if attempts else "")
-
-
-def _attempts_json(attempts: list[dict[str, Any]]) -> str:
-    """The attempts list as forwarding builds it: server, outcome, ms (and status when a
-    response failed mid-body). Anything else falls back to the generic encoder."""
-    parts = []
-    for attempt in attempts:
-        if len(attempt) > 4:
-            return _json_value(attempts)
-        outcome = attempt["outcome"]
-        outcome_json = outcome if type(outcome) is int else _escape(str(outcome))
-        status = attempt.get("status")
-        status_json = "" if status is None else f',"status":{status:d}'
-        server = _json_names[attempt["server"]]
-        parts.append(_ATTEMPT % (server, outcome_json, attempt["ms"], status_json))
-    return "[" + ",".join(parts) + "]"
 
 
 def _breaker_transition(server: Server, old: BreakerState, new: BreakerState, reason: str) -> None:

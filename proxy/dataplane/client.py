@@ -3,13 +3,14 @@
 Theory of operation. One ``ClientConnection`` per accepted socket, one httptools (llhttp)
 request parser per connection. llhttp rejects most ambiguous framing by itself (both
 Content-Length and Transfer-Encoding, differing Content-Lengths, a Transfer-Encoding that
-does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); the
-callbacks here add what it allows but a proxy must not (obs-fold, repeated framing headers,
-CONNECT, foreign absolute-form targets, a missing Host, a request-target http/pathnorm.py
-refuses, a chunk-size line or trailer section http/chunkline.py bounds). A request that fails
-any check is answered by us and the connection is closed: nothing unparsed is ever
-forwarded. A chunked body's framing is walked by its ``ChunkedScanner`` ahead of the parser,
-over exactly the bytes the parser is fed next (``_piece_end``).
+does not end in ``chunked``, bad chunk sizes, invalid bytes in names and values); its
+callbacks (``HeadReader``, http/request_head.py, compiled) add what it allows but a proxy
+must not (obs-fold, repeated framing headers, CONNECT, foreign absolute-form targets, a
+missing Host, a request-target http/pathnorm.py refuses), and so does this engine (a
+chunk-size line or trailer section http/chunkline.py bounds). A request that fails any
+check is answered by us and the connection is closed: nothing unparsed is ever forwarded.
+A chunked body's framing is walked by its ``ChunkedScanner`` ahead of the parser, over
+exactly the bytes the parser is fed next (``_piece_end``).
 
 Requests are handled one at a time in arrival order (pipelining), and the next one is read
 only once the current response is on its way (as nginx and HAProxy do), so memory per
@@ -40,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from proxy.dataplane.flow import PauseReason, ProxyConnection, http_version
+from proxy.dataplane.flow import PauseReason, ProxyConnection
 from proxy.dataplane.timers import sweeper_for
 from proxy.http.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
-from proxy.http.pathnorm import InvalidTarget, normalize_target
+from proxy.http.request_head import HeadReader, RequestRejected
 
 if TYPE_CHECKING:
     from proxy.dataplane.timers import Sweeper
@@ -63,7 +64,6 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     )
 )
-MAX_HEADER_COUNT = 100
 HEAD_END = b"\r\n\r\n"
 # Reasons to pause reading that are ours to lift: any other also stops the parser (a held
 # body, an upstream that cannot take the body, a connection closing or switching).
@@ -105,15 +105,6 @@ REASONS = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
-
-
-class RequestRejected(Exception):
-    """A request we refuse before forwarding; ``status`` is what the client is told."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 class RequestBody:
@@ -354,7 +345,8 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.scheme = listener.scheme
-        self._parser = httptools.HttpRequestParser(self)
+        self._reader = HeadReader(self, self.limits.max_header_bytes, self.limits.max_body_bytes)
+        self._parser = self._reader.new_parser(httptools.HttpRequestParser)
         self._parsing: Request | None = None
         self._current: Request | None = None
         self._queue: collections.deque[Request] = collections.deque()
@@ -391,7 +383,6 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._pump_scheduled = False
         self._awaiting_drain = False  # answered; the next waits for the client to read
         self._pipelined = False  # the backlog was sent behind a request in flight
-        self._checked_host: bytes | None = None  # the last Host found valid on this connection
         self._chunks = ChunkedScanner(trailer_limit=self.limits.max_header_bytes)
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -627,97 +618,26 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
             return False
         return current is not None or self._awaiting_drain or bool(self._backlog)
 
-    # -- httptools callbacks -------------------------------------------------------------
+    # -- the head, as HeadReader (http/request_head.py) passes it on -----------------------
 
-    def on_message_begin(self) -> None:
+    def message_begun(self) -> Request:
+        """A message begins: the request its head is read into."""
         self._head_began_at = self._fed
-        request = Request(self)
-        self._parsing = request
+        request = self._parsing = Request(self)
+        return request
 
-    def on_url(self, url: bytes) -> None:
-        request = self._parsing
-        request.target += url  # type: ignore[union-attr]
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        request = self._parsing
-        assert request is not None
-        if request.method:
-            return  # a chunked body's trailer field: never merged into the head we forward
-        headers = request.headers
-        headers.append((name, value))
-        request.head_size += len(name) + len(value) + 4
-        if len(headers) > MAX_HEADER_COUNT:
-            raise RequestRejected(431, "too many request headers")
-        # Byte values, not b"\r": `bytes in bytes` first tries the operand as an int and
-        # raises and clears a TypeError inside (about 1,800 instructions, 6 per request).
-        if 13 in value or 10 in value or 0 in value:  # CR, LF, NUL
-            raise RequestRejected(400, "invalid header value")
-        lowered = name.lower()
-        request.lowered.append(lowered)
-        kind = _ACTED_ON.get(lowered)
-        if kind is None:
-            return  # most headers are only forwarded: one lookup decides it
-        if kind == _HOST:
-            # The same Host on every request of a keep-alive connection: checked once.
-            if value != self._checked_host:
-                if not _valid_host(value):
-                    raise RequestRejected(400, "invalid Host header")
-                self._checked_host = value
-            request.host = value
-            request.host_count += 1
-        elif kind == _CONTENT_LENGTH:
-            if not value.isdigit():
-                raise RequestRejected(400, "invalid Content-Length")
-            length = int(value)
-            if request.content_length is not None and request.content_length != length:
-                raise RequestRejected(400, "conflicting Content-Length")
-            request.content_length = length
-        elif kind == _CONNECTION:
-            request.connection_tokens += tuple(
-                token.strip().lower() for token in value.split(b",") if token.strip()
-            )
-        elif kind == _TRANSFER_ENCODING:
-            # Only a lone "chunked" (OWS around a value is not part of it, RFC 9110 5.5);
-            # llhttp frames by the same reading, so both sides agree on where the body ends.
-            if request.chunked or value.strip(b" \t").lower() != b"chunked":
-                raise RequestRejected(400, "unsupported Transfer-Encoding")
-            request.chunked = True
-        elif kind == _EXPECT:
-            if value.lower() == b"100-continue":
-                request.expect_continue = True
-        elif kind == _REQUEST_ID:
-            request.request_id = value
-        elif kind == _FORWARDED_FOR:
-            request.forwarded_for = (
-                value if request.forwarded_for is None else request.forwarded_for + b", " + value
-            )
-        elif kind == _TRACE:
-            request.trace = value
-        else:  # _UPGRADE
-            # Only a WebSocket offer is tunnelled (and only if llhttp agrees it is an
-            # upgrade, see on_headers_complete); any other Upgrade is a hop-by-hop header.
-            request.upgrade = b"websocket" in value.lower()
-
-    def on_headers_complete(self) -> None:
-        request = self._parsing
-        assert request is not None
-        parser = self._parser
-        request.method = parser.get_method()
-        keep_alive = request.keep_alive = parser.should_keep_alive()
-        request.version = http_version(parser, keep_alive, request.lowered)
-        if parser.should_upgrade():
+    def head_parsed(self, request: Request, upgrade_offered: bool) -> None:
+        """``request``'s head passed every check of the reader: start it, or queue it."""
+        if upgrade_offered:
             self._upgrading = request  # llhttp stops after this head: see _upgrade_requested
-        else:
-            request.upgrade = False
-        request.head_size += len(request.target) + len(request.method) + 12
-        if request.head_size > self.limits.max_header_bytes:
-            raise RequestRejected(431, "request head too large")
-        self._check_request(request)
-        if request.content_length is not None and request.chunked:
-            raise RequestRejected(400, "both Content-Length and Transfer-Encoding")
+        if request.host is None:
+            # HTTP/1.0 without Host: name the address the client connected to, so the
+            # HTTP/1.1 request we send upstream carries the Host it must have.
+            sockname = self.transport.get_extra_info("sockname")  # type: ignore[union-attr]
+            local = b"%s:%d" % (sockname[0].encode(), sockname[1]) if sockname else b"localhost"
+            request.host = local
+            request.add_header(b"Host", local)
         if request.chunked or request.content_length:  # has_body, without the call
-            if (request.content_length or 0) > self.limits.max_body_bytes:
-                raise RequestRejected(413, "request body too large")
             request.body = RequestBody(self)
             if request.chunked:
                 self._chunks.begin()  # at the next byte: the piece ends with this head
@@ -742,52 +662,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
         self._deadline_kind = _BODY if waiting else _BUSY
         self.deadline = self._sweeper.now + self.limits.client_body_timeout if waiting else 0.0
 
-    def _check_request(self, request: Request) -> None:
-        method = request.method
-        if method == b"CONNECT":
-            raise RequestRejected(400, "CONNECT is not supported: this is not a forward proxy")
-        if request.version == "1.1":
-            # RFC 9112 3.2: exactly one Host, whatever the form of the target.
-            if request.host_count != 1:
-                raise RequestRejected(400, "HTTP/1.1 request needs exactly one Host header")
-        else:
-            if request.host_count > 1:
-                raise RequestRejected(400, "repeated Host header")
-            if request.chunked:
-                # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
-                raise RequestRejected(400, "Transfer-Encoding in an HTTP/1.0 request")
-        target = request.target
-        if target.startswith(b"/"):
-            _normalise(request)
-        elif target == b"*" and method == b"OPTIONS":
-            request.path = b"*"
-        elif b"://" in target[:16]:
-            self._absolute_form(request)
-        else:
-            raise RequestRejected(400, "invalid request target")
-        if request.host is None:
-            # HTTP/1.0 without Host: name the address the client connected to, so the
-            # HTTP/1.1 request we send upstream carries the Host it must have.
-            sockname = self.transport.get_extra_info("sockname")  # type: ignore[union-attr]
-            local = b"%s:%d" % (sockname[0].encode(), sockname[1]) if sockname else b"localhost"
-            request.host = local
-            request.add_header(b"Host", local)
-
-    def _absolute_form(self, request: Request) -> None:
-        # RFC 9112 3.2.2: a server must accept absolute-form; an open proxy would follow it
-        # to any host. We accept it only when it names the host the request is for.
-        scheme, _, rest = request.target.partition(b"://")
-        authority, slash, remainder = rest.partition(b"/")
-        if scheme.lower() not in (b"http", b"https") or not _valid_host(authority):
-            raise RequestRejected(400, "invalid request target")
-        if request.host is not None and authority.lower() != request.host.lower():
-            raise RequestRejected(400, "absolute-form target for another host")
-        if request.host is None:  # HTTP/1.0: the target names the host
-            request.add_header(b"Host", authority)
-        request.host = authority
-        request.host_count = max(request.host_count, 1)
-        request.target = slash + remainder if slash else b"/"
-        _normalise(request)
+    # -- the body, and the end of the message (llhttp, through the reader) -----------------
 
     def on_body(self, chunk: bytes) -> None:
         request = self._parsing
@@ -1039,7 +914,7 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     def _continue_as_http(self, tail: bytes) -> None:
         """No tunnel after all: llhttp stops for good at an upgrade, so a fresh parser
         reads on (``_pump``), from what the client sent after that head."""
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = self._reader.new_parser(httptools.HttpRequestParser)
         self._fed_tail = b""
         if tail and _CLOSING_PAUSE not in self._reading_paused_for:
             self._backlog = tail + self._backlog[self._backlog_at :]
@@ -1052,59 +927,6 @@ class ClientConnection(ProxyConnection, asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._current is None and self._parsing is None
-
-
-# The request headers the engine acts on, by lower-cased name; the rest are only kept.
-(
-    _HOST,
-    _CONTENT_LENGTH,
-    _CONNECTION,
-    _TRANSFER_ENCODING,
-    _EXPECT,
-    _REQUEST_ID,
-    _FORWARDED_FOR,
-    _TRACE,
-    _UPGRADE,
-) = range(9)
-_ACTED_ON = {
-    b"host": _HOST,
-    b"content-length": _CONTENT_LENGTH,
-    b"connection": _CONNECTION,
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"expect": _EXPECT,
-    b"x-request-id": _REQUEST_ID,
-    b"x-forwarded-for": _FORWARDED_FOR,
-    b"x-sluicegate-trace": _TRACE,
-    b"upgrade": _UPGRADE,
-}
-
-
-def _normalise(request: Request) -> None:
-    """Routes, limits, logs and the upstream all see the normal path (http/pathnorm.py): the
-    target we forward is rebuilt from it, so no spelling can match one route and reach the
-    upstream as another path."""
-    try:
-        path, query = normalize_target(request.target)
-    except InvalidTarget as error:
-        request.path = request.target.partition(b"?")[0]  # for the log line: what was refused
-        raise RequestRejected(error.status, error.reason) from None
-    request.path = path
-    if query is None:
-        request.target = path
-    elif 37 in path or len(path) + len(query) + 1 != len(request.target):
-        # Changed: every change but upper-cased hex (which keeps a '%') shortens the path.
-        request.target = path + b"?" + query
-
-
-_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=:[]%"
-
-
-def _valid_host(value: bytes) -> bool:
-    """uri-host [":" port] (RFC 3986 characters), not empty: no '/', '@', '?', spaces...
-
-    Deleting every allowed byte must leave nothing (one C pass; runs for every request).
-    """
-    return bool(value) and not value.translate(None, _HOST_BYTES)
 
 
 def _parser_reason(error: Exception) -> str:

@@ -1,5 +1,6 @@
-"""Our side of upstream connections: an httptools response parser per connection and a
-per-server pool of idle ones.
+"""Our side of upstream connections: an httptools response parser per connection (its
+callbacks: ``ResponseReader``, http/response_head.py, compiled) and a per-server pool of
+idle ones.
 
 Theory of operation. An ``UpstreamConnection`` carries one exchange at a time (we never
 pipeline to upstreams). ``begin(request_is_head, waiter)`` starts one: the waiter is told
@@ -48,9 +49,10 @@ from typing import Any
 import httptools
 
 from proxy.balancing.retry import FailureKind
-from proxy.dataplane.flow import PauseReason, ProxyConnection, http_version
+from proxy.dataplane.flow import PauseReason, ProxyConnection
 from proxy.dataplane.timers import sweeper_for
 from proxy.http.chunkline import ChunkedScanner
+from proxy.http.response_head import ResponseReader
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
 HELD_BODY_LIMIT = 256 * 1024
@@ -155,7 +157,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._sweeper = sweeper_for(self.loop)
         self.deadline = 0.0
         self.read_timeout = pool.read_timeout
-        self._parser = httptools.HttpResponseParser(self)
+        self._reader = ResponseReader(self, RESPONSE_HEAD_LIMIT)
+        self._parser = self._reader.new_parser(httptools.HttpResponseParser)
         self.closed = False
         self.out_of_step = False  # it sent what no request of ours asked for: never reused
         self._chunks = ChunkedScanner(trailer_limit=RESPONSE_HEAD_LIMIT)
@@ -175,7 +178,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._head_bytes = 0
-        self._head_fields_bytes = 0
+        self._reader.new_exchange()
         self._head_done = False
         self._head_untold = False  # parsed, not yet handed to the waiter
         self._end_told = False
@@ -312,7 +315,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             if isinstance(cause, _HeadResponseDone):
                 # HEAD: httptools cannot be told to skip the announced body, so we stop the
                 # parser after the head and start a fresh one for the next exchange.
-                self._parser = httptools.HttpResponseParser(self)
+                self._parser = self._reader.new_parser(httptools.HttpResponseParser)
                 self._finish()
             elif isinstance(cause, _ResponseAfterResponse):
                 # The complete response before it stands; what followed is dropped, never
@@ -350,66 +353,31 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self._feeding_from is not None:
             self._feeding_from.resume_reading(_UPSTREAM_PAUSE)
 
-    # -- httptools callbacks -------------------------------------------------------------
+    # -- the head, as ResponseReader (http/response_head.py) passes it on -------------------
 
-    def on_message_begin(self) -> None:
+    def message_begun(self) -> ResponseHead:
+        """A message begins: the response head it is read into."""
         if self.complete:
             raise _ResponseAfterResponse
-        self._response = ResponseHead()
+        response = self._response = ResponseHead()
+        return response
 
-    def on_status(self, reason: bytes) -> None:
-        self._response.reason += reason  # type: ignore[union-attr]
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        response = self._response
-        assert response is not None
-        self._head_fields_bytes += len(name) + len(value) + 4
-        if self._head_fields_bytes > RESPONSE_HEAD_LIMIT:
-            raise ValueError("response head too large")
-        response.headers.append((name, value))
-        lowered = name.lower()
-        response.lowered.append(lowered)
-        if lowered == b"content-length":
-            length = int(value) if value.strip().isdigit() else -1
-            if length < 0 or (
-                response.content_length is not None and response.content_length != length
-            ):
-                raise ValueError("invalid Content-Length")
-            response.content_length = length
-        elif lowered == b"transfer-encoding":
-            # Only a lone "chunked" (OWS around a value is not part of it, RFC 9110 5.5).
-            if response.chunked or value.strip(b" \t").lower() != b"chunked":
-                raise ValueError("unsupported Transfer-Encoding")
-            response.chunked = True
-
-    def on_headers_complete(self) -> None:
-        response = self._response
-        assert response is not None
-        parser = self._parser
-        status = parser.get_status_code()
-        response.status = status
-        keep_alive = parser.should_keep_alive()
-        response.version = http_version(parser, keep_alive, response.lowered)
-        if response.chunked and response.version == "1.0":
-            raise ValueError("Transfer-Encoding in an HTTP/1.0 response")
-        if 100 <= status < 200 and status != 101:
+    def head_parsed(self, response: ResponseHead, interim: bool) -> None:
+        """``response``'s head passed every check of the reader."""
+        if interim:
             self._informational = True  # an interim response: the final head follows
-            # Its status line and blank line count too: bare 1xx heads add up like fields.
-            self._head_fields_bytes += len(response.reason) + 17
-            if self._head_fields_bytes > RESPONSE_HEAD_LIMIT:
-                raise ValueError("response head too large")
             return
-        if response.chunked and response.content_length is not None:
-            raise ValueError("both Content-Length and Transfer-Encoding")
-        response.keep_alive = keep_alive
-        response.upgrade = status == 101
-        response.has_body = not (self.request_is_head or status in (204, 304) or response.upgrade)
+        response.has_body = not (
+            self.request_is_head or response.status in (204, 304) or response.upgrade
+        )
         self._head_done = True
         self._head_untold = True
         if self.request_is_head:
             raise _HeadResponseDone
         if response.chunked and response.has_body:
             self._chunks.begin()  # at the next byte: the slice ends with this head
+
+    # -- the body, and the end of the message (llhttp, through the reader) -----------------
 
     def on_body(self, chunk: bytes) -> None:
         sink = self.sink

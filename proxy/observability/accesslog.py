@@ -28,6 +28,9 @@ import threading
 import time
 from typing import Any, TextIO
 
+from proxy.observability.accessline import format_time
+from proxy.observability.accessline import json_value as _json_value
+
 # SPEC "Access log", in output order.
 FIELDS = (
     "time",
@@ -57,28 +60,6 @@ HANDOFF_SECONDS = 0.05
 _STOP = object()
 
 
-_second_cache: list[Any] = [None, ""]  # (whole second, its formatted prefix)
-_milli_cache: list[Any] = [None, ""]  # (millisecond count, its formatted timestamp)
-_MILLIS = tuple(f".{millis:03d}Z" for millis in range(1000))  # a table, not a format a line
-
-
-def format_time(epoch_seconds: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
-    # Round once on the whole millisecond count: 0.123 is 0.12299.. as a float.
-    count = round(epoch_seconds * 1000)
-    if _milli_cache[0] == count:  # tens of lines share each millisecond under load
-        return _milli_cache[1]
-    whole = count // 1000
-    cache = _second_cache
-    if cache[0] != whole:  # strftime once a second, not once a line
-        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        cache[0] = whole
-    text = cache[1] + _MILLIS[count - whole * 1000]
-    _milli_cache[0] = count
-    _milli_cache[1] = text
-    return text
-
-
 def _time_field(record: dict[str, Any]) -> str | None:
     value = record.get("time")
     if isinstance(value, int | float):
@@ -87,25 +68,6 @@ def _time_field(record: dict[str, Any]) -> str | None:
 
 
 _JSON_KEYS = tuple(f',"{name}":' for name in FIELDS[1:])
-_escape = json.encoder.encode_basestring_ascii  # the C encoder json.dumps itself uses
-
-
-def _json_value(value: Any) -> str:
-    kind = type(value)
-    if kind is str:
-        return _escape(value)
-    if kind is bool:
-        return "true" if value else "false"
-    if kind is int or kind is float:
-        return repr(value)
-    if value is None:
-        return "null"
-    if kind is list:
-        return "[" + ",".join(map(_json_value, value)) + "]"
-    if kind is dict:
-        return "{" + ",".join(f"{_escape(str(k))}:{_json_value(v)}" for k, v in value.items()) + "}"
-    # default=str: a stray exception object or enum in a field must not lose the line.
-    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def format_json(record: dict[str, Any]) -> str:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from proxy.control.runtime import _json_line
+from proxy.observability.accessline import json_line as _json_line
 from proxy.observability.accesslog import FIELDS, format_json
 
 
