@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # the origin, configs and process helpers are shared
 import bench_instr  # the fixed-count keep-alive client
 
-
 RUNNER = r"""
 import cProfile, collections, json, os, signal, sys
 from proxy.control import daemon

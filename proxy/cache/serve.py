@@ -281,6 +281,11 @@ class RouteCache:
         # A store that answers at once (memory) lets a plain fresh hit skip the rest.
         self.variants_now = getattr(shared.store, "variants_now", None)
         self.plain_hits = self.variants_now is not None and route_config.compress is None
+        # A fresh hit answers without joining the upstream group (nothing of the group is
+        # used: the retry budget would count it in and out within the same call); the
+        # access log still names the upstream, as for every request on the route.
+        self.upstream = route_config.upstream
+        self._hit_counter: Any = None  # the route's hit counter, found on the first hit
 
     def status(self) -> dict[str, int]:
         stats = self.shared.store.stats()
@@ -295,10 +300,10 @@ class RouteCache:
     def on_request(self, ex: Any) -> Verdict:
         """Answered at once from a store that answers at once (a hit needs no task), on
         upstream at once (an unsafe method), or suspended on the lookup's task."""
-        ex.join_group()  # answered from the store or not, it counts as its group's request
         variants = self.plain_variants(ex) if self.plain_hits else None
-        if variants is not None and self.fresh_hit(ex, variants):
+        if variants is not None and len(variants) == 1 and self.fresh_hit(ex, variants[0]):
             return Verdict.ANSWERED
+        ex.join_group()  # not answered at once: it counts as its group's request
         cached = _CachedRequest(self, ex)
         if cached.answer_now(variants):
             return Verdict.ANSWERED
@@ -334,14 +339,12 @@ class RouteCache:
         primary = self.keys.primary(url, request.header) if self.keys.parts else url
         return self.variants_now(primary)  # type: ignore[misc]
 
-    def fresh_hit(self, ex: Any, variants: list[StoredResponse]) -> bool:
+    def fresh_hit(self, ex: Any, entry: StoredResponse) -> bool:
         """The most common answer with the least work: a plain GET (``plain_variants``)
-        for a key with one variant and no Vary, fresh. It is the answer ``_CachedRequest``
-        would give (``judge`` without request directives: fresh while the age is under
-        the lifetime, unless ``no-cache``); anything else is left to it (False)."""
-        if len(variants) != 1:
-            return False
-        entry = variants[0]
+        for a key whose one variant (``entry``) has no Vary and is fresh. It is the answer
+        ``_CachedRequest`` would give (``judge`` without request directives: fresh while
+        the age is under the lifetime, unless ``no-cache``); anything else is left to it
+        (False)."""
         freshness = entry.freshness
         if entry.variance or freshness.no_cache:
             return False
@@ -351,8 +354,14 @@ class RouteCache:
         if age >= freshness.lifetime:
             return False
         self.counts["hit"] += 1
-        self.metrics.cache_result("hit")
+        counter = self._hit_counter
+        if counter is None:  # metrics.cache_result("hit"), its child kept for the next hit
+            self.metrics.cache_result("hit")
+            self._hit_counter = self.metrics.cache_counter("hit")
+        else:
+            counter.inc()
         ex.cache_status = "hit"
+        ex.upstream = self.upstream
         send_prepared(ex, entry, age, ex.extra_headers + HIT_STATUS)
         return True
 
@@ -756,7 +765,7 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
     close = not request.keep_alive or conn.listener.shutting_down
     body = entry.body
     ex.extra_headers = extra
-    head = prepared.head + b"Age: %d\r\nContent-Length: %d\r\n" % (age, len(body))
+    head = prepared.head + prepared.age_and_length % age
     if not prepared.has_request_id:
         head += b"X-Request-ID: " + request.request_id + b"\r\n"
     head += extra + ex.sticky_cookie
@@ -774,10 +783,11 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
 
 class PreparedHead:
     """A stored response's head as every plain GET hit sends it, up to ``Age``: the status
-    line and the stored fields (those the proxy rewrites left out), built once per entry
+    line and the stored fields (those the proxy rewrites left out), and the template of
+    ``Age`` and ``Content-Length`` that follows, built once per entry
     and again when a revalidation replaces its fields."""
 
-    __slots__ = ("has_request_id", "head", "headers")
+    __slots__ = ("age_and_length", "has_request_id", "head", "headers")
 
     def __init__(self, entry: StoredResponse) -> None:
         self.headers = entry.headers  # what it was built from (a 304 replaces the list)
@@ -796,6 +806,8 @@ class PreparedHead:
                 self.has_request_id = True
             parts += (name, b": ", value, b"\r\n")
         self.head = b"".join(parts)
+        # Age (formatted per answer) and Content-Length (the body never changes).
+        self.age_and_length = b"Age: %%d\r\nContent-Length: %d\r\n" % len(entry.body)
 
 
 def _not_modified(
