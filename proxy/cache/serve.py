@@ -280,7 +280,8 @@ class RouteCache:
         self.counts = dict.fromkeys((r.value for r in Result), 0)
         # A store that answers at once (memory) lets a plain fresh hit skip the rest.
         self.variants_now = getattr(shared.store, "variants_now", None)
-        self.plain_hits = self.variants_now is not None and route_config.compress is None
+        self.lone_variant_now = getattr(shared.store, "lone_variant_now", None)
+        self.plain_hits = self.lone_variant_now is not None and route_config.compress is None
         # A fresh hit answers without joining the upstream group (nothing of the group is
         # used: the retry budget would count it in and out within the same call); the
         # access log still names the upstream, as for every request on the route.
@@ -300,12 +301,12 @@ class RouteCache:
     def on_request(self, ex: Any) -> Verdict:
         """Answered at once from a store that answers at once (a hit needs no task), on
         upstream at once (an unsafe method), or suspended on the lookup's task."""
-        variants = self.plain_variants(ex) if self.plain_hits else None
-        if variants is not None and len(variants) == 1 and self.fresh_hit(ex, variants[0]):
+        entry = self.plain_entry(ex) if self.plain_hits else None
+        if entry is not None and self.fresh_hit(ex, entry):
             return Verdict.ANSWERED
         ex.join_group()  # not answered at once: it counts as its group's request
         cached = _CachedRequest(self, ex)
-        if cached.answer_now(variants):
+        if cached.answer_now([entry] if entry is not None else None):
             return Verdict.ANSWERED
         if ex.request.method not in (b"GET", b"HEAD"):
             cached.result = Result.BYPASS
@@ -325,9 +326,10 @@ class RouteCache:
         self.count(ex, Result.BYPASS)
         return BYPASSED_BY_LIMIT
 
-    def plain_variants(self, ex: Any) -> list[StoredResponse] | None:
-        """What the store holds for a GET with no directives or conditionals of its own
-        (a use, for eviction); None for any other request."""
+    def plain_entry(self, ex: Any) -> StoredResponse | None:
+        """What the store holds for a GET with no directives or conditionals of its own,
+        when it holds one variant (a use, for eviction); None for any other request, and
+        when there is none or there are several (``answer_now`` looks them up)."""
         request = ex.request
         if (
             request.method != b"GET"
@@ -337,10 +339,10 @@ class RouteCache:
             return None
         url = cache_url(request.host, request.path, request.target)
         primary = self.keys.primary(url, request.header) if self.keys.parts else url
-        return self.variants_now(primary)  # type: ignore[misc]
+        return self.lone_variant_now(primary)  # type: ignore[misc]
 
     def fresh_hit(self, ex: Any, entry: StoredResponse) -> bool:
-        """The most common answer with the least work: a plain GET (``plain_variants``)
+        """The most common answer with the least work: a plain GET (``plain_entry``)
         for a key whose one variant (``entry``) has no Vary and is fresh. It is the answer
         ``_CachedRequest`` would give (``judge`` without request directives: fresh while
         the age is under the lifetime, unless ``no-cache``); anything else is left to it
@@ -355,11 +357,9 @@ class RouteCache:
             return False
         self.counts["hit"] += 1
         counter = self._hit_counter
-        if counter is None:  # metrics.cache_result("hit"), its child kept for the next hit
-            self.metrics.cache_result("hit")
-            self._hit_counter = self.metrics.cache_counter("hit")
-        else:
-            counter.inc()
+        if counter is None:  # metrics.cache_result("hit"), its series kept for the next hit
+            counter = self._hit_counter = self.metrics.cache_counter("hit")
+        counter.value += 1  # as per-request series count: the files get it at the flush
         ex.cache_status = "hit"
         ex.upstream = self.upstream
         send_prepared(ex, entry, age, ex.extra_headers + HIT_STATUS)
