@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -765,7 +766,9 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
     close = not request.keep_alive or conn.listener.shutting_down
     body = entry.body
     ex.extra_headers = extra
-    head = prepared.head + prepared.age_and_length % age
+    if not prepared.age_from <= age < prepared.age_until:  # Age counts whole seconds
+        prepared.set_age(age)
+    head = prepared.head_with_age
     if not prepared.has_request_id:
         head += b"X-Request-ID: " + request.request_id + b"\r\n"
     head += extra + ex.sticky_cookie
@@ -783,11 +786,20 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
 
 class PreparedHead:
     """A stored response's head as every plain GET hit sends it, up to ``Age``: the status
-    line and the stored fields (those the proxy rewrites left out), and the template of
-    ``Age`` and ``Content-Length`` that follows, built once per entry
-    and again when a revalidation replaces its fields."""
+    line and the stored fields (those the proxy rewrites left out), built once per entry
+    and again when a revalidation replaces its fields; then with ``Age`` and
+    ``Content-Length`` (``head_with_age``), built again when the Age in whole seconds
+    changes (once a second at most: the hits in between send the same bytes)."""
 
-    __slots__ = ("age_and_length", "has_request_id", "head", "headers")
+    __slots__ = (
+        "age_from",
+        "age_until",
+        "has_request_id",
+        "head",
+        "head_with_age",
+        "headers",
+        "length_line",
+    )
 
     def __init__(self, entry: StoredResponse) -> None:
         self.headers = entry.headers  # what it was built from (a 304 replaces the list)
@@ -806,8 +818,18 @@ class PreparedHead:
                 self.has_request_id = True
             parts += (name, b": ", value, b"\r\n")
         self.head = b"".join(parts)
-        # Age (formatted per answer) and Content-Length (the body never changes).
-        self.age_and_length = b"Age: %%d\r\nContent-Length: %d\r\n" % len(entry.body)
+        self.length_line = b"Content-Length: %d\r\n" % len(entry.body)  # the body stays
+        self.age_from = self.age_until = 0.0  # no Age yet: the first answer sets it
+        self.head_with_age = b""
+
+    def set_age(self, age: float) -> None:
+        """``head_with_age`` for ``age`` seconds, and the ages it stays right for."""
+        whole = int(age)  # as b"%d" % age writes it
+        # [whole, whole + 1) truncates to whole; a negative age (never, as computed) is
+        # kept for no other.
+        self.age_from = float(whole) if age >= 0.0 else math.inf
+        self.age_until = whole + 1.0
+        self.head_with_age = self.head + b"Age: %d\r\n" % whole + self.length_line
 
 
 def _not_modified(

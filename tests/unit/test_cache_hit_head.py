@@ -106,3 +106,14 @@ def test_a_revalidation_that_replaces_the_fields_is_seen_by_the_next_hit():
     ex, second = exchange("1.1", True, b"", b"", False)
     send_prepared(ex, entry, 0.0, HIT_STATUS)
     assert b'ETag: "v2"\r\n' in second.sent and b'"v1"' not in second.sent
+
+
+@pytest.mark.parametrize("ages", [(0.0, 0.4, 0.99, 1.0, 1.5), (43.2, 43.9, 44.0, 42.5, 7.0)])
+def test_the_age_sent_is_each_answers_own_in_whole_seconds(ages):
+    """The head with Age is kept while the Age in whole seconds stays; each answer still
+    says its own (a later second, or an earlier one after a revalidation)."""
+    entry = stored()
+    for age in ages:
+        ex, sent = exchange("1.1", True, b"", b"", False)
+        send_prepared(ex, entry, age, HIT_STATUS)
+        assert b"\r\nAge: %d\r\nContent-Length: 6\r\n" % int(age) in sent.sent
