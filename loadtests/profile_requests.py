@@ -10,6 +10,7 @@ starts the profiler after a warm-up, SIGUSR2 stops it and writes the result. Two
   machine; ``flow.write`` includes the send system call).
 
     python loadtests/profile_requests.py [--mode bytecodes|cprofile] [--requests 1000]
+        [--path /cached/small]   # a memory-cache hit instead of a proxied GET
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # the origin, configs and process helpers are shared
 import bench_instr  # the fixed-count keep-alive client
-
-SMALL = bench_instr.Probe("small", "/")  # the small keep-alive GET bench_instr measures
 
 RUNNER = r"""
 import cProfile, collections, json, os, signal, sys
@@ -97,10 +96,11 @@ def profile(args: argparse.Namespace, workdir: Path) -> Path:
     try:
         bench.wait_port(origin_port, origin, "origin")
         bench.wait_port(port, proc, "sluicegate")
-        bench_instr.drive(port, SMALL, args.warmup, args.connections)
+        probe = bench_instr.Probe(args.path, args.path)
+        bench_instr.drive(port, probe, args.warmup, args.connections)
         proc.send_signal(signal.SIGUSR1)
         time.sleep(0.3)
-        ok = bench_instr.drive(port, SMALL, args.requests, args.connections)
+        ok = bench_instr.drive(port, probe, args.requests, args.connections)
         time.sleep(0.3)
         proc.send_signal(signal.SIGUSR2)
         deadline = time.monotonic() + 30
@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no-access-log", action="store_true")
+    # /cached/small: after the warm-up every request is a memory-cache hit (bench's origin
+    # marks /cached/... cacheable for an hour), the path of `bench-instr --scenario cache-hit`.
+    parser.add_argument("--path", default="/", help="what to GET: / proxied, /cached/small hit")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="sg-profile-") as tmp:
         out = profile(args, Path(tmp))

@@ -17,8 +17,9 @@ _SEPARATOR = "\x1f"  # cannot appear in a request head: keeps parts from running
 
 def cache_url(host: bytes | None, path: bytes, target: bytes) -> str:
     """host + normalised path + query, as purges name it (``http://`` dropped)."""
-    query_start = target.find(b"?")
-    query = target[query_start:] if query_start >= 0 else b""
+    # ``in`` first: bytes.find parses its arguments from a tuple, and most targets have
+    # no query.
+    query = target[target.find(b"?") :] if b"?" in target else b""
     return ((host or b"").lower() + path + query).decode("latin-1")
 
 

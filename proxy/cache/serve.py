@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -280,7 +281,13 @@ class RouteCache:
         self.counts = dict.fromkeys((r.value for r in Result), 0)
         # A store that answers at once (memory) lets a plain fresh hit skip the rest.
         self.variants_now = getattr(shared.store, "variants_now", None)
-        self.plain_hits = self.variants_now is not None and route_config.compress is None
+        self.lone_variant_now = getattr(shared.store, "lone_variant_now", None)
+        self.plain_hits = self.lone_variant_now is not None and route_config.compress is None
+        # A fresh hit answers without joining the upstream group (nothing of the group is
+        # used: the retry budget would count it in and out within the same call); the
+        # access log still names the upstream, as for every request on the route.
+        self.upstream = route_config.upstream
+        self._hit_counter: Any = None  # the route's hit counter, found on the first hit
 
     def status(self) -> dict[str, int]:
         stats = self.shared.store.stats()
@@ -295,14 +302,27 @@ class RouteCache:
     def on_request(self, ex: Any) -> Verdict:
         """Answered at once from a store that answers at once (a hit needs no task), on
         upstream at once (an unsafe method), or suspended on the lookup's task."""
-        ex.join_group()  # answered from the store or not, it counts as its group's request
-        variants = self.plain_variants(ex) if self.plain_hits else None
-        if variants is not None and self.fresh_hit(ex, variants):
-            return Verdict.ANSWERED
+        # The path every hit takes, inline: a GET with no directives or conditionals of
+        # its own, for a key with one variant (a use, for eviction), answered when fresh.
+        entry = None
+        request = ex.request
+        if (
+            self.plain_hits
+            and request.method == b"GET"
+            and ex.trace is None
+            and ANSWER_CHANGING_FIELDS.isdisjoint(request.lowered)
+        ):
+            url = cache_url(request.host, request.path, request.target)
+            entry = self.lone_variant_now(  # type: ignore[misc]
+                self.keys.primary(url, request.header) if self.keys.parts else url
+            )
+            if entry is not None and self.fresh_hit(ex, entry):
+                return Verdict.ANSWERED
+        ex.join_group()  # not answered at once: it counts as its group's request
         cached = _CachedRequest(self, ex)
-        if cached.answer_now(variants):
+        if cached.answer_now([entry] if entry is not None else None):
             return Verdict.ANSWERED
-        if ex.request.method not in (b"GET", b"HEAD"):
+        if request.method not in (b"GET", b"HEAD"):
             cached.result = Result.BYPASS
             cached.status_word = b"fwd=bypass"
             cached.begin_forward()
@@ -320,28 +340,12 @@ class RouteCache:
         self.count(ex, Result.BYPASS)
         return BYPASSED_BY_LIMIT
 
-    def plain_variants(self, ex: Any) -> list[StoredResponse] | None:
-        """What the store holds for a GET with no directives or conditionals of its own
-        (a use, for eviction); None for any other request."""
-        request = ex.request
-        if (
-            request.method != b"GET"
-            or ex.trace is not None
-            or not ANSWER_CHANGING_FIELDS.isdisjoint(request.lowered)
-        ):
-            return None
-        url = cache_url(request.host, request.path, request.target)
-        primary = self.keys.primary(url, request.header) if self.keys.parts else url
-        return self.variants_now(primary)  # type: ignore[misc]
-
-    def fresh_hit(self, ex: Any, variants: list[StoredResponse]) -> bool:
-        """The most common answer with the least work: a plain GET (``plain_variants``)
-        for a key with one variant and no Vary, fresh. It is the answer ``_CachedRequest``
-        would give (``judge`` without request directives: fresh while the age is under
-        the lifetime, unless ``no-cache``); anything else is left to it (False)."""
-        if len(variants) != 1:
-            return False
-        entry = variants[0]
+    def fresh_hit(self, ex: Any, entry: StoredResponse) -> bool:
+        """The most common answer with the least work: a plain GET (``on_request``)
+        for a key whose one variant (``entry``) has no Vary and is fresh. It is the answer
+        ``_CachedRequest`` would give (``judge`` without request directives: fresh while
+        the age is under the lifetime, unless ``no-cache``); anything else is left to it
+        (False)."""
         freshness = entry.freshness
         if entry.variance or freshness.no_cache:
             return False
@@ -351,8 +355,12 @@ class RouteCache:
         if age >= freshness.lifetime:
             return False
         self.counts["hit"] += 1
-        self.metrics.cache_result("hit")
+        counter = self._hit_counter
+        if counter is None:  # metrics.cache_result("hit"), its series kept for the next hit
+            counter = self._hit_counter = self.metrics.cache_counter("hit")
+        counter.value += 1  # as per-request series count: the files get it at the flush
         ex.cache_status = "hit"
+        ex.upstream = self.upstream
         send_prepared(ex, entry, age, ex.extra_headers + HIT_STATUS)
         return True
 
@@ -756,17 +764,30 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
     close = not request.keep_alive or conn.listener.shutting_down
     body = entry.body
     ex.extra_headers = extra
-    head = prepared.head + b"Age: %d\r\nContent-Length: %d\r\n" % (age, len(body))
-    if not prepared.has_request_id:
-        head += b"X-Request-ID: " + request.request_id + b"\r\n"
-    head += extra + ex.sticky_cookie
+    if not prepared.age_from <= age < prepared.age_until:  # Age counts whole seconds
+        prepared.set_age(age)
     if close:
-        head += b"Connection: close\r\n\r\n"
+        end = b"Connection: close\r\n\r\n"
         request.close_after()
     elif request.version == "1.0":
-        head += b"Connection: keep-alive\r\n\r\n"
+        end = b"Connection: keep-alive\r\n\r\n"
     else:
-        head += b"\r\n"
+        end = b"\r\n"
+    # One join, not a bytes object per piece added.
+    if prepared.has_request_id:
+        head = b"".join((prepared.head_with_age, extra, ex.sticky_cookie, end))
+    else:
+        head = b"".join(
+            (
+                prepared.head_with_age,
+                b"X-Request-ID: ",
+                request.request_id,
+                b"\r\n",
+                extra,
+                ex.sticky_cookie,
+                end,
+            )
+        )
     conn.respond(head, body)
     ex.status = entry.status
     ex.bytes_out += len(body)
@@ -775,9 +796,19 @@ def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> N
 class PreparedHead:
     """A stored response's head as every plain GET hit sends it, up to ``Age``: the status
     line and the stored fields (those the proxy rewrites left out), built once per entry
-    and again when a revalidation replaces its fields."""
+    and again when a revalidation replaces its fields; then with ``Age`` and
+    ``Content-Length`` (``head_with_age``), built again when the Age in whole seconds
+    changes (once a second at most: the hits in between send the same bytes)."""
 
-    __slots__ = ("has_request_id", "head", "headers")
+    __slots__ = (
+        "age_from",
+        "age_until",
+        "has_request_id",
+        "head",
+        "head_with_age",
+        "headers",
+        "length_line",
+    )
 
     def __init__(self, entry: StoredResponse) -> None:
         self.headers = entry.headers  # what it was built from (a 304 replaces the list)
@@ -796,6 +827,18 @@ class PreparedHead:
                 self.has_request_id = True
             parts += (name, b": ", value, b"\r\n")
         self.head = b"".join(parts)
+        self.length_line = b"Content-Length: %d\r\n" % len(entry.body)  # the body stays
+        self.age_from = self.age_until = 0.0  # no Age yet: the first answer sets it
+        self.head_with_age = b""
+
+    def set_age(self, age: float) -> None:
+        """``head_with_age`` for ``age`` seconds, and the ages it stays right for."""
+        whole = int(age)  # as b"%d" % age writes it
+        # [whole, whole + 1) truncates to whole; a negative age (never, as computed) is
+        # kept for no other.
+        self.age_from = float(whole) if age >= 0.0 else math.inf
+        self.age_until = whole + 1.0
+        self.head_with_age = self.head + b"Age: %d\r\n" % whole + self.length_line
 
 
 def _not_modified(

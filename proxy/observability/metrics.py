@@ -505,10 +505,14 @@ class RouteMetrics:
 
     def cache_result(self, result: str) -> None:
         """Count one request on a cached route by what the cache did."""
+        self.cache_counter(result).inc()
+
+    def cache_counter(self, result: str) -> Any:
+        """The counter ``cache_result(result)`` increments (a hot caller may keep it)."""
         count = self._cache_results.get(result)
         if count is None:
             count = self._cache_results[result] = CACHE_REQUESTS.labels(self.route, result)
-        count.inc()
+        return count
 
     def compressed(self, algorithm: str) -> None:
         count = self._compressed.get(algorithm)

@@ -13,7 +13,9 @@ from proxy.cache.serve import HIT_STATUS, RouteCache, SharedCache, _CachedReques
 from proxy.cache.store import StoredResponse
 from proxy.config import CacheConfig, RouteCacheConfig, RouteConfig
 from proxy.dataplane.client import Request
+from proxy.observability.metrics import RouteMetrics
 from proxy.pipeline.exchange import Exchange
+from proxy.pipeline.verdict import Verdict
 
 NOW = 1_000_000.0
 FRESH = Freshness(600.0, 3.0, NOW - 40.5, False, False, 0.0, 0.0)  # 43 s old
@@ -106,3 +108,34 @@ def test_a_revalidation_that_replaces_the_fields_is_seen_by_the_next_hit():
     ex, second = exchange("1.1", True, b"", b"", False)
     send_prepared(ex, entry, 0.0, HIT_STATUS)
     assert b'ETag: "v2"\r\n' in second.sent and b'"v1"' not in second.sent
+
+
+@pytest.mark.parametrize("ages", [(0.0, 0.4, 0.99, 1.0, 1.5), (43.2, 43.9, 44.0, 42.5, 7.0)])
+def test_the_age_sent_is_each_answers_own_in_whole_seconds(ages):
+    """The head with Age is kept while the Age in whole seconds stays; each answer still
+    says its own (a later second, or an earlier one after a revalidation)."""
+    entry = stored()
+    for age in ages:
+        ex, sent = exchange("1.1", True, b"", b"", False)
+        send_prepared(ex, entry, age, HIT_STATUS)
+        assert b"\r\nAge: %d\r\nContent-Length: 6\r\n" % int(age) in sent.sent
+
+
+def test_a_fresh_hit_is_counted_and_names_its_upstream_without_joining_its_group():
+    """The hit path answers before the upstream group is joined: the access log still
+    names the upstream, the hit is counted (route and metric), and the answer says
+    Cache-Status and Age."""
+    route = RouteConfig(name="r", upstream="u", cache=RouteCacheConfig())
+    shared = SharedCache(CacheConfig(), clock=lambda: NOW)
+    route_metrics = RouteMetrics("r-hit-path")
+    cache = RouteCache(route, shared, route_metrics)
+    shared.store.put_now(stored())
+    for answer in (1, 2):
+        ex, sent = exchange("1.1", True, b"", b"", False)
+        ex.trace = None
+        assert cache.on_request(ex) is Verdict.ANSWERED
+        assert ex.group is None and ex.budget is None
+        assert (ex.upstream, ex.cache_status, ex.status) == ("u", "hit", 200)
+        assert b"\r\nAge: 43\r\n" in sent.sent and HIT_STATUS in sent.sent
+        assert cache.counts["hit"] == answer
+        assert route_metrics.cache_counter("hit").value == answer
