@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -211,11 +212,16 @@ def test_concurrent_misses_on_two_instances_make_one_upstream_request(
         assert origin.count() == 1
 
 
-def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluicegate, redis_server):
-    def cache_clients() -> int:  # the daemon's connections (not this test's own)
-        with redis_server.client() as client:
-            return sum(1 for c in client.client_list() if c["cmd"] != "client|list")
+def _daemon_clients(redis_server) -> int:
+    """The daemon's connections to Redis (not this test's own)."""
+    with redis_server.client() as client:
+        return sum(1 for c in client.client_list() if c["cmd"] != "client|list")
 
+
+@contextlib.contextmanager
+def _warm_redis_cache(start_sluicegate, redis_server):
+    """A daemon whose Redis store has answered a hit: its pool and the lock's
+    subscription are open. Yields the daemon and its config."""
     origin = Origin(fresh_for(60))
     with RawUpstream(origin) as upstream:
         config = cached_config(upstream)
@@ -224,33 +230,28 @@ def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluiceg
         daemon = start_sluicegate(config)
         daemon.get("/a")  # a lookup, the lock, a store: the store's pool and the subscription
         wait_for(lambda: daemon.get("/a")[1]["cache-status"] == "sluicegate; hit")
-        before = cache_clients()
-        assert before >= 2
+        assert _daemon_clients(redis_server) >= 2
+        yield daemon, config
+
+
+def test_a_reload_that_replaces_the_store_closes_its_redis_clients(start_sluicegate, redis_server):
+    with _warm_redis_cache(start_sluicegate, redis_server) as (daemon, config):
+        before = _daemon_clients(redis_server)
         for n in range(3):  # each reload a new cache section: a new store each time
             changed = dict(daemon.config)
             changed["cache"] = {**config["cache"], "lock_timeout": f"{4 + n}s"}
             daemon.write_config(changed)
             assert daemon.admin("POST", "/reload")[0] == 200
             assert daemon.get(f"/b{n}")[0] == 200
-        wait_for(lambda: cache_clients() <= before, message="the replaced clients closed")
+        wait_for(
+            lambda: _daemon_clients(redis_server) <= before, message="the replaced clients closed"
+        )
 
 
 def test_a_reload_that_removes_the_cache_section_closes_its_redis_clients(
     start_sluicegate, redis_server
 ):
-    def cache_clients() -> int:
-        with redis_server.client() as client:
-            return sum(1 for c in client.client_list() if c["cmd"] != "client|list")
-
-    origin = Origin(fresh_for(60))
-    with RawUpstream(origin) as upstream:
-        config = cached_config(upstream)
-        config["redis"] = {"url": redis_server.url, "timeout": "200ms"}
-        config["cache"]["store"] = "redis"
-        daemon = start_sluicegate(config)
-        daemon.get("/a")  # the store's pool and the lock's subscription are open now
-        wait_for(lambda: daemon.get("/a")[1]["cache-status"] == "sluicegate; hit")
-        assert cache_clients() >= 2
+    with _warm_redis_cache(start_sluicegate, redis_server) as (daemon, _):
         uncached = dict(daemon.config)
         del uncached["cache"]
         del uncached["redis"]  # nothing else uses Redis: every client of the daemon goes
@@ -262,7 +263,7 @@ def test_a_reload_that_removes_the_cache_section_closes_its_redis_clients(
         assert daemon.admin("POST", "/reload")[0] == 200
         status, headers, _ = daemon.get("/a")
         assert status == 200 and "cache-status" not in headers
-        wait_for(lambda: cache_clients() == 0, message="the cache's clients closed")
+        wait_for(lambda: _daemon_clients(redis_server) == 0, message="the cache's clients closed")
 
 
 def test_redis_versions_before_7_are_named():
