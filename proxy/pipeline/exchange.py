@@ -674,13 +674,7 @@ class Exchange:
             attempt.settle()
         if self.holding_retry:
             self._release_retry()
-        # answered(), inline: this is the end of every forwarded request.
-        self._enter(_DONE)
-        response_filter = self.response_filter
-        if response_filter is not None:
-            response_filter.exchange_over(self)
-        self.close_books()
-        self.conn.request_done(self.request)
+        self.answered()
 
     def answered(self) -> None:
         """The request is over: its filters hear it, the books close, and the connection
