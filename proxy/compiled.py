@@ -33,6 +33,7 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 HOT_MODULES: tuple[str, ...] = (
     "proxy.balancing.breaker",
     "proxy.http.pathnorm",
+    "proxy.dataplane.client",
     "proxy.http.request_head",
     "proxy.http.response_head",
     "proxy.observability.accessline",
