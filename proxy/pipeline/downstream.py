@@ -2,7 +2,7 @@
 
 ``proxy.dataplane.client.ClientConnection`` (HTTP/1) implements it; the exchange talks to
 nothing else of it, so that another front end (HTTP/2 streams, an in-process test) can
-drive the same lifecycle. The request it serves is ``proxy.dataplane.client.Request``'s
+drive the same lifecycle. The request it serves is ``proxy.dataplane.request.Request``'s
 shape (method, target, headers, body...), which such a front end would build too.
 """
 
