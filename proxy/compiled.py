@@ -32,6 +32,7 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 #: One name a line, as here: the Makefile reads them to rebuild when one is edited.
 HOT_MODULES: tuple[str, ...] = (
     "proxy.balancing.breaker",
+    "proxy.dataplane.upstream",
     "proxy.http.pathnorm",
     "proxy.dataplane.client",
     "proxy.http.request_head",

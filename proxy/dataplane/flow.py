@@ -31,7 +31,11 @@ class PauseReason(enum.Enum):
 
 
 class ProxyConnection:
-    """Mixed into a Protocol that has ``transport`` and ``closed``."""
+    """Mixed into a Protocol that has ``transport`` and ``closed``.
+
+    ``UpstreamConnection`` (dataplane/upstream.py), an extension type that cannot inherit
+    it, has its own typed copy of these methods: a change here is a change there.
+    """
 
     transport: asyncio.Transport | None
     closed: bool

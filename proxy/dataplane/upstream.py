@@ -36,6 +36,16 @@ bounded by ``timeouts.connect``/``timeouts.read`` and, whichever comes first, by
 exchange's ``budget_end``: the instant (loop clock) its ``retry.timeout`` runs out, as
 Envoy's route timeout bounds the whole exchange. A wait cut short by the budget fails as
 a ``timeout`` with ``budget_spent`` set, which no retry follows.
+
+Compiled (proxy/compiled.py), ``UpstreamConnection`` and ``ConnectionPool`` are extension
+types: the exchange's state is C fields, and the per-read work (slicing, the parser's
+callbacks, the exchange's end, the pool's take and release) runs no interpreted bytecode.
+An extension type cannot inherit ``asyncio.Protocol`` or ``ProxyConnection``; asyncio
+needs neither (a protocol is whatever has its methods), so this class has its own typed
+copy of ``ProxyConnection``'s reading pauses and writes (dataplane/flow.py). The fields the
+pipeline reads (``complete``, ``closed``, ``loop``, ``transport``) are getset descriptors
+there, read a few times a request; ``ResponseHead``, read many times, stays a Python class
+(dataplane/response.py).
 """
 
 from __future__ import annotations
@@ -48,11 +58,26 @@ from typing import Any
 
 import httptools
 
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
 from proxy.balancing.retry import FailureKind
-from proxy.dataplane.flow import PauseReason, ProxyConnection
+from proxy.dataplane.flow import PauseReason
+from proxy.dataplane.response import ResponseHead
 from proxy.dataplane.timers import sweeper_for
 from proxy.http.chunkline import ChunkedScanner
 from proxy.http.response_head import ResponseReader
+
+__all__ = [
+    "ConnectionPool",
+    "HeadFuture",
+    "ResponseHead",
+    "UpstreamConnection",
+    "UpstreamError",
+    "client_ssl_context",
+]
 
 RESPONSE_HEAD_LIMIT = 64 * 1024
 HELD_BODY_LIMIT = 256 * 1024
@@ -101,42 +126,6 @@ class _ResponseAfterResponse(Exception):
     the same read: we never pipeline, so the upstream is out of step."""
 
 
-class ResponseHead:
-    __slots__ = (
-        "chunked",
-        "content_length",
-        "has_body",
-        "headers",
-        "keep_alive",
-        "lowered",
-        "reason",
-        "status",
-        "upgrade",
-        "version",
-    )
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.lowered: list[bytes] = []  # header names lower-cased once, same order
-        self.keep_alive = True
-        self.content_length: int | None = None
-        self.chunked = False
-        self.upgrade = False
-        self.has_body = True
-        self.version = "1.1"
-
-    def reframe(self, content_length: int | None) -> None:
-        """The body relayed differs from the upstream's (held and measured, or encoded):
-        framed by this length, or by chunks when None."""
-        self.content_length = content_length
-
-    def replace_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.headers = headers
-        self.lowered = [name.lower() for name, _ in headers]
-
-
 class HeadFuture(asyncio.Future):
     """The waiter a coroutine awaits: resolves with the response head or the failure."""
 
@@ -149,10 +138,121 @@ class HeadFuture(asyncio.Future):
             self.set_exception(error)
 
 
-class UpstreamConnection(ProxyConnection, asyncio.Protocol):
+# Compiled, the two scans of a read's head are C loops: bytes.find parses its arguments
+# from a tuple (about 900 instructions a call, more than a head's whole scan).
+
+
+@cython.cfunc
+@cython.locals(i=cython.Py_ssize_t, last=cython.Py_ssize_t, byte=cython.uchar)
+def _head_end(data: bytes, start: cython.Py_ssize_t, size: cython.Py_ssize_t) -> cython.Py_ssize_t:
+    """Where the first CRLFCRLF at or after ``start`` begins, or -1."""
+    if cython.compiled:
+        i = start
+        last = size - 4
+        while i <= last:
+            byte = data[i + 3]
+            if byte == 10:  # LF: a CRLFCRLF may end here
+                if data[i] == 13 and data[i + 1] == 10 and data[i + 2] == 13:
+                    return i
+                i += 1
+            elif byte == 13:
+                i += 1
+            else:  # neither CR nor LF: no CRLFCRLF holds this byte, skip past it
+                i += 4
+        return -1
+    return data.find(b"\r\n\r\n", start)
+
+
+@cython.cfunc
+@cython.locals(i=cython.Py_ssize_t, last=cython.Py_ssize_t, byte=cython.uchar)
+def _interim_or_chunked(
+    data: bytes, start: cython.Py_ssize_t, end: cython.Py_ssize_t
+) -> cython.bint:
+    """Is the head ``data[start:end]`` an interim (1xx) one, or does "chunked" (any case)
+    occur in it? Either way the read is sliced at its end."""
+    if cython.compiled:
+        if start + 9 < end and data[start + 9] == 49:  # "HTTP/1.1 1": a 1xx status
+            return True
+        # Horspool over "chunked": the window's last byte, lower-cased, says how far to move.
+        i = start
+        last = end - 7
+        while i <= last:
+            byte = data[i + 6] | 0x20
+            if byte == 100:  # d
+                if (
+                    data[i] | 0x20 == 99
+                    and data[i + 1] | 0x20 == 104
+                    and data[i + 2] | 0x20 == 117
+                    and data[i + 3] | 0x20 == 110
+                    and data[i + 4] | 0x20 == 107
+                    and data[i + 5] | 0x20 == 101
+                ):
+                    return True
+                i += 7
+            elif byte == 101:  # e
+                i += 1
+            elif byte == 107:  # k
+                i += 2
+            elif byte == 110:  # n
+                i += 3
+            elif byte == 117:  # u
+                i += 4
+            elif byte == 104:  # h
+                i += 5
+            elif byte == 99:  # c
+                i += 6
+            else:
+                i += 7
+        return False
+    head = data[start:end]
+    return head[9:10] == b"1" or head.lower().find(b"chunked") >= 0
+
+
+@cython.final
+@cython.cclass
+class UpstreamConnection:
+    """The asyncio protocol of one upstream connection, and its exchange (see above)."""
+
+    pool = cython.declare(object, visibility="readonly")
+    transport = cython.declare(object, visibility="readonly")
+    loop = cython.declare(object, visibility="readonly")
+    _sweeper = cython.declare(object)
+    deadline = cython.declare(cython.double, visibility="public")  # the sweeper's to clear
+    read_timeout = cython.declare(cython.double, visibility="public")
+    _reader = cython.declare(object)
+    _parser = cython.declare(object)
+    closed = cython.declare(cython.bint, visibility="readonly")
+    # It sent what no request of ours asked for: never reused.
+    out_of_step = cython.declare(cython.bint, visibility="readonly")
+    _chunks = cython.declare(object)
+    _head_tail = cython.declare(bytes)  # the last bytes of a head still open when a read ended
+    # Switched protocols (start_tunnel): raw bytes both ways from then on, never reused.
+    upgraded = cython.declare(cython.bint, visibility="readonly")
+    # The exchange (see _reset_exchange).
+    waiter = cython.declare(object, visibility="readonly")
+    _done = cython.declare(object)
+    failure = cython.declare(object, visibility="readonly")
+    sink = cython.declare(object, visibility="readonly")
+    _response = cython.declare(object)
+    _held = cython.declare(list)
+    _held_bytes = cython.declare(cython.Py_ssize_t)
+    _head_bytes = cython.declare(cython.Py_ssize_t)
+    _head_done = cython.declare(cython.bint)
+    _head_untold = cython.declare(cython.bint)
+    _end_told = cython.declare(cython.bint)
+    _informational = cython.declare(cython.bint)
+    interim_listener = cython.declare(object, visibility="readonly")
+    complete = cython.declare(cython.bint, visibility="readonly")
+    request_is_head = cython.declare(cython.bint, visibility="readonly")
+    request_complete = cython.declare(cython.bint, visibility="readonly")
+    budget_end = cython.declare(cython.double, visibility="readonly")
+    _feeding_from = cython.declare(object)
+    _reading_paused_for = cython.declare(set)
+    tunnel_data = cython.declare(bytes, visibility="readonly")
+
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
-        self.transport: asyncio.Transport | None = None
+        self.transport = None
         self.loop = asyncio.get_running_loop()
         self._sweeper = sweeper_for(self.loop)
         self.deadline = 0.0
@@ -160,22 +260,25 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._reader = ResponseReader(self, RESPONSE_HEAD_LIMIT)
         self._parser = self._reader.new_parser(httptools.HttpResponseParser)
         self.closed = False
-        self.out_of_step = False  # it sent what no request of ours asked for: never reused
+        self.out_of_step = False
         self._chunks = ChunkedScanner(trailer_limit=RESPONSE_HEAD_LIMIT)
-        self._head_tail = b""  # the last bytes of a head still open when a read ended
-        # Switched protocols (start_tunnel): raw bytes both ways from then on, never reused.
+        self._head_tail = b""
         self.upgraded = False
+        self._held = []
+        self._reading_paused_for = set()
         self._reset_exchange()
 
+    @cython.cfunc
     def _reset_exchange(self) -> None:
-        self.waiter: Any = None  # None while idle in the pool
+        self.waiter = None  # None while idle in the pool
         # Made only when someone has to wait for the body's end (most bodies are complete
         # by the time the head is handled); ``failure`` records a failed exchange.
-        self._done: asyncio.Future[None] | None = None
-        self.failure: UpstreamError | None = None
-        self.sink: Any = None
-        self._response: ResponseHead | None = None
-        self._held: list[bytes] = []
+        self._done = None
+        self.failure = None
+        self.sink = None
+        self._response = None
+        if self._held:
+            self._held = []
         self._held_bytes = 0
         self._head_bytes = 0
         self._reader.new_exchange()
@@ -183,16 +286,17 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self._head_untold = False  # parsed, not yet handed to the waiter
         self._end_told = False
         self._informational = False
-        self.interim_listener: Any = None  # hears 1xx heads but 100 (set by forwarding)
+        self.interim_listener = None  # hears 1xx heads but 100 (set by forwarding)
         self.complete = False
         self.request_is_head = False
         self.request_complete = False  # the whole request body left us (request_sent)
         self.budget_end = math.inf  # no read wait runs past this (loop clock), see begin()
         # The client whose body we send: while we cannot write it fast enough, that client
         # is not read (backpressure, ``feed_from``).
-        self._feeding_from: ProxyConnection | None = None
-        self._reading_paused_for: set[PauseReason] = set()
-        self.tunnel_data: bytes = b""
+        self._feeding_from = None
+        if self._reading_paused_for:
+            self._reading_paused_for = set()
+        self.tunnel_data = b""
         if self._chunks.active:  # a chunked response cut short; most never began one
             self._chunks.stop()
         self._head_tail = b""
@@ -200,7 +304,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         self._sweeper.watch(self, precise=True)
 
@@ -232,6 +336,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             else:
                 self._abort(UpstreamError(_ERROR, "upstream closed mid-response", sent=True))
 
+    def eof_received(self) -> bool | None:
+        """The peer's half-close: the transport closes (connection_lost tells the rest)."""
+        return None
+
     def data_received(self, data: bytes) -> None:
         if self.waiter is None:
             # Bytes on an idle connection: the peer is out of step; never reuse it.
@@ -241,22 +349,22 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self.deadline = self._sweeper.now + self.read_timeout
             self.sink.on_body(data)
             return
-        deadline = self.loop.time() + self.read_timeout  # the fresh clock, see begin()
+        deadline: cython.double = self.loop.time() + self.read_timeout  # fresh, see begin()
         if deadline >= self.budget_end:
             deadline = self.budget_end
             if deadline < self._sweeper.next_sweep:
                 self._sweeper.fire_at(self, deadline)
         self.deadline = deadline
+        size: cython.Py_ssize_t = len(data)
         if not self._head_done:
             # Checked after parsing: body bytes read together with the head do not count.
-            self._head_bytes += len(data)
-        size = len(data)
-        start = 0
+            self._head_bytes += size
+        start: cython.Py_ssize_t = 0
+        end: cython.Py_ssize_t
         while start < size:
             end = self._slice_end(data, start, size)
             if end < 0:
                 break
-            # The parser is fed here, not through a helper: this runs for every read.
             try:
                 self._parser.feed_data(
                     data if start == 0 and end == size else memoryview(data)[start:end]
@@ -278,7 +386,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         elif self.complete:
             self._tell_end()
 
-    def _slice_end(self, data: bytes, start: int, size: int) -> int:
+    @cython.cfunc
+    def _slice_end(
+        self, data: bytes, start: cython.Py_ssize_t, size: cython.Py_ssize_t
+    ) -> cython.Py_ssize_t:
         """Where to stop feeding the parser: at the end of each head, so a chunked body
         starts a slice and its scanner (http/chunkline.py) walks it ahead of the parser; else
         at the end of the read. -1: the scanner refused the body."""
@@ -291,21 +402,22 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             return size if body_end < 0 else body_end
         if self._head_done:
             return size
-        tail = self._head_tail
+        tail: bytes = self._head_tail
+        found: cython.Py_ssize_t
         if tail and start == 0:
             # A head begun in an earlier read may end with a CRLFCRLF that straddles reads.
             found = (tail + data[:3]).find(b"\r\n\r\n")
             if found >= 0:
                 return found + 4 - len(tail)
-        found = data.find(b"\r\n\r\n", start)
+        found = _head_end(data, start, size)
         if found < 0:
             return size
-        head = data[start:found]
-        if head[9:10] != b"1" and head.lower().find(b"chunked") < 0:
+        if not _interim_or_chunked(data, start, found):
             return size  # a final head (not 1xx) and no chunked body: the rest is its body
         return found + 4
 
-    def _parsing_stopped(self, stop: Exception, data: bytes, start: int) -> None:
+    @cython.cfunc
+    def _parsing_stopped(self, stop: Any, data: bytes, start: cython.Py_ssize_t) -> None:
         """The parser stopped in the slice of ``data`` from ``start``: the rest of the read
         is not parsed."""
         if isinstance(stop, httptools.HttpParserUpgrade):
@@ -326,6 +438,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         else:
             self._parser_failed(stop)
 
+    @cython.cfunc
     def _framing_refused(self, reason: str) -> None:
         """A chunk-size line or trailer section past its bound: a malformed response."""
         if self._head_untold:
@@ -338,7 +451,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self._abort(UpstreamError(_ERROR, f"malformed response body: {reason}", sent=True))
         self.close()
 
-    def _parser_failed(self, error: Exception) -> None:
+    @cython.cfunc
+    def _parser_failed(self, error: Any) -> None:
         if not self._head_done:
             self._fail(UpstreamError(_INVALID_HEADER, f"malformed response: {error}", sent=True))
         else:
@@ -353,6 +467,65 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self._feeding_from is not None:
             self._feeding_from.resume_reading(_UPSTREAM_PAUSE)
 
+    # -- reading paused for named reasons, writes, close (ProxyConnection's, dataplane/flow.py)
+
+    @cython.ccall
+    def pause_reading(self, reason: PauseReason) -> None:
+        if not self._reading_paused_for and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._reading_paused_for.add(reason)
+
+    @cython.ccall
+    def resume_reading(self, reason: PauseReason) -> None:
+        if reason in self._reading_paused_for:
+            self._reading_paused_for.discard(reason)
+            if not self._reading_paused_for and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def set_reading_paused(self, reason: PauseReason, paused: bool) -> None:
+        """For callbacks that report a peer's state: ``paused`` True pauses, False resumes."""
+        if paused:
+            self.pause_reading(reason)
+        else:
+            self.resume_reading(reason)
+
+    def reading_paused(self) -> bool:
+        """Whether any reason holds reading paused."""
+        return bool(self._reading_paused_for)
+
+    @cython.ccall
+    def resume_all_reading(self) -> None:
+        if self._reading_paused_for:
+            self._reading_paused_for.clear()
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    @cython.ccall
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def write_after(self, head: bytes, data: bytes) -> None:
+        """``head`` then ``data`` in one system call (small ones joined, large ones writev)."""
+        if not self.closed:
+            if len(data) <= 4096:
+                self.transport.write(head + data)
+            else:
+                self.transport.writelines((head, data))
+
+    @cython.ccall
+    def close(self) -> None:
+        """Close after what is buffered has been written."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is buffered (a reset for the peer)."""
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
     # -- the head, as ResponseReader (http/response_head.py) passes it on -------------------
 
     def message_begun(self) -> ResponseHead:
@@ -362,7 +535,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         response = self._response = ResponseHead()
         return response
 
-    def head_parsed(self, response: ResponseHead, interim: bool) -> None:
+    def head_parsed(self, response: ResponseHead, interim: cython.bint) -> None:
         """``response``'s head passed every check of the reader."""
         if interim:
             self._informational = True  # an interim response: the final head follows
@@ -393,7 +566,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self._informational:
             self._informational = False
             listener = self.interim_listener
-            if listener is not None and self._response.status != 100:  # type: ignore[union-attr]
+            if listener is not None and self._response.status != 100:
                 listener.interim_received(self._response)
             return
         self.complete = True  # told after the parser returns (data_received)
@@ -405,9 +578,9 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     def begin(
         self,
-        request_is_head: bool,
+        request_is_head: cython.bint,
         waiter: Any,
-        budget_end: float = math.inf,
+        budget_end: cython.double = math.inf,
         interim_listener: Any = None,
     ) -> None:
         """Start an exchange; ``waiter`` hears head_received(head) or head_failed(error).
@@ -422,18 +595,18 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         self.deadline = self.loop.time() + self.read_timeout
         self.limit_exchange(budget_end)
 
-    def feed_from(self, client: ProxyConnection) -> None:
+    def feed_from(self, client: Any) -> None:
         """What this exchange sends comes from ``client`` as it arrives (a streamed body,
         a tunnel): while the upstream cannot take it, ``client`` is not read."""
         self._feeding_from = client
 
-    def limit_exchange(self, budget_end: float) -> None:
+    @cython.ccall
+    def limit_exchange(self, budget_end: cython.double) -> None:
         """No wait of this exchange runs past ``budget_end`` (loop clock) from now on."""
         if budget_end >= self.budget_end:
             return
         self.budget_end = budget_end
-        deadline = self.deadline
-        if deadline > budget_end and not self.complete and self.failure is None:
+        if self.deadline > budget_end and not self.complete and self.failure is None:
             self.deadline = budget_end
             if budget_end < self._sweeper.next_sweep:
                 self._sweeper.fire_at(self, budget_end)
@@ -451,34 +624,43 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     def take_held(self) -> bytes:
         """The body bytes held so far (all of it, once ``complete``), handed over once."""
-        return b"".join(self._take_held_chunks())
+        held: list = self._take_held_chunks()
+        if len(held) == 1:
+            return held[0]
+        return b"".join(held)
 
-    def _take_held_chunks(self) -> list[bytes]:
-        held, self._held = self._held, []
+    @cython.cfunc
+    def _take_held_chunks(self) -> list:
+        held: list = self._held
+        self._held = []
         self._held_bytes = 0
         if self._reading_paused_for:
             self.resume_reading(_HELD)  # a full hold stopped reading: it is empty now
         return held
 
-    async def wait_done(self) -> None:
-        """Until the response body has ended; raises the UpstreamError that ended it early."""
-        if self.complete:
-            return
-        if self.failure is not None:
-            raise self.failure
+    def wait_done(self) -> Any:
+        """Until the response body has ended (an awaitable); raises the UpstreamError that
+        ended it early."""
+        return _wait_done(self)
+
+    @cython.ccall
+    def done_future(self) -> Any:
+        """The future ``wait_done`` awaits while the body has neither ended nor failed."""
         if self._done is None:
             self._done = self.loop.create_future()
-        await self._done
+        return self._done
 
     def send_request(self, data: bytes) -> None:
         """Write the whole request (head and any body) at once."""
-        self.write(data)
+        if not self.closed:
+            self.transport.write(data)
         self.request_complete = True
 
     def request_sent(self) -> None:
         """The last byte of a streamed request body has been written."""
         self.request_complete = True
 
+    @cython.ccall
     def go_idle(self) -> None:
         """Back in the pool: reading on, the exchange's references dropped."""
         # Paused for the client's sake (a slow reader of the last response)? An idle
@@ -497,7 +679,8 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
     def start_tunnel(self, sink: Any) -> None:
         self.sink = sink
         self.upgraded = True
-        pending, self.tunnel_data = self.tunnel_data, b""
+        pending: bytes = self.tunnel_data
+        self.tunnel_data = b""
         # An idle tunnel (no bytes either way, see tunnel_activity) ends after read_timeout;
         # the retry time budget bounded the exchange that opened it, not the tunnel.
         self.budget_end = math.inf
@@ -532,13 +715,15 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
             self._abort(error)
         self.close()
 
+    @cython.cfunc
     def _fail(self, error: UpstreamError) -> None:
         """The exchange failed before a usable head: the waiter hears the first failure."""
-        first = self.failure is None and not self.complete
+        first: cython.bint = self.failure is None and not self.complete
         self._abort(error)
         if first and self.waiter is not None and not self._head_done:
             self.waiter.head_failed(error)
 
+    @cython.cfunc
     def _abort(self, error: UpstreamError) -> None:
         if self.failure is not None or self.complete:
             return
@@ -549,6 +734,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         if self.sink is not None:
             self.sink.on_abort(error)
 
+    @cython.cfunc
     def _finish(self) -> None:
         self.complete = True
         self.deadline = 0.0
@@ -558,6 +744,7 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         else:
             self._tell_end()
 
+    @cython.cfunc
     def _tell_end(self) -> None:
         """The body is complete: the sink hears it once, whenever it is attached."""
         done = self._done
@@ -570,6 +757,10 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
+        return self._reusable()
+
+    @cython.cfunc
+    def _reusable(self) -> cython.bint:
         response = self._response
         return (
             not self.closed
@@ -584,15 +775,37 @@ class UpstreamConnection(ProxyConnection, asyncio.Protocol):
         )
 
 
+async def _wait_done(conn: UpstreamConnection) -> None:
+    """``UpstreamConnection.wait_done``: a coroutine function apart, as Cython builds one."""
+    if conn.complete:
+        return
+    if conn.failure is not None:
+        raise conn.failure
+    await conn.done_future()
+
+
+@cython.final
+@cython.cclass
 class ConnectionPool:
     """Idle keep-alive connections to one server, most recently used first."""
+
+    _idle = cython.declare(object)  # a deque of UpstreamConnection
+    _connect_to = cython.declare(object)
+    closed = cython.declare(cython.bint, visibility="readonly")
+    host = cython.declare(object, visibility="readonly")
+    port = cython.declare(object, visibility="readonly")
+    tls_name = cython.declare(object, visibility="readonly")
+    tls = cython.declare(cython.bint, visibility="readonly")
+    max_idle = cython.declare(cython.Py_ssize_t, visibility="readonly")
+    connect_timeout = cython.declare(cython.double, visibility="readonly")
+    read_timeout = cython.declare(cython.double, visibility="readonly")
 
     def __init__(
         self, server_cfg: Any, upstream_cfg: Any, *, connect_to: tuple[str, int] | None = None
     ) -> None:
         """``connect_to``: the address DNS discovery found for the URL's host, if any; TLS
         still names the URL's host (SNI, certificate check)."""
-        self._idle: collections.deque[UpstreamConnection] = collections.deque()
+        self._idle = collections.deque()
         self._connect_to = connect_to
         self.closed = False
         self.reconfigure(server_cfg, upstream_cfg)
@@ -613,6 +826,7 @@ class ConnectionPool:
 
     def take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
+        conn: UpstreamConnection
         while idle:
             conn = idle.pop()
             if not conn.closed:
@@ -662,7 +876,7 @@ class ConnectionPool:
         task.add_done_callback(_ConnectCall(listener).done)
 
     def release(self, conn: UpstreamConnection) -> None:
-        if conn.reusable and len(self._idle) < self.max_idle and not self.closed:
+        if conn._reusable() and len(self._idle) < self.max_idle and not self.closed:
             # Paused for the client's sake (a slow reader of the last response)? An idle
             # connection must read again, or its next exchange would never see the
             # response (begin() starts from an empty set of reasons).
