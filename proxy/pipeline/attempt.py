@@ -41,12 +41,13 @@ class Attempt:
         self.verdict: bool | None = None  # breaker: True success, False failure, None none
         self.upstream: Any = None
         self.entry: dict[str, Any] | None = None  # this try in the access log, once a head came
-        self.reused = False  # on a pooled connection (the idle-close race may hit it)
         # A pooled connection the upstream closed while idle: tried once more on another,
         # when the request can be replayed.
         self.race_left = ex.replayable
         self.settled = False
-        self.retry_word: str | None = None  # set by judge()
+        # Set where first known, not here: ``reused`` (on a pooled connection, which the
+        # idle-close race may hit: set before ``send``) and ``retry_word`` (by ``judge``,
+        # when it returns one).
 
     def send(self, upstream: Any, waiter: Any) -> None:
         ex = self.ex
@@ -90,7 +91,11 @@ class Attempt:
         self.entry = entry
         if group.sticky is not None:  # the server that answers is the one to stick to
             ex.sticky_cookie = group.sticky.set_cookie(server, ex.sticky_presented)
-        ex.attempts.append(entry)
+        attempts = ex.attempts
+        if attempts:
+            attempts.append(entry)
+        else:  # the first try: the exchange holds an empty tuple until now
+            ex.attempts = [entry]
         if (
             word in group.retry_policy.on
             and not response.upgrade
@@ -113,16 +118,19 @@ class Attempt:
         server = self.server
         seconds = ex.clock() - self.started
         entry = self.entry
-        if entry is None:
-            ex.attempts.append(
-                {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
-            )
+        headless = entry is None  # failed before a response head came
+        if headless:
+            entry = {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
+            if ex.attempts:
+                ex.attempts.append(entry)
+            else:  # the first try: the exchange holds an empty tuple until now
+                ex.attempts = [entry]
         else:  # failed mid-body: still one attempt (and one upstream request), now failed
             entry.update(status=entry["outcome"], outcome=error.kind, ms=round(seconds * 1000, 2))
         if conn.closed:
             ex.client_gone()
             return None
-        if entry is None:
+        if headless:
             self.metrics.response(error.kind, None)
             server.count_no_answer(error.kind)
         if error.kind in ex.group.failure_on:

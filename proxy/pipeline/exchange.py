@@ -63,6 +63,9 @@ _ERROR = FailureKind.ERROR
 _TIMEOUT = FailureKind.TIMEOUT
 _UPGRADE_PAUSE = PauseReason.UPGRADE
 _NOT_TRIED: tuple[Any, ...] = ()
+# No try yet: empty and shared, where a list per request would be made and freed unused
+# by every request answered without one (a cache hit, a 429, a 404).
+_NO_ATTEMPTS: Any = ()
 
 
 class Exchange:
@@ -134,21 +137,15 @@ class Exchange:
         self.rate_limited = False
         self.bytes_out = 0
         self.upstream_seconds = 0.0
-        self.attempts: list[dict[str, Any]] = []
+        self.attempts: list[dict[str, Any]] = _NO_ATTEMPTS  # a list from the first try on
         self.trace: dict[str, Any] | None = None  # the decision trace, when asked for
         self.extra_headers = b""  # RateLimit-* headers for the answer
         self.budget: Any = None
-        self.replayable = request.body is None  # a body becomes replayable once held in full
-        self.retry_started = self.started  # the retry time budget counts from here
         self.key: str | None = None
         self.limit_key = ""  # the rate-limit bucket's client key
-        self.head_bytes = b""
-        self.body_chunked = False
         self.attempt: Attempt | None = None  # the try in progress
         self.books_closed = False
         in_flight_requests.value += 1  # until close_books
-        self.pinned: Any = None  # the server the sticky cookie names
-        self.sticky_presented: bytes | None = None  # the sticky cookie's value, if any
         self.sticky_cookie = b""  # Set-Cookie for the answer, when the pin changes
         # A cached request's response filter (proxy.cache.serve): relays the response head
         # it is given, or answers from the store when the upstream fails. None elsewhere.
@@ -156,11 +153,13 @@ class Exchange:
         self.cache_status = ""  # what the cache did, for the access log
         self.tried: Any = _NOT_TRIED  # servers tried (a set from the first retry on)
         self.holding_retry = False  # a retry taken from the retry budget, until its try ends
-        self.last_error: UpstreamError | None = None
-        self.last_response: tuple[Any, bytes] | None = None  # a held failed response
-        # Set where first used, not here (most requests never use them): ``filter_at``
-        # (the request filter running or suspended), ``suspended_on`` (the future it
-        # waits on), ``collector`` (HOLD_FAILED: the failed body being read), ``tunnel``.
+        # Set where first used, not here (a store per request each, and most requests never
+        # use them; a cache hit none of the forwarding ones): ``filter_at`` (the request
+        # filter running or suspended), ``suspended_on`` (the future it waits on),
+        # ``replayable`` and ``retry_started`` (``proceed``), ``head_bytes``,
+        # ``body_chunked``, ``pinned`` and ``sticky_presented`` (``prepare``), ``collector``
+        # (HOLD_FAILED: the failed body being read), ``tunnel``, ``last_error`` and
+        # ``last_response`` (a failed try's, read by ``_answer_with_best``).
 
     def _enter(self, phase: Phase) -> None:
         """The one way the phase changes: along the table, or ``IllegalTransition``."""
@@ -228,6 +227,8 @@ class Exchange:
             self.budget.request_started()
         request = self.request
         body = request.body
+        self.replayable = body is None  # a body becomes replayable once held in full
+        self.retry_started = self.started  # the retry time budget counts from here
         if body is not None:
             if request.expect_continue:
                 self.conn.write(CONTINUE)
@@ -278,8 +279,10 @@ class Exchange:
         sticky = self.group.sticky
         if sticky is not None:
             presented = cookie_value(request.header(b"cookie"), sticky.cookie)
-            self.sticky_presented = presented
-            self.pinned = sticky.server_for(presented)
+            self.sticky_presented = presented  # the sticky cookie's value, if any
+            self.pinned = sticky.server_for(presented)  # the server it names
+        else:
+            self.pinned = self.sticky_presented = None
         body = request.body
         # Chunked to the upstream when the length is not known yet; decided once, with the
         # head, for every try (a body that completes meanwhile is still sent chunked).
@@ -398,7 +401,9 @@ class Exchange:
                 and self.route_runtime.compression is None
             ):
                 send_buffered(self, response, upstream.take_held())
-                attempt.release_upstream()  # type: ignore[union-attr]
+                # attempt.release_upstream(), inline: a call less on most requests' path.
+                attempt.upstream = None  # type: ignore[union-attr]
+                attempt.server.pool.release(upstream)  # type: ignore[union-attr]
                 self._forward_over()
                 return
             self._enter(_RELAY)
@@ -537,8 +542,9 @@ class Exchange:
 
     def _answer_with_best(self) -> None:
         conn = self.conn
-        last_response = self.last_response
-        last_error = self.last_error
+        # Set by a failed try (``_try_failed``); no try at all (no eligible server) sets none.
+        last_response = getattr(self, "last_response", None)
+        last_error = getattr(self, "last_error", None)
         if conn.closed:
             if not self.status:  # gone before anything could answer it
                 self.client_gone()
