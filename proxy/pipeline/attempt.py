@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
 from proxy.balancing.retry import FailureKind, status_word
 from proxy.pipeline.relay import send_request
 
@@ -13,20 +18,20 @@ STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
 _ERROR = FailureKind.ERROR
 
 
+@cython.cclass
 class Attempt:
-    __slots__ = (
-        "entry",
-        "ex",
-        "metrics",
-        "race_left",
-        "retry_word",
-        "reused",
-        "server",
-        "settled",
-        "started",
-        "upstream",
-        "verdict",
-    )
+    # Compiled (proxy/compiled.py), its fields are C fields: only the exchange reads them.
+    entry = cython.declare(object, visibility="public")
+    ex = cython.declare(object, visibility="public")
+    metrics = cython.declare(object)
+    race_left = cython.declare(cython.bint, visibility="public")
+    retry_word = cython.declare(object, visibility="public")
+    reused = cython.declare(cython.bint, visibility="public")
+    server = cython.declare(object, visibility="public")
+    settled = cython.declare(cython.bint)
+    started = cython.declare(cython.double)
+    upstream = cython.declare(object, visibility="public")
+    verdict = cython.declare(object)
 
     def __init__(self, ex: Any, server: Any) -> None:
         server.in_flight += 1
@@ -38,9 +43,9 @@ class Attempt:
         self.ex = ex
         self.server = server
         self.started = ex.clock()
-        self.verdict: bool | None = None  # breaker: True success, False failure, None none
-        self.upstream: Any = None
-        self.entry: dict[str, Any] | None = None  # this try in the access log, once a head came
+        self.verdict = None  # breaker: True success, False failure, None none
+        self.upstream = None
+        self.entry = None  # this try in the access log, once a head came
         # A pooled connection the upstream closed while idle: tried once more on another,
         # when the request can be replayed.
         self.race_left = ex.replayable
@@ -76,7 +81,7 @@ class Attempt:
         may still be retried for (hold its body: another server may do better), else None."""
         ex = self.ex
         server = self.server
-        head_seconds = ex.clock() - self.started
+        head_seconds: cython.double = ex.clock() - self.started
         server.observe_latency(head_seconds)
         status = response.status
         word = STATUS_WORDS.get(status) or status_word(status)
@@ -116,7 +121,7 @@ class Attempt:
         ex = self.ex
         conn = ex.conn
         server = self.server
-        seconds = ex.clock() - self.started
+        seconds: cython.double = ex.clock() - self.started
         entry = self.entry
         headless = entry is None  # failed before a response head came
         if headless:
@@ -164,7 +169,7 @@ class Attempt:
         server = self.server
         server.in_flight -= 1
         self.metrics.in_flight_dec()
-        elapsed = ex.clock() - self.started
+        elapsed: cython.double = ex.clock() - self.started
         ex.upstream_seconds += elapsed
         server.stats.record(elapsed, self.verdict is False)
         verdict = self.verdict
