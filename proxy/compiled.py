@@ -38,6 +38,8 @@ HOT_MODULES: tuple[str, ...] = (
     "proxy.http.request_head",
     "proxy.http.response_head",
     "proxy.observability.accessline",
+    "proxy.pipeline.attempt",
+    "proxy.pipeline.exchange",
     "proxy.pipeline.framing",
     "proxy.observability.stats",
     "proxy.ratelimit.bucket",

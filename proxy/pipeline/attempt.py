@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
 from proxy.balancing.retry import FailureKind, status_word
 from proxy.pipeline.relay import send_request
 
@@ -13,20 +18,20 @@ STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
 _ERROR = FailureKind.ERROR
 
 
+@cython.cclass
 class Attempt:
-    __slots__ = (
-        "entry",
-        "ex",
-        "metrics",
-        "race_left",
-        "retry_word",
-        "reused",
-        "server",
-        "settled",
-        "started",
-        "upstream",
-        "verdict",
-    )
+    # Compiled (proxy/compiled.py), its fields are C fields: only the exchange reads them.
+    entry = cython.declare(object, visibility="public")
+    ex = cython.declare(object, visibility="public")
+    metrics = cython.declare(object)
+    race_left = cython.declare(cython.bint, visibility="public")
+    retry_word = cython.declare(object, visibility="public")
+    reused = cython.declare(cython.bint, visibility="public")
+    server = cython.declare(object, visibility="public")
+    settled = cython.declare(cython.bint)
+    started = cython.declare(cython.double)
+    upstream = cython.declare(object, visibility="public")
+    verdict = cython.declare(object)
 
     def __init__(self, ex: Any, server: Any) -> None:
         server.in_flight += 1
@@ -38,15 +43,16 @@ class Attempt:
         self.ex = ex
         self.server = server
         self.started = ex.clock()
-        self.verdict: bool | None = None  # breaker: True success, False failure, None none
-        self.upstream: Any = None
-        self.entry: dict[str, Any] | None = None  # this try in the access log, once a head came
-        self.reused = False  # on a pooled connection (the idle-close race may hit it)
+        self.verdict = None  # breaker: True success, False failure, None none
+        self.upstream = None
+        self.entry = None  # this try in the access log, once a head came
         # A pooled connection the upstream closed while idle: tried once more on another,
         # when the request can be replayed.
         self.race_left = ex.replayable
         self.settled = False
-        self.retry_word: str | None = None  # set by judge()
+        # Set where first known, not here: ``reused`` (on a pooled connection, which the
+        # idle-close race may hit: set before ``send``) and ``retry_word`` (by ``judge``,
+        # when it returns one).
 
     def send(self, upstream: Any, waiter: Any) -> None:
         ex = self.ex
@@ -75,7 +81,7 @@ class Attempt:
         may still be retried for (hold its body: another server may do better), else None."""
         ex = self.ex
         server = self.server
-        head_seconds = ex.clock() - self.started
+        head_seconds: cython.double = ex.clock() - self.started
         server.observe_latency(head_seconds)
         status = response.status
         word = STATUS_WORDS.get(status) or status_word(status)
@@ -90,7 +96,11 @@ class Attempt:
         self.entry = entry
         if group.sticky is not None:  # the server that answers is the one to stick to
             ex.sticky_cookie = group.sticky.set_cookie(server, ex.sticky_presented)
-        ex.attempts.append(entry)
+        attempts = ex.attempts
+        if attempts:
+            attempts.append(entry)
+        else:  # the first try: the exchange holds an empty tuple until now
+            ex.attempts = [entry]
         if (
             word in group.retry_policy.on
             and not response.upgrade
@@ -111,18 +121,21 @@ class Attempt:
         ex = self.ex
         conn = ex.conn
         server = self.server
-        seconds = ex.clock() - self.started
+        seconds: cython.double = ex.clock() - self.started
         entry = self.entry
-        if entry is None:
-            ex.attempts.append(
-                {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
-            )
+        headless = entry is None  # failed before a response head came
+        if headless:
+            entry = {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
+            if ex.attempts:
+                ex.attempts.append(entry)
+            else:  # the first try: the exchange holds an empty tuple until now
+                ex.attempts = [entry]
         else:  # failed mid-body: still one attempt (and one upstream request), now failed
             entry.update(status=entry["outcome"], outcome=error.kind, ms=round(seconds * 1000, 2))
         if conn.closed:
             ex.client_gone()
             return None
-        if entry is None:
+        if headless:
             self.metrics.response(error.kind, None)
             server.count_no_answer(error.kind)
         if error.kind in ex.group.failure_on:
@@ -156,7 +169,7 @@ class Attempt:
         server = self.server
         server.in_flight -= 1
         self.metrics.in_flight_dec()
-        elapsed = ex.clock() - self.started
+        elapsed: cython.double = ex.clock() - self.started
         ex.upstream_seconds += elapsed
         server.stats.record(elapsed, self.verdict is False)
         verdict = self.verdict

@@ -31,6 +31,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+try:
+    import cython
+except ModuleNotFoundError:  # run as Python where Cython is not installed
+    from proxy import cythonshim as cython
+
 from proxy.balancing.retry import FailureKind
 from proxy.dataplane.client import Request
 from proxy.dataplane.flow import PauseReason
@@ -63,58 +68,66 @@ _ERROR = FailureKind.ERROR
 _TIMEOUT = FailureKind.TIMEOUT
 _UPGRADE_PAUSE = PauseReason.UPGRADE
 _NOT_TRIED: tuple[Any, ...] = ()
+# No try yet: empty and shared, where a list per request would be made and freed unused
+# by every request answered without one (a cache hit, a 429, a 404).
+_NO_ATTEMPTS: Any = ()
 
 
+@cython.cclass
 class Exchange:
     """One request on its way through the pipeline: its phase, what was decided and what
     happened. Feeds the access log, metrics and the decision trace; is the waiter of its
     upstream exchange (``head_received`` / ``head_failed``), the listener of its relay,
-    held body, connect, failed-body collector and tunnel."""
+    held body, connect, failed-body collector and tunnel.
 
-    __slots__ = (
-        "attempt",
-        "attempts",
-        "body_chunked",
-        "books_closed",
-        "budget",
-        "bytes_out",
-        "cache_status",
-        "clock",
-        "collector",
-        "conn",
-        "error",
-        "extra_headers",
-        "filter_at",
-        "group",
-        "head_bytes",
-        "holding_retry",
-        "key",
-        "last_error",
-        "last_response",
-        "limit_key",
-        "phase",
-        "pinned",
-        "rate_limited",
-        "replayable",
-        "request",
-        "response_filter",
-        "retry_started",
-        "route",
-        "route_runtime",
-        "runtime",
-        "server",
-        "started",
-        "status",
-        "sticky_cookie",
-        "sticky_presented",
-        "suspended_on",
-        "trace",
-        "tried",
-        "tries",
-        "tunnel",
-        "upstream",
-        "upstream_seconds",
-    )
+    Compiled (proxy/compiled.py), an extension type: its own steps read and write its
+    fields as C fields and call each other as C functions. The fields stay public (the
+    filters, the cache, answer.py, attempt.py and the access log read and write them), at
+    about 100 instructions a read more from Python than a ``__slots__`` field: worth it only
+    while the compiled side does most of the reading (DESIGN.md, "The compiled hot path")."""
+
+    attempt = cython.declare(object, visibility="public")
+    attempts = cython.declare(object, visibility="public")
+    body_chunked = cython.declare(object, visibility="public")
+    books_closed = cython.declare(cython.bint)
+    budget = cython.declare(object, visibility="public")
+    bytes_out = cython.declare(object, visibility="public")
+    cache_status = cython.declare(object, visibility="public")
+    clock = cython.declare(object, visibility="public")
+    collector = cython.declare(object, visibility="public")
+    conn = cython.declare(object, visibility="public")
+    error = cython.declare(object, visibility="public")
+    extra_headers = cython.declare(object, visibility="public")
+    filter_at = cython.declare(cython.Py_ssize_t)
+    group = cython.declare(object, visibility="public")
+    head_bytes = cython.declare(object, visibility="public")
+    holding_retry = cython.declare(cython.bint)
+    key = cython.declare(object, visibility="public")
+    last_error = cython.declare(object, visibility="public")
+    last_response = cython.declare(object, visibility="public")
+    limit_key = cython.declare(object, visibility="public")
+    phase = cython.declare(object, visibility="public")
+    pinned = cython.declare(object, visibility="public")
+    rate_limited = cython.declare(object, visibility="public")
+    replayable = cython.declare(object, visibility="public")
+    request = cython.declare(object, visibility="public")
+    response_filter = cython.declare(object, visibility="public")
+    retry_started = cython.declare(object, visibility="public")
+    route = cython.declare(object, visibility="public")
+    route_runtime = cython.declare(object, visibility="public")
+    runtime = cython.declare(object, visibility="public")
+    server = cython.declare(object, visibility="public")
+    started = cython.declare(object, visibility="public")
+    status = cython.declare(object, visibility="public")
+    sticky_cookie = cython.declare(object, visibility="public")
+    sticky_presented = cython.declare(object, visibility="public")
+    suspended_on = cython.declare(object, visibility="public")
+    trace = cython.declare(object, visibility="public")
+    tried = cython.declare(object, visibility="public")
+    tries = cython.declare(object, visibility="public")
+    tunnel = cython.declare(object, visibility="public")
+    upstream = cython.declare(object, visibility="public")
+    upstream_seconds = cython.declare(object, visibility="public")
 
     def __init__(self, conn: Downstream, request: Request, runtime: Any) -> None:
         self.phase = _ROUTED
@@ -125,8 +138,8 @@ class Exchange:
         self.started = clock()
         self.status = 0
         self.route = ""
-        self.route_runtime: Any = None
-        self.group: Any = None
+        self.route_runtime = None
+        self.group = None
         self.upstream = ""
         self.server = ""
         self.tries = 0
@@ -134,34 +147,32 @@ class Exchange:
         self.rate_limited = False
         self.bytes_out = 0
         self.upstream_seconds = 0.0
-        self.attempts: list[dict[str, Any]] = []
-        self.trace: dict[str, Any] | None = None  # the decision trace, when asked for
+        self.attempts = _NO_ATTEMPTS  # a list from the first try on
+        self.trace = None  # the decision trace, when asked for
         self.extra_headers = b""  # RateLimit-* headers for the answer
-        self.budget: Any = None
-        self.replayable = request.body is None  # a body becomes replayable once held in full
-        self.retry_started = self.started  # the retry time budget counts from here
-        self.key: str | None = None
+        self.budget = None
+        self.key = None
         self.limit_key = ""  # the rate-limit bucket's client key
-        self.head_bytes = b""
-        self.body_chunked = False
-        self.attempt: Attempt | None = None  # the try in progress
+        self.attempt = None  # the try in progress
         self.books_closed = False
         in_flight_requests.value += 1  # until close_books
-        self.pinned: Any = None  # the server the sticky cookie names
-        self.sticky_presented: bytes | None = None  # the sticky cookie's value, if any
         self.sticky_cookie = b""  # Set-Cookie for the answer, when the pin changes
         # A cached request's response filter (proxy.cache.serve): relays the response head
         # it is given, or answers from the store when the upstream fails. None elsewhere.
-        self.response_filter: Any = None
+        self.response_filter = None
         self.cache_status = ""  # what the cache did, for the access log
-        self.tried: Any = _NOT_TRIED  # servers tried (a set from the first retry on)
+        self.tried = _NOT_TRIED  # servers tried (a set from the first retry on)
         self.holding_retry = False  # a retry taken from the retry budget, until its try ends
-        self.last_error: UpstreamError | None = None
-        self.last_response: tuple[Any, bytes] | None = None  # a held failed response
-        # Set where first used, not here (most requests never use them): ``filter_at``
-        # (the request filter running or suspended), ``suspended_on`` (the future it
-        # waits on), ``collector`` (HOLD_FAILED: the failed body being read), ``tunnel``.
+        # Set where first used, not here, and None (0) until then (a store per request each,
+        # and most requests never use them; a cache hit none of the forwarding ones):
+        # ``filter_at`` (the request
+        # filter running or suspended), ``suspended_on`` (the future it waits on),
+        # ``replayable`` and ``retry_started`` (``proceed``), ``head_bytes``,
+        # ``body_chunked``, ``pinned`` and ``sticky_presented`` (``prepare``), ``collector``
+        # (HOLD_FAILED: the failed body being read), ``tunnel``, ``last_error`` and
+        # ``last_response`` (a failed try's, read by ``_answer_with_best``).
 
+    @cython.ccall
     def _enter(self, phase: Phase) -> None:
         """The one way the phase changes: along the table, or ``IllegalTransition``."""
         if phase not in TRANSITIONS[self.phase]:
@@ -170,6 +181,7 @@ class Exchange:
 
     # -- ROUTED -> REQUEST_FILTERS: the route's filters, in order -------------------------
 
+    @cython.cfunc
     def _run_filters(self) -> None:
         filters = self.route_runtime.request_filters
         while self.filter_at < len(filters):
@@ -218,6 +230,7 @@ class Exchange:
         self.budget = group.retry_budget
         self.budget.request_started()
 
+    @cython.cfunc
     def proceed(self) -> None:
         """Past the filters: 100-continue, the body held for replay when a retry may need
         it (``BODY``), then the first try."""
@@ -228,6 +241,8 @@ class Exchange:
             self.budget.request_started()
         request = self.request
         body = request.body
+        self.replayable = body is None  # a body becomes replayable once held in full
+        self.retry_started = self.started  # the retry time budget counts from here
         if body is not None:
             if request.expect_continue:
                 self.conn.write(CONTINUE)
@@ -239,6 +254,7 @@ class Exchange:
         self._enter(_SELECT)
         self._select()
 
+    @cython.cfunc
     def holds_body(self) -> bool:
         """Is the body held in full before the first try, so that a retry can replay it?"""
         request = self.request
@@ -270,6 +286,7 @@ class Exchange:
         except Exception:
             self._crashed()
 
+    @cython.cfunc
     def prepare(self) -> None:
         """What every try sends and how servers are picked: the same for each try."""
         request = self.request
@@ -278,8 +295,10 @@ class Exchange:
         sticky = self.group.sticky
         if sticky is not None:
             presented = cookie_value(request.header(b"cookie"), sticky.cookie)
-            self.sticky_presented = presented
-            self.pinned = sticky.server_for(presented)
+            self.sticky_presented = presented  # the sticky cookie's value, if any
+            self.pinned = sticky.server_for(presented)  # the server it names
+        else:
+            self.pinned = self.sticky_presented = None
         body = request.body
         # Chunked to the upstream when the length is not known yet; decided once, with the
         # head, for every try (a body that completes meanwhile is still sent chunked).
@@ -304,6 +323,7 @@ class Exchange:
                 for server in group.servers
             ]
 
+    @cython.cfunc
     def _tried_set(self) -> set[Any]:
         tried = self.tried
         if tried is _NOT_TRIED:
@@ -312,6 +332,7 @@ class Exchange:
 
     # -- SELECT -> AWAIT_HEAD, or CONNECT first ---------------------------------------------
 
+    @cython.cfunc
     def _select(self) -> None:
         """A server for the next try (one its breaker lets through), and a connection: a
         pooled one at once, else a new one (``CONNECT``). None left: the answer is the
@@ -335,6 +356,7 @@ class Exchange:
         self._enter(_CONNECT)
         server.pool.connect_then(self.budget_left(), self)
 
+    @cython.cfunc
     def _connect_again(self) -> None:
         """``CONNECT`` for the idle-close race: another pooled connection, or a new one."""
         attempt = self.attempt
@@ -398,7 +420,9 @@ class Exchange:
                 and self.route_runtime.compression is None
             ):
                 send_buffered(self, response, upstream.take_held())
-                attempt.release_upstream()  # type: ignore[union-attr]
+                # attempt.release_upstream(), inline: a call less on most requests' path.
+                attempt.upstream = None  # type: ignore[union-attr]
+                attempt.server.pool.release(upstream)  # type: ignore[union-attr]
                 self._forward_over()
                 return
             self._enter(_RELAY)
@@ -433,6 +457,7 @@ class Exchange:
 
     # -- HOLD_FAILED: a listed failure status, held while small -------------------------
 
+    @cython.cfunc
     def _hold_failed(self, response: Any) -> None:
         self._enter(_HOLD_FAILED)
         collector = self.collector = Collector(self, response)
@@ -474,6 +499,7 @@ class Exchange:
 
     # -- a try ended without an answer: retry, or answer with what there is ---------------
 
+    @cython.cfunc
     def _try_failed(self, result: tuple[str, UpstreamError | None, Any] | None) -> None:
         """The try is over (settled here). ``result``: None when the client has been dealt
         with (gone, or cut mid-response), else (failure word, error or None, (head, body)
@@ -513,11 +539,13 @@ class Exchange:
         self._enter(_SELECT)
         self._select()
 
+    @cython.cfunc
     def _release_retry(self) -> None:
         if self.holding_retry:
             self.holding_retry = False
             self.group.retry_budget.release_retry()
 
+    @cython.cfunc
     def _give_up(self) -> None:
         """No (more) tries: answer with the best there is. While the request body is still
         arriving, on the next loop turn: the rest of the read being parsed may refuse the
@@ -535,9 +563,10 @@ class Exchange:
         except Exception:
             self._crashed()
 
+    @cython.cfunc
     def _answer_with_best(self) -> None:
         conn = self.conn
-        last_response = self.last_response
+        last_response = self.last_response  # None unless a failed try set it
         last_error = self.last_error
         if conn.closed:
             if not self.status:  # gone before anything could answer it
@@ -559,7 +588,8 @@ class Exchange:
             send_error(self, 503, "no eligible server", self.extra_headers)
         self._forward_over()
 
-    def retry_refusal(self, word: str, response_started: bool) -> Any:
+    @cython.ccall
+    def retry_refusal(self, word: Any, response_started: bool) -> Any:
         """May this request go to another server after ``word``? None when it may, else
         why not (a ``NoRetry``). Asked after a failed try and before holding a failed
         response; most requests never ask."""
@@ -574,6 +604,7 @@ class Exchange:
             response_started=response_started,
         )
 
+    @cython.ccall
     def budget_left(self) -> float:
         """Seconds left of ``retry.timeout``, which bounds the whole exchange from the moment
         the request is complete (Envoy's route timeout): inf while a streamed body is still
@@ -583,7 +614,8 @@ class Exchange:
             return math.inf
         return self.group.retry_policy.remaining(self.retry_started)
 
-    def method_facts(self) -> tuple[str, bool]:
+    @cython.cfunc
+    def method_facts(self) -> tuple:
         """What decides whether the request may be repeated: its method, and whether it
         carries an Idempotency-Key."""
         request = self.request
@@ -631,6 +663,7 @@ class Exchange:
 
     # -- TUNNEL -------------------------------------------------------------------------
 
+    @cython.cfunc
     def _open_tunnel(self, response: Any) -> None:
         self._enter(_TUNNEL)
         conn = self.conn
@@ -667,6 +700,7 @@ class Exchange:
 
     # -- DONE ---------------------------------------------------------------------------
 
+    @cython.cfunc
     def _forward_over(self) -> None:
         """The upstream side is over, whatever the answer: settle the try, then done."""
         attempt, self.attempt = self.attempt, None
@@ -676,6 +710,7 @@ class Exchange:
             self._release_retry()
         self.answered()
 
+    @cython.cfunc
     def answered(self) -> None:
         """The request is over: its filters hear it, the books close, and the connection
         may go on to the next request."""
@@ -696,6 +731,7 @@ class Exchange:
             self.status, self.error, sent = rejected
             self.bytes_out += sent
 
+    @cython.cfunc
     def close_books(self) -> None:
         """The request is over: budget, metrics and the access log line. Once only: a
         crash after the books closed (in ``request_done``) must not count it twice."""
@@ -715,6 +751,7 @@ class Exchange:
         if runtime.access_log is not None:
             runtime.log_access(self.conn, self.request, self, duration)
 
+    @cython.cfunc
     def _crashed(self) -> None:
         """A bug while serving (called from an ``except`` block): 500 if nothing was sent
         yet, and the connection closes. The try and the filters still settle."""
@@ -735,7 +772,7 @@ class Exchange:
 def handle(conn: Downstream, request: Request) -> None:
     """Serve one request, by callbacks: they tell the connection when it is done."""
     runtime = conn.listener.runtime
-    ex = Exchange(conn, request, runtime)
+    ex: Exchange = Exchange(conn, request, runtime)
     try:
         if not request.request_id:  # absent, or sent empty: an ID that names nothing
             request.request_id = runtime.new_request_id()
