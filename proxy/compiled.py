@@ -32,16 +32,16 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 #: One name a line, as here: the Makefile reads them to rebuild when one is edited.
 HOT_MODULES: tuple[str, ...] = (
     "proxy.balancing.breaker",
+    "proxy.dataplane.client",
     "proxy.dataplane.upstream",
     "proxy.http.pathnorm",
-    "proxy.dataplane.client",
     "proxy.http.request_head",
     "proxy.http.response_head",
     "proxy.observability.accessline",
+    "proxy.observability.stats",
     "proxy.pipeline.attempt",
     "proxy.pipeline.exchange",
     "proxy.pipeline.framing",
-    "proxy.observability.stats",
     "proxy.ratelimit.bucket",
 )
 
