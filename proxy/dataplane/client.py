@@ -31,7 +31,7 @@ response's end on a kept-alive connection), else 408; a body stalls at most ``cl
 Compiled (proxy/compiled.py), the engine is an extension type, ``ClientEngine``: its state
 is C fields, its steps C functions, so the per-request work (receive, pump, parse, start,
 answer, done, next) runs no interpreted bytecode. ``ClientConnection`` is a Python class on
-top of it (an extension type cannot have asyncio.Protocol or ProxyConnection as a base),
+top of it (an extension type cannot have asyncio.Protocol as a base),
 whose ``__dict__`` holds what the interpreted pipeline reads on every request. ``Request``
 and ``RequestBody`` (dataplane/request.py) stay Python classes for the same reason.
 """
@@ -52,7 +52,7 @@ try:
 except ModuleNotFoundError:  # run as Python where Cython is not installed
     from proxy import cythonshim as cython
 
-from proxy.dataplane.flow import PauseReason, ProxyConnection
+from proxy.dataplane.flow import PauseReason
 from proxy.dataplane.request import BODY_HIGH_WATER, Request, RequestBody
 from proxy.dataplane.timers import sweeper_for
 from proxy.http.chunkline import TRAILERS_TOO_LARGE, ChunkedScanner
@@ -189,7 +189,7 @@ class ClientEngine:
     """The per-connection state and per-request logic of ``ClientConnection``, typed: its
     fields are C fields and its internal steps C functions, so a request runs no
     interpreted bytecode here and few Python-level calls. ``ClientConnection`` adds what an
-    extension type cannot have (asyncio.Protocol and ProxyConnection as bases, attributes
+    extension type cannot have (asyncio.Protocol as a base, attributes
     in a ``__dict__``). The fields other code reads are ``public``; the rest are the
     engine's own. Python attributes the pipeline reads on every request (``loop``,
     ``listener``, ``peer``, ``scheme``) stay in the instance's ``__dict__``: an extension
@@ -391,7 +391,7 @@ class ClientEngine:
             return False
         return current is not None or self._awaiting_drain or bool(self._backlog)
 
-    # -- ProxyConnection's reading and writing, on the C fields ----------------------------
+    # -- reading paused for named reasons (dataplane/flow.py), writes, close -----------------
 
     def pause_reading(self, reason: Any) -> None:
         self._pause(reason)
@@ -417,6 +417,10 @@ class ClientEngine:
             paused.discard(reason)
             if not paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+
+    def reading_paused(self) -> bool:
+        """Whether any reason holds reading paused."""
+        return bool(self._reading_paused_for)
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -947,7 +951,7 @@ async def _run(conn: ClientEngine, request: Any, work: Any) -> None:
     conn.request_done(request)
 
 
-class ClientConnection(ClientEngine, ProxyConnection, asyncio.Protocol):
+class ClientConnection(ClientEngine, asyncio.Protocol):
     """One client socket. ``handler(conn, request)`` answers: it returns a coroutine to run,
     or None when it answers by callbacks and calls ``request_done`` itself. Its deadlines
     run on ``sweeper``'s clock: the loop's shared one unless a test injects its own.

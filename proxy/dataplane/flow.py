@@ -1,14 +1,18 @@
-"""What both sides' protocols share: reading paused for named reasons, writes (a head with
-the first body bytes), close and abort, and the HTTP version of a parsed head.
+"""What both sides' protocols share: the reasons reading is paused for, and the HTTP
+version of a parsed head.
 
 Several things may each want a connection to stop reading at once (a full write buffer on
 the other side, a held body, pipelined requests waiting their turn). The transport reads
 again only when every reason is gone, so one party resuming never undoes another's pause.
+Both connections keep that set of reasons (``ClientEngine._pause``/``_resume`` in
+dataplane/client.py, ``UpstreamConnection.pause_reading``/``resume_reading`` in
+dataplane/upstream.py), each on its own C fields: extension types in two modules cannot
+share a base class without ``.pxd`` declarations. tests/unit/test_flow.py runs the same
+checks on both.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from typing import Any
 
@@ -28,71 +32,6 @@ class PauseReason(enum.Enum):
     # Members are singletons: identity hashing is exact, and C-fast where Enum's own
     # __hash__ is a Python call on every set operation of the request path.
     __hash__ = object.__hash__
-
-
-class ProxyConnection:
-    """Mixed into a Protocol that has ``transport`` and ``closed``.
-
-    ``UpstreamConnection`` (dataplane/upstream.py), an extension type that cannot inherit
-    it, has its own typed copy of these methods: a change here is a change there.
-    """
-
-    transport: asyncio.Transport | None
-    closed: bool
-    _reading_paused_for: set[PauseReason]
-
-    def pause_reading(self, reason: PauseReason) -> None:
-        if not self._reading_paused_for and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-        self._reading_paused_for.add(reason)
-
-    def resume_reading(self, reason: PauseReason) -> None:
-        if reason in self._reading_paused_for:
-            self._reading_paused_for.discard(reason)
-            if not self._reading_paused_for and self.transport is not None and not self.closed:
-                self.transport.resume_reading()
-
-    def set_reading_paused(self, reason: PauseReason, paused: bool) -> None:
-        """For callbacks that report a peer's state: ``paused`` True pauses, False resumes."""
-        if paused:
-            self.pause_reading(reason)
-        else:
-            self.resume_reading(reason)
-
-    def reading_paused(self) -> bool:
-        """Whether any reason holds reading paused."""
-        return bool(self._reading_paused_for)
-
-    def resume_all_reading(self) -> None:
-        if self._reading_paused_for:
-            self._reading_paused_for.clear()
-            if self.transport is not None and not self.closed:
-                self.transport.resume_reading()
-
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def write_after(self, head: bytes, data: bytes) -> None:
-        """``head`` then ``data`` in one system call (small ones joined, large ones writev):
-        a head waits for its first body bytes, on both sides."""
-        if not self.closed:
-            if len(data) <= 4096:
-                self.transport.write(head + data)  # type: ignore[union-attr]
-            else:
-                self.transport.writelines((head, data))  # type: ignore[union-attr]
-
-    def close(self) -> None:
-        """Close after what is buffered has been written."""
-        if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.close()
-
-    def abort(self) -> None:
-        """Close at once, dropping what is buffered (a reset for the peer)."""
-        if self.transport is not None:
-            self.closed = True
-            self.transport.abort()
 
 
 def http_version(parser: Any, keep_alive: bool, lowered_names: list[bytes]) -> str:

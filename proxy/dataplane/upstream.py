@@ -40,9 +40,9 @@ a ``timeout`` with ``budget_spent`` set, which no retry follows.
 Compiled (proxy/compiled.py), ``UpstreamConnection`` and ``ConnectionPool`` are extension
 types: the exchange's state is C fields, and the per-read work (slicing, the parser's
 callbacks, the exchange's end, the pool's take and release) runs no interpreted bytecode.
-An extension type cannot inherit ``asyncio.Protocol`` or ``ProxyConnection``; asyncio
-needs neither (a protocol is whatever has its methods), so this class has its own typed
-copy of ``ProxyConnection``'s reading pauses and writes (dataplane/flow.py). The fields the
+An extension type cannot inherit ``asyncio.Protocol``, and asyncio does not need it (a
+protocol is whatever has its methods); the reading pauses (dataplane/flow.py) and writes
+are this class's own, on its C fields. The fields the
 pipeline reads (``complete``, ``closed``, ``loop``, ``transport``) are getset descriptors
 there, read a few times a request; ``ResponseHead``, read many times, stays a Python class
 (dataplane/response.py).
@@ -467,7 +467,7 @@ class UpstreamConnection:
         if self._feeding_from is not None:
             self._feeding_from.resume_reading(_UPSTREAM_PAUSE)
 
-    # -- reading paused for named reasons, writes, close (ProxyConnection's, dataplane/flow.py)
+    # -- reading paused for named reasons (dataplane/flow.py), writes, close ------------------
 
     @cython.ccall
     def pause_reading(self, reason: PauseReason) -> None:
@@ -481,13 +481,6 @@ class UpstreamConnection:
             self._reading_paused_for.discard(reason)
             if not self._reading_paused_for and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
-
-    def set_reading_paused(self, reason: PauseReason, paused: bool) -> None:
-        """For callbacks that report a peer's state: ``paused`` True pauses, False resumes."""
-        if paused:
-            self.pause_reading(reason)
-        else:
-            self.resume_reading(reason)
 
     def reading_paused(self) -> bool:
         """Whether any reason holds reading paused."""
