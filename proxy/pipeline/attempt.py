@@ -96,11 +96,7 @@ class Attempt:
         self.entry = entry
         if group.sticky is not None:  # the server that answers is the one to stick to
             ex.sticky_cookie = group.sticky.set_cookie(server, ex.sticky_presented)
-        attempts = ex.attempts
-        if attempts:
-            attempts.append(entry)
-        else:  # the first try: the exchange holds an empty tuple until now
-            ex.attempts = [entry]
+        _log_attempt(ex, entry)
         if (
             word in group.retry_policy.on
             and not response.upgrade
@@ -126,10 +122,7 @@ class Attempt:
         headless = entry is None  # failed before a response head came
         if headless:
             entry = {"server": server.label, "outcome": error.kind, "ms": round(seconds * 1000, 2)}
-            if ex.attempts:
-                ex.attempts.append(entry)
-            else:  # the first try: the exchange holds an empty tuple until now
-                ex.attempts = [entry]
+            _log_attempt(ex, entry)
         else:  # failed mid-body: still one attempt (and one upstream request), now failed
             entry.update(status=entry["outcome"], outcome=error.kind, ms=round(seconds * 1000, 2))
         if conn.closed:
@@ -179,3 +172,13 @@ class Attempt:
             server.breaker.record_failure()
         else:
             server.breaker.release()
+
+
+@cython.cfunc
+def _log_attempt(ex: Any, entry: dict) -> None:
+    """One try, as the access log and the trace list it."""
+    attempts = ex.attempts
+    if attempts:
+        attempts.append(entry)
+    else:  # the first try: the exchange holds an empty tuple until now
+        ex.attempts = [entry]
