@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
-# The modules setup.py compiles: an edit to one needs a rebuild of its extension module.
+# The modules setup.py compiles and the .pxd declarations they cimport: an edit to one
+# needs a rebuild of the extension modules.
 HOT_SOURCES := $(shell sed -n 's/^    "proxy\.\(.*\)",$$/\1/p' proxy/compiled.py \
-                 | tr . / | sed 's|.*|proxy/&.py|')
+                 | tr . / | sed 's|.*|proxy/&.py|') $(wildcard proxy/*/*.pxd)
 # Run once more as pure Python (SLUICEGATE_NO_EXTENSIONS=1): the units and the core of the
 # traffic path, so the .py files the compiled run does not execute still do what it does.
 PURE_SUBSET := tests/unit tests/pipeline tests/integration/test_forwarding.py \

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 #: One name a line, as here: the Makefile reads them to rebuild when one is edited.
 HOT_MODULES: tuple[str, ...] = (
     "proxy.balancing.breaker",
+    "proxy.cache.hit",
+    "proxy.cache.key",
     "proxy.dataplane.client",
     "proxy.dataplane.upstream",
     "proxy.http.pathnorm",
@@ -109,17 +112,32 @@ def compiled_modules() -> tuple[str, ...]:
     return tuple(name for name in HOT_MODULES if is_compiled(name))
 
 
-def stale_extensions() -> list[str]:
-    """Extension files older than the ``.py`` beside them: an edit a rebuild has not seen.
+def stale_extensions(
+    modules: Sequence[str] = HOT_MODULES, package_dir: Path = _PACKAGE_DIR
+) -> list[str]:
+    """Extension files older than what they were built from: the ``.py`` beside them, its
+    ``.pxd``, and the ``.pxd`` of each module it cimports. An edit a rebuild has not seen.
 
     Such a file would run the old code while the source says otherwise; ``make venv``
     (``pip install -e .``) rebuilds it.
     """
     stale = []
-    for name in HOT_MODULES:
-        source = _PACKAGE_DIR.joinpath(*name.split(".")[1:]).with_suffix(".py")
+    for name in modules:
+        source = _module_path(package_dir, name, ".py")
+        inputs = [source, _module_path(package_dir, name, ".pxd")]
+        inputs += [_module_path(package_dir, other, ".pxd") for other in _cimports(source)]
+        newest = max(path.stat().st_mtime for path in inputs if path.exists())
         for suffix in importlib.machinery.EXTENSION_SUFFIXES:
             built = source.with_suffix(suffix)
-            if built.exists() and built.stat().st_mtime < source.stat().st_mtime:
-                stale.append(str(built.relative_to(_PACKAGE_DIR.parent)))
+            if built.exists() and built.stat().st_mtime < newest:
+                stale.append(str(built.relative_to(package_dir.parent)))
     return stale
+
+
+def _module_path(package_dir: Path, name: str, suffix: str) -> Path:
+    return package_dir.joinpath(*name.split(".")[1:]).with_suffix(suffix)
+
+
+def _cimports(source: Path) -> list[str]:
+    """The modules ``source`` cimports (``from cython.cimports.X import ...``)."""
+    return re.findall(r"^\s*from cython\.cimports\.([\w.]+) import", source.read_text(), re.M)

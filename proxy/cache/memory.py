@@ -55,16 +55,11 @@ class MemoryStore:
                 response.frequency += 1
         return responses
 
-    def lone_variant_now(self, primary: str) -> StoredResponse | None:
-        """The variant stored under ``primary`` when it is the only one (a use, as in
-        ``variants_now``); None when there is none or there are several (nothing used)."""
-        stored = self._variants.get(primary)
-        if stored is None or len(stored) != 1:
-            return None
-        (response,) = stored.values()
-        if response.frequency < MAX_FREQUENCY:
-            response.frequency += 1
-        return response
+    @property
+    def variants_by_key(self) -> dict[str, dict[str, StoredResponse]]:
+        """Every stored variant by primary key, then secondary: for ``hit.FreshHits``, which
+        reads it in compiled code (and counts a use as ``variants_now`` does)."""
+        return self._variants
 
     async def put(self, response: StoredResponse) -> bool:
         return self.put_now(response)

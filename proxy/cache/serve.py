@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 from proxy import redisconn
 from proxy.balancing.retry import FailureKind, status_word
 from proxy.cache.control import CacheControl, field_value, parse_http_date, request_control
+from proxy.cache.hit import HIT_STATUS, FreshHits, send_prepared
 from proxy.cache.key import KeyMaker, cache_url, url_from_purge
 from proxy.cache.lock import Outcome, StampedeLock
 from proxy.cache.memory import MemoryStore
@@ -51,12 +51,11 @@ from proxy.cache.redislock import RedisLock
 from proxy.cache.redisstore import RedisStore
 from proxy.cache.store import BodyWriter, StoredResponse, tags_of
 from proxy.cache.variance import matches, variance
-from proxy.dataplane.client import REASONS
 from proxy.dataplane.upstream import HeadFuture, ResponseHead, UpstreamError
 from proxy.observability import metrics
 from proxy.pipeline.answer import send_buffered, send_error
 from proxy.pipeline.compress import negotiate
-from proxy.pipeline.framing import RESPONSE_REWRITTEN, request_head
+from proxy.pipeline.framing import request_head
 from proxy.pipeline.relay import relay_over, start_relay
 from proxy.pipeline.verdict import Verdict
 from proxy.redisconn import SharedRedis
@@ -70,12 +69,6 @@ CONDITIONAL_FIELDS = frozenset(
 )
 # What most requests carry: no Cache-Control, no Pragma (one shared, never changed).
 NO_DIRECTIVES = CacheControl({}, frozenset())
-HIT_STATUS = b"Cache-Status: sluicegate; hit\r\n"
-# Request fields that may change how a stored response answers: without any of them, a
-# GET for a fresh entry is answered as it is stored (``RouteCache.fresh_hit``).
-ANSWER_CHANGING_FIELDS = frozenset(
-    {b"cache-control", b"pragma", b"if-none-match", b"if-modified-since"}
-)
 
 
 class SharedCache:
@@ -279,15 +272,23 @@ class RouteCache:
             route_config.compress.algorithms if route_config.compress is not None else None
         )
         self.counts = dict.fromkeys((r.value for r in Result), 0)
-        # A store that answers at once (memory) lets a plain fresh hit skip the rest.
+        # A store that answers at once (memory) lets a plain fresh hit skip the rest. It
+        # answers without joining the upstream group (nothing of the group is used: the
+        # retry budget would count it in and out within the same call); the access log
+        # still names the upstream, as for every request on the route.
         self.variants_now = getattr(shared.store, "variants_now", None)
-        self.lone_variant_now = getattr(shared.store, "lone_variant_now", None)
-        self.plain_hits = self.lone_variant_now is not None and route_config.compress is None
-        # A fresh hit answers without joining the upstream group (nothing of the group is
-        # used: the retry budget would count it in and out within the same call); the
-        # access log still names the upstream, as for every request on the route.
-        self.upstream = route_config.upstream
-        self._hit_counter: Any = None  # the route's hit counter, found on the first hit
+        self.fresh_hits: FreshHits | None = (
+            FreshHits(
+                shared.store,
+                self.keys,
+                shared.clock,
+                self.counts,
+                route_metrics,
+                route_config.upstream,
+            )
+            if self.variants_now is not None and route_config.compress is None
+            else None
+        )
 
     def status(self) -> dict[str, int]:
         stats = self.shared.store.stats()
@@ -302,22 +303,12 @@ class RouteCache:
     def on_request(self, ex: Any) -> Verdict:
         """Answered at once from a store that answers at once (a hit needs no task), on
         upstream at once (an unsafe method), or suspended on the lookup's task."""
-        # The path every hit takes, inline: a GET with no directives or conditionals of
-        # its own, for a key with one variant (a use, for eviction), answered when fresh.
-        entry = None
+        # The path most hits take (hit.py): a plain GET for a key with one variant.
+        fresh_hits = self.fresh_hits
+        entry = fresh_hits.lookup(ex) if fresh_hits is not None else None
+        if entry is not None and fresh_hits.answer(ex, entry):  # type: ignore[union-attr]
+            return Verdict.ANSWERED
         request = ex.request
-        if (
-            self.plain_hits
-            and request.method == b"GET"
-            and ex.trace is None
-            and ANSWER_CHANGING_FIELDS.isdisjoint(request.lowered)
-        ):
-            url = cache_url(request.host, request.path, request.target)
-            entry = self.lone_variant_now(  # type: ignore[misc]
-                self.keys.primary(url, request.header) if self.keys.parts else url
-            )
-            if entry is not None and self.fresh_hit(ex, entry):
-                return Verdict.ANSWERED
         ex.join_group()  # not answered at once: it counts as its group's request
         cached = _CachedRequest(self, ex)
         if cached.answer_now([entry] if entry is not None else None):
@@ -339,30 +330,6 @@ class RouteCache:
         as a bypass, and the Cache-Status field that says so (RFC 9211 ``fwd=bypass``)."""
         self.count(ex, Result.BYPASS)
         return BYPASSED_BY_LIMIT
-
-    def fresh_hit(self, ex: Any, entry: StoredResponse) -> bool:
-        """The most common answer with the least work: a plain GET (``on_request``)
-        for a key whose one variant (``entry``) has no Vary and is fresh. It is the answer
-        ``_CachedRequest`` would give (``judge`` without request directives: fresh while
-        the age is under the lifetime, unless ``no-cache``); anything else is left to it
-        (False)."""
-        freshness = entry.freshness
-        if entry.variance or freshness.no_cache:
-            return False
-        # Freshness.age, inline: this is the path every hit takes.
-        since = self.shared.clock() - freshness.response_time
-        age = freshness.initial_age + since if since > 0.0 else freshness.initial_age
-        if age >= freshness.lifetime:
-            return False
-        self.counts["hit"] += 1
-        counter = self._hit_counter
-        if counter is None:  # metrics.cache_result("hit"), its series kept for the next hit
-            counter = self._hit_counter = self.metrics.cache_counter("hit")
-        counter.value += 1  # as per-request series count: the files get it at the flush
-        ex.cache_status = "hit"
-        ex.upstream = self.upstream
-        send_prepared(ex, entry, age, ex.extra_headers + HIT_STATUS)
-        return True
 
     def count(self, ex: Any, result: Result) -> None:
         word = result.value
@@ -750,95 +717,6 @@ class _CachedRequest:
         head.content_length = len(entry.body)
         ex.extra_headers = self.base_extra + b"Cache-Status: sluicegate; " + status_word + b"\r\n"
         send_buffered(ex, head, entry.body if head.has_body else b"")
-
-
-def send_prepared(ex: Any, entry: StoredResponse, age: float, extra: bytes) -> None:
-    """A plain GET's answer from ``entry``: its head prepared once (``PreparedHead``) and
-    the per-answer fields after it, the same bytes ``send_stored`` makes through
-    ``send_buffered`` for a 200 with no compression and no trace."""
-    prepared = entry.prepared
-    if prepared is None or prepared.headers is not entry.headers:  # new, or freshened
-        prepared = entry.prepared = PreparedHead(entry)
-    request = ex.request
-    conn = ex.conn
-    close = not request.keep_alive or conn.listener.shutting_down
-    body = entry.body
-    ex.extra_headers = extra
-    if not prepared.age_from <= age < prepared.age_until:  # Age counts whole seconds
-        prepared.set_age(age)
-    if close:
-        end = b"Connection: close\r\n\r\n"
-        request.close_after()
-    elif request.version == "1.0":
-        end = b"Connection: keep-alive\r\n\r\n"
-    else:
-        end = b"\r\n"
-    # One join, not a bytes object per piece added.
-    if prepared.has_request_id:
-        head = b"".join((prepared.head_with_age, extra, ex.sticky_cookie, end))
-    else:
-        head = b"".join(
-            (
-                prepared.head_with_age,
-                b"X-Request-ID: ",
-                request.request_id,
-                b"\r\n",
-                extra,
-                ex.sticky_cookie,
-                end,
-            )
-        )
-    conn.respond(head, body)
-    ex.status = entry.status
-    ex.bytes_out += len(body)
-
-
-class PreparedHead:
-    """A stored response's head as every plain GET hit sends it, up to ``Age``: the status
-    line and the stored fields (those the proxy rewrites left out), built once per entry
-    and again when a revalidation replaces its fields; then with ``Age`` and
-    ``Content-Length`` (``head_with_age``), built again when the Age in whole seconds
-    changes (once a second at most: the hits in between send the same bytes)."""
-
-    __slots__ = (
-        "age_from",
-        "age_until",
-        "has_request_id",
-        "head",
-        "head_with_age",
-        "headers",
-        "length_line",
-    )
-
-    def __init__(self, entry: StoredResponse) -> None:
-        self.headers = entry.headers  # what it was built from (a 304 replaces the list)
-        reason = entry.reason or REASONS.get(entry.status, b"")
-        parts = [b"HTTP/1.1 %d %b\r\n" % (entry.status, reason)]
-        dropped: set[bytes] = set()
-        for name, value in entry.headers:
-            if name.lower() == b"connection":
-                dropped.update(token.strip().lower() for token in value.split(b","))
-        self.has_request_id = False
-        for name, value in entry.headers:
-            lowered = name.lower()
-            if lowered in RESPONSE_REWRITTEN or lowered in dropped:
-                continue
-            if lowered == b"x-request-id":
-                self.has_request_id = True
-            parts += (name, b": ", value, b"\r\n")
-        self.head = b"".join(parts)
-        self.length_line = b"Content-Length: %d\r\n" % len(entry.body)  # the body stays
-        self.age_from = self.age_until = 0.0  # no Age yet: the first answer sets it
-        self.head_with_age = b""
-
-    def set_age(self, age: float) -> None:
-        """``head_with_age`` for ``age`` seconds, and the ages it stays right for."""
-        whole = int(age)  # as b"%d" % age writes it
-        # [whole, whole + 1) truncates to whole; a negative age (never, as computed) is
-        # kept for no other.
-        self.age_from = float(whole) if age >= 0.0 else math.inf
-        self.age_until = whole + 1.0
-        self.head_with_age = self.head + b"Age: %d\r\n" % whole + self.length_line
 
 
 def _not_modified(

@@ -86,49 +86,6 @@ class Exchange:
     about 100 instructions a read more from Python than a ``__slots__`` field: worth it only
     while the compiled side does most of the reading (DESIGN.md, "The compiled hot path")."""
 
-    attempt = cython.declare(object, visibility="public")
-    attempts = cython.declare(object, visibility="public")
-    body_chunked = cython.declare(object, visibility="public")
-    books_closed = cython.declare(cython.bint)
-    budget = cython.declare(object, visibility="public")
-    bytes_out = cython.declare(object, visibility="public")
-    cache_status = cython.declare(object, visibility="public")
-    clock = cython.declare(object, visibility="public")
-    collector = cython.declare(object, visibility="public")
-    conn = cython.declare(object, visibility="public")
-    error = cython.declare(object, visibility="public")
-    extra_headers = cython.declare(object, visibility="public")
-    filter_at = cython.declare(cython.Py_ssize_t)
-    group = cython.declare(object, visibility="public")
-    head_bytes = cython.declare(object, visibility="public")
-    holding_retry = cython.declare(cython.bint)
-    key = cython.declare(object, visibility="public")
-    last_error = cython.declare(object, visibility="public")
-    last_response = cython.declare(object, visibility="public")
-    limit_key = cython.declare(object, visibility="public")
-    phase = cython.declare(object, visibility="public")
-    pinned = cython.declare(object, visibility="public")
-    rate_limited = cython.declare(object, visibility="public")
-    replayable = cython.declare(object, visibility="public")
-    request = cython.declare(object, visibility="public")
-    response_filter = cython.declare(object, visibility="public")
-    retry_started = cython.declare(object, visibility="public")
-    route = cython.declare(object, visibility="public")
-    route_runtime = cython.declare(object, visibility="public")
-    runtime = cython.declare(object, visibility="public")
-    server = cython.declare(object, visibility="public")
-    started = cython.declare(object, visibility="public")
-    status = cython.declare(object, visibility="public")
-    sticky_cookie = cython.declare(object, visibility="public")
-    sticky_presented = cython.declare(object, visibility="public")
-    suspended_on = cython.declare(object, visibility="public")
-    trace = cython.declare(object, visibility="public")
-    tried = cython.declare(object, visibility="public")
-    tries = cython.declare(object, visibility="public")
-    tunnel = cython.declare(object, visibility="public")
-    upstream = cython.declare(object, visibility="public")
-    upstream_seconds = cython.declare(object, visibility="public")
-
     def __init__(self, conn: Downstream, request: Request, runtime: Any) -> None:
         self.phase = _ROUTED
         self.conn = conn
@@ -767,6 +724,26 @@ class Exchange:
         self.conn.relay_from(None)
         self.conn.request_crashed(self.request)
         self.close_books()
+
+
+if not cython.compiled:
+    # exchange.pxd declares the fields. As Python, those set where first used (see
+    # ``__init__``) read None, and ``filter_at`` 0, until then, as the C fields do.
+    for _unset in (
+        "body_chunked",
+        "collector",
+        "head_bytes",
+        "last_error",
+        "last_response",
+        "pinned",
+        "replayable",
+        "retry_started",
+        "sticky_presented",
+        "suspended_on",
+        "tunnel",
+    ):
+        setattr(Exchange, _unset, None)
+    Exchange.filter_at = 0
 
 
 def handle(conn: Downstream, request: Request) -> None:

@@ -139,3 +139,46 @@ def test_a_fresh_hit_is_counted_and_names_its_upstream_without_joining_its_group
         assert b"\r\nAge: 43\r\n" in sent.sent and HIT_STATUS in sent.sent
         assert cache.counts["hit"] == answer
         assert route_metrics.cache_counter("hit").value == answer
+
+
+def test_a_hit_checks_the_freshness_the_entry_has_now():
+    """The prepared head keeps the freshness it was built with; a revalidation that
+    replaces the freshness (even with the same fields) is what the next hit checks."""
+    route = RouteConfig(name="r", upstream="u", cache=RouteCacheConfig())
+    shared = SharedCache(CacheConfig(), clock=lambda: NOW)
+    cache = RouteCache(route, shared, RouteMetrics("r-hit-freshness"))
+    entry = stored()
+    shared.store.put_now(entry)
+    fresh_hits = cache.fresh_hits
+    assert fresh_hits is not None
+    ex, _ = exchange("1.1", True, b"", b"", False)
+    assert fresh_hits.lookup(ex) is entry
+    assert fresh_hits.answer(ex, entry)
+    entry.freshness = Freshness(10.0, 0.0, NOW - 60.0, False, False, 0.0, 0.0)  # stale now
+    ex, sent = exchange("1.1", True, b"", b"", False)
+    assert not fresh_hits.answer(ex, entry)
+    assert sent.sent == b""
+    entry.freshness = Freshness(600.0, 0.0, NOW - 5.0, False, True, 0.0, 0.0)  # no-cache
+    assert not fresh_hits.answer(ex, entry)
+    entry.freshness = Freshness(600.0, 0.0, NOW - 5.0, False, False, 0.0, 0.0)
+    assert fresh_hits.answer(ex, entry)
+    assert b"\r\nAge: 5\r\n" in sent.sent
+
+
+def test_only_a_plain_get_for_a_lone_variant_is_looked_up_on_the_hit_path():
+    route = RouteConfig(name="r", upstream="u", cache=RouteCacheConfig())
+    shared = SharedCache(CacheConfig(), clock=lambda: NOW)
+    fresh_hits = RouteCache(route, shared, RouteMetrics("r-hit-lookup")).fresh_hits
+    assert fresh_hits is not None
+    entry = stored()
+    shared.store.put_now(entry)
+    ex, _ = exchange("1.1", True, b"", b"", False)
+    assert fresh_hits.lookup(ex) is entry and entry.frequency == 1  # a use, for eviction
+    for method, lowered in ((b"HEAD", [b"host"]), (b"GET", [b"host", b"if-none-match"])):
+        ex, _ = exchange("1.1", True, b"", b"", False)
+        ex.request.method, ex.request.lowered = method, lowered
+        assert fresh_hits.lookup(ex) is None
+    second = StoredResponse("h/a", "h/a", ((b"accept", b"x"),), 200, b"OK", [], b"", FRESH)
+    shared.store.put_now(second)  # a second variant: the general path chooses
+    ex, _ = exchange("1.1", True, b"", b"", False)
+    assert fresh_hits.lookup(ex) is None

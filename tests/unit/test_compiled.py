@@ -17,7 +17,7 @@ import pytest
 
 import proxy
 from proxy import compiled, cythonshim
-from proxy.compiled import HOT_MODULES, PurePythonFinder
+from proxy.compiled import HOT_MODULES, PurePythonFinder, stale_extensions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXTENSION_SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
@@ -191,3 +191,30 @@ def test_version_says_which_modules_run_compiled(pure: bool) -> None:
     else:
         listed = ", ".join(name.removeprefix("proxy.") for name in HOT_MODULES)
         assert out.endswith(f" (compiled: {listed})\n"), out
+
+
+def test_an_extension_is_stale_after_an_edit_to_its_source_or_a_pxd_it_cimports(tmp_path):
+    """A ``.pxd`` is part of what an extension is built from: its own, and the one of each
+    module it cimports (the cache's hit reads the exchange's C fields through it)."""
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text("x = 1\n")
+    (package / "a.pxd").write_text("cdef class A:\n    pass\n")
+    (package / "b.py").write_text("if cython.compiled:\n    from cython.cimports.pkg.a import A\n")
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    built = {name: package / f"{name}{suffix}" for name in ("a", "b")}
+    for path in built.values():
+        path.write_bytes(b"")
+    modules = ("pkg.a", "pkg.b")
+
+    def age_all(seconds: float) -> None:
+        for path in package.iterdir():
+            os.utime(path, (seconds, seconds))
+
+    age_all(1_000.0)
+    assert stale_extensions(modules, package) == []
+    os.utime(package / "a.pxd", (2_000.0, 2_000.0))  # the declarations b cimports
+    assert stale_extensions(modules, package) == [f"pkg/a{suffix}", f"pkg/b{suffix}"]
+    age_all(1_000.0)
+    os.utime(package / "b.py", (2_000.0, 2_000.0))
+    assert stale_extensions(modules, package) == [f"pkg/b{suffix}"]
