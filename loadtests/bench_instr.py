@@ -171,6 +171,10 @@ def measure(
             ok = drive(port, probe, args.requests, args.connections)
             control("--dump", proc.pid)
             total = dumped_instructions(outdir, proc.pid, before)
+            if args.keep_dumps is not None:
+                args.keep_dumps.mkdir(parents=True, exist_ok=True)
+                for dump in set(outdir.glob(f"callgrind.out.{proc.pid}.*")) - before:
+                    shutil.copy(dump, args.keep_dumps / f"{name}-{probe.label}.callgrind")
             if ok != args.requests:
                 missing = args.requests - ok
                 raise RuntimeError(f"{name} {probe.label}: {missing} of {args.requests} not 200")
@@ -288,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rate-limited", action="store_true", help="Sluicegate's route has an in-memory limit"
     )
     parser.add_argument("--only", help="comma-separated targets (nginx,forwarder,sluicegate)")
+    parser.add_argument(
+        "--keep-dumps",
+        type=Path,
+        help="copy the callgrind dumps here, for callgrind_annotate (one per probe)",
+    )
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     out = bench.RESULTS_DIR
     out.mkdir(exist_ok=True)
     (out / f"instr-{args.scenario}.json").write_text(
-        json.dumps({"args": vars(args), "results": results}, indent=2)
+        json.dumps({"args": vars(args), "results": results}, indent=2, default=str)
     )
     return 0
 
