@@ -25,6 +25,8 @@ bint = bool
 uchar = int
 Py_ssize_t = int
 longlong = int
+long = int
+Py_UCS4 = str  # one character
 
 
 def _unchanged(thing: _T) -> _T:

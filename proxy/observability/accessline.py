@@ -24,7 +24,16 @@ try:
 except ModuleNotFoundError:  # run as Python where Cython is not installed
     from proxy import cythonshim as cython
 
+if cython.compiled:  # C's rint rounds half to even in the default rounding mode
+    from cython.cimports.libc.math import rint as _round_half_even
+    from cython.cimports.proxy.pipeline.exchange import Exchange
+else:
+    from proxy.pipeline.exchange import Exchange
+
+    _round_half_even = round
+
 _escape = json.encoder.encode_basestring_ascii  # C; quotes and escapes one string
+_wall_clock = time.time  # a module global: no attribute lookup on ``time`` a line
 _EMPTY = '""'  # an empty string field
 
 # format_time's caches: tens of lines share each millisecond under load, and strftime runs
@@ -42,11 +51,11 @@ def format_time(epoch_seconds: float) -> str:
 
 
 @cython.cfunc
-def _format_time(epoch_seconds: Any) -> str:
+def _format_time(epoch_seconds: cython.double) -> str:
     global _cached_second, _cached_second_text, _cached_milli, _cached_milli_text
-    # Round once on the whole millisecond count (Python's round: half to even): 0.123 is
-    # 0.12299.. as a float.
-    count: cython.longlong = round(epoch_seconds * 1000)
+    # Round once on the whole millisecond count (half to even, as Python's round): 0.123
+    # is 0.12299.. as a float.
+    count: cython.longlong = cython.cast(cython.longlong, _round_half_even(epoch_seconds * 1000))
     if count == _cached_milli:
         return _cached_milli_text
     whole: cython.longlong = count // 1000
@@ -128,31 +137,103 @@ def _json_host(host: bytes) -> str:
 
 def json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
     """The access log's JSON line of a served request (see the module's docstring)."""
+    if type(outcome) is Exchange:  # every request that was routed: its fields are C fields
+        ex: Exchange = outcome
+        return _line(
+            request,
+            client_ip,
+            duration,
+            ex.route,
+            ex.upstream,
+            ex.server,
+            ex.status,
+            ex.bytes_out,
+            ex.upstream_seconds,
+            ex.tries,
+            ex.rate_limited,
+            ex.error,
+            ex.cache_status,
+            ex.attempts,
+        )
+    return _line(  # a refusal before routing (the daemon's), or any record alike
+        request,
+        client_ip,
+        duration,
+        outcome.route,
+        outcome.upstream,
+        outcome.server,
+        outcome.status,
+        outcome.bytes_out,
+        outcome.upstream_seconds,
+        outcome.tries,
+        outcome.rate_limited,
+        outcome.error,
+        outcome.cache_status,
+        outcome.attempts,
+    )
+
+
+@cython.cfunc
+def _line(
+    request: Any,
+    client_ip: str,
+    duration: cython.double,
+    route: Any,
+    upstream: Any,
+    server: Any,
+    status: cython.longlong,
+    bytes_out: cython.longlong,
+    upstream_seconds: cython.double,
+    tries: cython.longlong,
+    rate_limited: Any,
+    error: Any,
+    cache_status: Any,
+    attempts: Any,
+) -> str:
     body = request.body
     request_id = request.request_id
     host = request.host
-    error = outcome.error
-    status: cython.longlong = outcome.status
     bytes_in: cython.longlong = body.received if body is not None else 0
-    bytes_out: cython.longlong = outcome.bytes_out
-    tries: cython.longlong = outcome.tries
     duration_ms: cython.double = duration * 1000
-    upstream_ms: cython.double = outcome.upstream_seconds * 1000
+    upstream_ms: cython.double = upstream_seconds * 1000
     return (
-        f'{{"time":"{_format_time(time.time())}"'
-        f',"request_id":{_escape(request_id.decode("latin-1")) if request_id else _EMPTY}'
-        f',"client_ip":{_escape(client_ip)}'
+        f'{{"time":"{_format_time(_wall_clock())}"'
+        f',"request_id":{_json_bytes(request_id) if request_id else _EMPTY}'
+        f',"client_ip":{_json_str(client_ip)}'
         f',"method":{_json_name(request.method)}'
         f',"host":{_json_host(host) if host else _EMPTY}'
-        f',"path":{_escape(request.path.decode("latin-1"))}'
-        f",{_json_place(outcome.route, outcome.upstream, outcome.server)}"
+        f',"path":{_json_bytes(request.path)}'
+        f",{_json_place(route, upstream, server)}"
         f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
         f',"duration_ms":{duration_ms:.3f},"upstream_duration_ms":{upstream_ms:.3f}'
-        f',"tries":{tries},"rate_limited":{"true" if outcome.rate_limited else "false"}'
-        f',"error":{_escape(error) if error else _EMPTY}'
-        f',"cache":{_json_name(outcome.cache_status)}'
-        f"{_attempts_field(outcome.attempts)}}}"
+        f',"tries":{tries},"rate_limited":{"true" if rate_limited else "false"}'
+        f',"error":{_json_str(error) if error else _EMPTY}'
+        f',"cache":{_json_name(cache_status)}'
+        f"{_attempts_field(attempts)}}}"
     )
+
+
+@cython.cfunc
+def _json_str(text: str) -> str:
+    """``text`` as a JSON string: quoted as it is when no character needs escaping (the
+    common case, and what the encoder would return), else by the encoder."""
+    char: cython.Py_UCS4
+    code: cython.long
+    for char in text:
+        code = ord(char)
+        if code < 0x20 or code > 0x7E or code == 0x22 or code == 0x5C:  # control, ", backslash
+            return _escape(text)
+    return '"' + text + '"'
+
+
+@cython.cfunc
+def _json_bytes(data: bytes) -> str:
+    """Latin-1 ``data`` as a JSON string, as ``_escape(data.decode("latin-1"))`` says it."""
+    byte: cython.uchar
+    for byte in data:
+        if byte < 0x20 or byte > 0x7E or byte == 0x22 or byte == 0x5C:  # as for a str
+            return _escape(data.decode("latin-1"))
+    return '"' + data.decode("ascii") + '"'
 
 
 @cython.cfunc

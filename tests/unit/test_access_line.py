@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii as _escape
 from types import SimpleNamespace
 
 import pytest
 
 from proxy.observability.accessline import json_line as _json_line
 from proxy.observability.accesslog import FIELDS, format_json
+from proxy.pipeline.exchange import Exchange
 
 
 def _exchange(path: bytes, error: str, attempts: list) -> tuple:
@@ -101,3 +103,49 @@ def test_cached_fragments_follow_each_line():
         ("web", "backend", "10.0.0.1:80", "a.example"),
         ("api", "other", "10.0.0.1:80", ""),
     ]
+
+
+def _routed(request: SimpleNamespace, outcome: SimpleNamespace) -> Exchange:
+    """The same outcome as a real exchange (the line reads its fields as C fields)."""
+    conn = SimpleNamespace()
+    ex = Exchange(conn, request, runtime=SimpleNamespace(clock=lambda: 0.0))  # type: ignore[arg-type]
+    for name, value in vars(outcome).items():
+        setattr(ex, name, value)
+    return ex
+
+
+@pytest.mark.parametrize("attempts", [[], [{"server": "10.0.0.1:80", "outcome": 200, "ms": 3.36}]])
+def test_an_exchange_gives_the_line_any_outcome_with_its_fields_gives(attempts):
+    request, outcome = _exchange(b"/v1/items", "upstream timed out", attempts)
+    generic = _json_line(request, outcome, "203.0.113.9", 0.5)
+    routed = _json_line(request, _routed(request, outcome), "203.0.113.9", 0.5)
+    after_time = generic.index(',"request_id"')
+    assert routed[routed.index(',"request_id"') :] == generic[after_time:]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain",
+        "",
+        'quote " inside',
+        "back\\slash",
+        "tab\tand\x01control",
+        "del\x7f",
+        "latin \xe9 and \xff",
+        "~ and space ",
+    ],
+)
+def test_strings_are_written_as_the_json_encoder_writes_them(text):
+    """Strings with nothing to escape are quoted as they are; the others go through the
+    encoder: either way the bytes are the encoder's."""
+    request, outcome = _exchange(text.encode("latin-1"), text, [])
+    request.request_id = text.encode("latin-1") or b"x"
+    line = _json_line(request, outcome, text, 0.5)
+    escaped = _escape(text)
+    assert f',"client_ip":{escaped},' in line
+    assert f',"path":{escaped},' in line
+    assert f',"error":{escaped if text else chr(34) * 2},' in line
+    if text:
+        assert f',"request_id":{escaped},' in line
+    json.loads(line)

@@ -3,7 +3,9 @@
 import io
 import json
 import os
+import random
 import threading
+import time
 
 import pytest
 
@@ -68,6 +70,19 @@ def test_time_is_rfc3339_utc_with_milliseconds():
     assert format_time(1714564800.123) == "2024-05-01T12:00:00.123Z"
     assert format_time(0) == "1970-01-01T00:00:00.000Z"
     assert format_time(59.9996) == "1970-01-01T00:01:00.000Z"
+
+
+def test_format_time_rounds_the_milliseconds_half_to_even_as_python_does():
+    """Compiled, the millisecond count is C's rint (half to even in the default rounding
+    mode): the same whole milliseconds as Python's round, halves included."""
+    rng = random.Random(7)
+    epochs = [0.0005, 0.0015, 0.0025, 1.0005, 1714564800.0005, 1714564800.1235]
+    epochs += [rng.uniform(0, 2e9) for _ in range(2000)]
+    for epoch in epochs:
+        count = round(epoch * 1000)
+        whole, millis = divmod(count, 1000)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+        assert format_time(epoch) == expected, epoch
 
 
 def test_json_line_has_exactly_the_spec_fields_in_order():
