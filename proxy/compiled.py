@@ -45,6 +45,7 @@ HOT_MODULES: tuple[str, ...] = (
     "proxy.pipeline.attempt",
     "proxy.pipeline.exchange",
     "proxy.pipeline.framing",
+    "proxy.pipeline.state",
     "proxy.ratelimit.bucket",
 )
 

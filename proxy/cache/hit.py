@@ -10,7 +10,7 @@ fields as they leave, the freshness figures the hit checks, and the ``Age`` line
 again only when the age in whole seconds changes. A revalidation replaces the entry's
 fields and freshness, and the next hit sees it and prepares again.
 
-Compiled (proxy/compiled.py): the exchange is cimported (exchange.pxd), so its fields are
+Compiled (proxy/compiled.py): the exchange's fields are cimported (state.pxd), so they are
 C fields here; the prepared head is an extension type of this module. What stays Python
 (the request, the stored entry) is read a few times a hit.
 """
@@ -31,9 +31,9 @@ from proxy.dataplane.client import REASONS
 from proxy.pipeline.framing import RESPONSE_REWRITTEN
 
 if cython.compiled:
-    from cython.cimports.proxy.pipeline.exchange import Exchange
+    from cython.cimports.proxy.pipeline.state import ExchangeState
 else:
-    from proxy.pipeline.exchange import Exchange
+    from proxy.pipeline.state import ExchangeState
 
 HIT_STATUS = b"Cache-Status: sluicegate; hit\r\n"
 # Request fields that may change how a stored response answers: without any of them, a
@@ -123,7 +123,7 @@ def _prepared(entry: Any) -> PreparedHead:
 
 
 @cython.cfunc
-def _send(ex: Exchange, prepared: PreparedHead, age: cython.double, extra: bytes) -> None:
+def _send(ex: ExchangeState, prepared: PreparedHead, age: cython.double, extra: bytes) -> None:
     request = ex.request
     conn = ex.conn
     if not prepared.age_from <= age < prepared.age_until:  # Age counts whole seconds
@@ -157,7 +157,7 @@ def _send(ex: Exchange, prepared: PreparedHead, age: cython.double, extra: bytes
     ex.bytes_out += len(body)
 
 
-def send_prepared(ex: Exchange, entry: Any, age: float, extra: bytes) -> None:
+def send_prepared(ex: ExchangeState, entry: Any, age: float, extra: bytes) -> None:
     """A plain GET's answer from ``entry``, ``age`` seconds old: the same bytes the general
     path (``send_stored`` through ``send_buffered``) makes for a 200 with no compression
     and no trace."""
@@ -188,7 +188,7 @@ class FreshHits:
         self.hit_counter = None
 
     @cython.ccall
-    def lookup(self, ex: Exchange) -> object:
+    def lookup(self, ex: ExchangeState) -> object:
         """The one variant stored for a plain GET's key (a use, for eviction), or None:
         not a plain GET, nothing stored, or several variants (the general path looks)."""
         request = ex.request
@@ -211,7 +211,7 @@ class FreshHits:
         return None
 
     @cython.ccall
-    def answer(self, ex: Exchange, entry: Any) -> cython.bint:
+    def answer(self, ex: ExchangeState, entry: Any) -> cython.bint:
         """Answer with ``entry`` when it is fresh and plain (True); else leave it to the
         general path (False). The same answer ``judge`` gives a request without directives:
         fresh while the age is under the lifetime, unless ``no-cache``."""

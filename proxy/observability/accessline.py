@@ -26,9 +26,9 @@ except ModuleNotFoundError:  # run as Python where Cython is not installed
 
 if cython.compiled:  # C's rint rounds half to even in the default rounding mode
     from cython.cimports.libc.math import rint as _round_half_even
-    from cython.cimports.proxy.pipeline.exchange import Exchange
+    from cython.cimports.proxy.pipeline.state import ExchangeState
 else:
-    from proxy.pipeline.exchange import Exchange
+    from proxy.pipeline.state import ExchangeState
 
     _round_half_even = round
 
@@ -137,8 +137,8 @@ def _json_host(host: bytes) -> str:
 
 def json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
     """The access log's JSON line of a served request (see the module's docstring)."""
-    if type(outcome) is Exchange:  # every request that was routed: its fields are C fields
-        ex: Exchange = outcome
+    if isinstance(outcome, ExchangeState):  # every request routed: its fields are C fields
+        ex: ExchangeState = outcome
         return _line(
             request,
             client_ip,

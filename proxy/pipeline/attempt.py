@@ -14,6 +14,11 @@ except ModuleNotFoundError:  # run as Python where Cython is not installed
 from proxy.balancing.retry import FailureKind, status_word
 from proxy.pipeline.relay import send_request
 
+if cython.compiled:
+    from cython.cimports.proxy.pipeline.state import ExchangeState
+else:
+    from proxy.pipeline.state import ExchangeState
+
 STATUS_WORDS = {status: status_word(status) for status in range(100, 600)}
 _ERROR = FailureKind.ERROR
 
@@ -21,8 +26,9 @@ _ERROR = FailureKind.ERROR
 @cython.cclass
 class Attempt:
     # Compiled (proxy/compiled.py), its fields are C fields: only the exchange reads them.
+    # The exchange's own are C fields here too (state.pxd).
     entry = cython.declare(object, visibility="public")
-    ex = cython.declare(object, visibility="public")
+    ex = cython.declare(ExchangeState, visibility="public")
     metrics = cython.declare(object)
     race_left = cython.declare(cython.bint, visibility="public")
     retry_word = cython.declare(object, visibility="public")
@@ -33,7 +39,7 @@ class Attempt:
     upstream = cython.declare(object, visibility="public")
     verdict = cython.declare(object)
 
-    def __init__(self, ex: Any, server: Any) -> None:
+    def __init__(self, ex: ExchangeState, server: Any) -> None:
         server.in_flight += 1
         server.requests += 1
         self.metrics = metrics = server.metrics
@@ -175,7 +181,7 @@ class Attempt:
 
 
 @cython.cfunc
-def _log_attempt(ex: Any, entry: dict) -> None:
+def _log_attempt(ex: ExchangeState, entry: dict) -> None:
     """One try, as the access log and the trace list it."""
     attempts = ex.attempts
     if attempts:

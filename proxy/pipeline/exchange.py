@@ -51,6 +51,11 @@ from proxy.pipeline.routing import cookie_value
 from proxy.pipeline.tunnel import Tunnel
 from proxy.pipeline.verdict import Verdict
 
+if cython.compiled:
+    from cython.cimports.proxy.pipeline.state import ExchangeState
+else:
+    from proxy.pipeline.state import ExchangeState
+
 _ROUTED = Phase.ROUTED
 _REQUEST_FILTERS = Phase.REQUEST_FILTERS
 _BODY = Phase.BODY
@@ -74,17 +79,18 @@ _NO_ATTEMPTS: Any = ()
 
 
 @cython.cclass
-class Exchange:
+class Exchange(ExchangeState):
     """One request on its way through the pipeline: its phase, what was decided and what
     happened. Feeds the access log, metrics and the decision trace; is the waiter of its
     upstream exchange (``head_received`` / ``head_failed``), the listener of its relay,
     held body, connect, failed-body collector and tunnel.
 
     Compiled (proxy/compiled.py), an extension type: its own steps read and write its
-    fields as C fields and call each other as C functions. The fields stay public (the
-    filters, the cache, answer.py, attempt.py and the access log read and write them), at
-    about 100 instructions a read more from Python than a ``__slots__`` field: worth it only
-    while the compiled side does most of the reading (DESIGN.md, "The compiled hot path")."""
+    fields (``ExchangeState``, state.py) as C fields and call each other as C functions.
+    The fields stay public: the filters and answer.py read and write them from Python, at
+    about 100 instructions a read more than a ``__slots__`` field, and the compiled attempt,
+    the cache's fresh hit and the access line as C fields, through state.pxd (DESIGN.md,
+    "The compiled hot path")."""
 
     def __init__(self, conn: Downstream, request: Request, runtime: Any) -> None:
         self.phase = _ROUTED
@@ -724,26 +730,6 @@ class Exchange:
         self.conn.relay_from(None)
         self.conn.request_crashed(self.request)
         self.close_books()
-
-
-if not cython.compiled:
-    # exchange.pxd declares the fields. As Python, those set where first used (see
-    # ``__init__``) read None, and ``filter_at`` 0, until then, as the C fields do.
-    for _unset in (
-        "body_chunked",
-        "collector",
-        "head_bytes",
-        "last_error",
-        "last_response",
-        "pinned",
-        "replayable",
-        "retry_started",
-        "sticky_presented",
-        "suspended_on",
-        "tunnel",
-    ):
-        setattr(Exchange, _unset, None)
-    Exchange.filter_at = 0
 
 
 def handle(conn: Downstream, request: Request) -> None:
