@@ -31,6 +31,7 @@ from proxy.pipeline.compress import CompressRule
 from proxy.pipeline.compression_filter import CompressionFilter
 from proxy.pipeline.filters import request_filters
 from proxy.pipeline.routing import Router
+from proxy.pipeline.state import ExchangeState
 
 log = logging.getLogger("sluicegate")
 
@@ -106,22 +107,20 @@ class RouteRuntime:
         }
 
 
-class Refusal:
+class Refusal(ExchangeState):
     """The outcome, for the access log, of a request the connection answered itself
     before any route saw it (400 malformed, 413 declared too large, 431, 408): nginx
-    logs those too. Same fields as a forwarded request's ``Exchange``."""
-
-    __slots__ = ("bytes_out", "error", "status")
-    route = upstream = server = cache_status = ""
-    upstream_seconds = 0.0
-    tries = 0
-    rate_limited = False
-    attempts: tuple[()] = ()
+    logs those too. An exchange's fields (``ExchangeState``), as a routed request has."""
 
     def __init__(self, status: int, reason: str, bytes_out: int) -> None:
         self.status = status
         self.error = reason
         self.bytes_out = bytes_out
+        self.route = self.upstream = self.server = self.cache_status = ""
+        self.upstream_seconds = 0.0
+        self.tries = 0
+        self.rate_limited = False
+        self.attempts = ()
 
 
 class Runtime:

@@ -135,67 +135,18 @@ def _json_host(host: bytes) -> str:
     return encoded
 
 
-def json_line(request: Any, outcome: Any, client_ip: str, duration: float) -> str:
-    """The access log's JSON line of a served request (see the module's docstring)."""
-    if isinstance(outcome, ExchangeState):  # every request routed: its fields are C fields
-        ex: ExchangeState = outcome
-        return _line(
-            request,
-            client_ip,
-            duration,
-            ex.route,
-            ex.upstream,
-            ex.server,
-            ex.status,
-            ex.bytes_out,
-            ex.upstream_seconds,
-            ex.tries,
-            ex.rate_limited,
-            ex.error,
-            ex.cache_status,
-            ex.attempts,
-        )
-    return _line(  # a refusal before routing (the daemon's), or any record alike
-        request,
-        client_ip,
-        duration,
-        outcome.route,
-        outcome.upstream,
-        outcome.server,
-        outcome.status,
-        outcome.bytes_out,
-        outcome.upstream_seconds,
-        outcome.tries,
-        outcome.rate_limited,
-        outcome.error,
-        outcome.cache_status,
-        outcome.attempts,
-    )
-
-
-@cython.cfunc
-def _line(
-    request: Any,
-    client_ip: str,
-    duration: cython.double,
-    route: Any,
-    upstream: Any,
-    server: Any,
-    status: cython.longlong,
-    bytes_out: cython.longlong,
-    upstream_seconds: cython.double,
-    tries: cython.longlong,
-    rate_limited: Any,
-    error: Any,
-    cache_status: Any,
-    attempts: Any,
-) -> str:
+def json_line(request: Any, outcome: ExchangeState, client_ip: str, duration: float) -> str:
+    """The access log's JSON line of a served request (see the module's docstring): the
+    outcome is an exchange's (or a refusal's) fields, C fields here (state.pxd)."""
     body = request.body
     request_id = request.request_id
     host = request.host
     bytes_in: cython.longlong = body.received if body is not None else 0
+    status: cython.longlong = outcome.status
+    bytes_out: cython.longlong = outcome.bytes_out
+    tries: cython.longlong = outcome.tries
     duration_ms: cython.double = duration * 1000
-    upstream_ms: cython.double = upstream_seconds * 1000
+    upstream_ms: cython.double = outcome.upstream_seconds * 1000
     return (
         f'{{"time":"{_format_time(_wall_clock())}"'
         f',"request_id":{_json_bytes(request_id) if request_id else _EMPTY}'
@@ -203,13 +154,13 @@ def _line(
         f',"method":{_json_name(request.method)}'
         f',"host":{_json_host(host) if host else _EMPTY}'
         f',"path":{_json_bytes(request.path)}'
-        f",{_json_place(route, upstream, server)}"
+        f",{_json_place(outcome.route, outcome.upstream, outcome.server)}"
         f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out}'
         f',"duration_ms":{duration_ms:.3f},"upstream_duration_ms":{upstream_ms:.3f}'
-        f',"tries":{tries},"rate_limited":{"true" if rate_limited else "false"}'
-        f',"error":{_json_str(error) if error else _EMPTY}'
-        f',"cache":{_json_name(cache_status)}'
-        f"{_attempts_field(attempts)}}}"
+        f',"tries":{tries},"rate_limited":{"true" if outcome.rate_limited else "false"}'
+        f',"error":{_json_str(outcome.error) if outcome.error else _EMPTY}'
+        f',"cache":{_json_name(outcome.cache_status)}'
+        f"{_attempts_field(outcome.attempts)}}}"
     )
 
 

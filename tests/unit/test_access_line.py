@@ -8,9 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from proxy.control.runtime import Refusal
 from proxy.observability.accessline import json_line as _json_line
 from proxy.observability.accesslog import FIELDS, format_json
 from proxy.pipeline.exchange import Exchange
+from proxy.pipeline.state import ExchangeState
 
 
 def _exchange(path: bytes, error: str, attempts: list) -> tuple:
@@ -21,19 +23,18 @@ def _exchange(path: bytes, error: str, attempts: list) -> tuple:
         path=path,
         body=SimpleNamespace(received=42),
     )
-    outcome = SimpleNamespace(
-        route="api",
-        upstream="backend",
-        server="10.0.0.1:80",
-        status=502,
-        bytes_out=17,
-        upstream_seconds=0.25,
-        tries=2,
-        rate_limited=True,
-        error=error,
-        attempts=attempts,
-        cache_status="hit",
-    )
+    outcome = ExchangeState()
+    outcome.route = "api"
+    outcome.upstream = "backend"
+    outcome.server = "10.0.0.1:80"
+    outcome.status = 502
+    outcome.bytes_out = 17
+    outcome.upstream_seconds = 0.25
+    outcome.tries = 2
+    outcome.rate_limited = True
+    outcome.error = error
+    outcome.attempts = attempts
+    outcome.cache_status = "hit"
     return request, outcome
 
 
@@ -105,22 +106,23 @@ def test_cached_fragments_follow_each_line():
     ]
 
 
-def _routed(request: SimpleNamespace, outcome: SimpleNamespace) -> Exchange:
-    """The same outcome as a real exchange (the line reads its fields as C fields)."""
-    conn = SimpleNamespace()
-    ex = Exchange(conn, request, runtime=SimpleNamespace(clock=lambda: 0.0))  # type: ignore[arg-type]
-    for name, value in vars(outcome).items():
-        setattr(ex, name, value)
-    return ex
-
-
-@pytest.mark.parametrize("attempts", [[], [{"server": "10.0.0.1:80", "outcome": 200, "ms": 3.36}]])
-def test_an_exchange_gives_the_line_any_outcome_with_its_fields_gives(attempts):
-    request, outcome = _exchange(b"/v1/items", "upstream timed out", attempts)
-    generic = _json_line(request, outcome, "203.0.113.9", 0.5)
-    routed = _json_line(request, _routed(request, outcome), "203.0.113.9", 0.5)
-    after_time = generic.index(',"request_id"')
-    assert routed[routed.index(',"request_id"') :] == generic[after_time:]
+def test_a_routed_exchange_and_a_refusal_give_their_own_fields():
+    """What the pipeline passes (an ``Exchange``) and what the daemon passes for a request
+    it refused before routing (a ``Refusal``) are both an exchange's fields."""
+    request, _ = _exchange(b"/v1/items", "", [])
+    ex = Exchange(SimpleNamespace(), request, runtime=SimpleNamespace(clock=lambda: 0.0))  # type: ignore[arg-type]
+    ex.route, ex.upstream, ex.server, ex.status = "api", "backend", "10.0.0.1:80", 200
+    routed = json.loads(_json_line(request, ex, "203.0.113.9", 0.5))
+    assert (routed["route"], routed["status"], routed["tries"], routed["cache"]) == (
+        "api",
+        200,
+        0,
+        "",
+    )
+    refused = json.loads(_json_line(request, Refusal(431, "head too large", 9), "::1", 0.0))
+    assert (refused["status"], refused["error"], refused["bytes_out"]) == (431, "head too large", 9)
+    assert (refused["route"], refused["upstream"], refused["server"]) == ("", "", "")
+    assert "attempts" not in refused
 
 
 @pytest.mark.parametrize(
