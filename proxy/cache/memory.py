@@ -58,7 +58,8 @@ class MemoryStore:
     @property
     def variants_by_key(self) -> dict[str, dict[str, StoredResponse]]:
         """Every stored variant by primary key, then secondary: for ``hit.FreshHits``, which
-        reads it in compiled code (and counts a use as ``variants_now`` does)."""
+        keeps it (the same dict for the store's life) and reads it in compiled code,
+        counting a use as ``variants_now`` does."""
         return self._variants
 
     async def put(self, response: StoredResponse) -> bool:
