@@ -30,7 +30,7 @@ class StoredResponse:
     freshness: Freshness
     tags: tuple[str, ...] = ()
     frequency: int = field(default=0)  # eviction bookkeeping (memory store)
-    # The head a hit sends, built on the first hit (serve.PreparedHead); never stored
+    # The head a hit sends, built on the first hit (hit.PreparedHead); never stored
     # elsewhere, not part of the response.
     prepared: Any = field(default=None, repr=False)
 
