@@ -12,11 +12,13 @@ here, so every mode reaches every user alike:
   from them and refreshes it after a connection error. Every key a single call touches
   must hash to one slot: ``hash_tagged`` makes such keys.
 
-The password (``password_env``) goes to the data nodes only, read from the environment
-at each connect by a credential provider: it is never stored on the client, so no
-``repr``, log line, error message or ``/status`` can show it. Sentinels are asked without
-a password (a sentinel with ``requirepass`` refuses them: keep sentinels on a private
-network). A URL may carry its own password instead; config refuses both at once.
+The password (``password_env``) is read from the environment at each connect by a
+credential provider: it is never stored on the client, so no ``repr``, log line, error
+message or ``/status`` can show it. It goes to the data nodes, and to the sentinels too:
+sentinels that require one (``requirepass``, as Helm charts set it to the data nodes'
+password) get it, and a sentinel without a password of its own, which refuses an AUTH,
+is asked again on the same connection without one (``_sentinel_connected``). A URL may
+carry its own password instead; config refuses both at once.
 
 Retries inside redis-py are off in every mode: callers bound each call with their own
 deadline and have their own fallback, and a retry would double the time a dead Redis
@@ -38,6 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
+from redis.exceptions import AuthenticationError
 
 from proxy.config import RedisConfig
 
@@ -152,15 +155,16 @@ def connect(
     listed = ",".join(config.nodes)
     if config.mode == "sentinel":
         assert config.master is not None
-        sentinel = Sentinel(
-            nodes,
-            sentinel_kwargs={
-                "socket_connect_timeout": connect_timeout,
-                # Sentinel queries happen inside a connect; bound each of them alike.
-                "socket_timeout": connect_timeout,
-                "retry": Retry(NoBackoff(), 0),
-            },
-        )
+        sentinel_options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout,
+            # Sentinel queries happen inside a connect; bound each of them alike.
+            "socket_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if config.password_env:
+            sentinel_options["credential_provider"] = EnvPassword(config.password_env)
+            sentinel_options["redis_connect_func"] = _sentinel_connected
+        sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options)
         client = sentinel.master_for(config.master, db=config.db, **options)
         where = f"sentinel master {config.master} db {config.db} via {listed}"
         return SharedRedis("sentinel", client, where, sentinel)
@@ -170,6 +174,25 @@ def connect(
         )
         return SharedRedis("cluster", client, f"cluster via {listed}")
     raise ValueError(f"unknown redis mode {config.mode!r}")
+
+
+# What a server without a password says to AUTH (Redis 6 and later; before).
+_NO_PASSWORD_SET = ("without any password configured", "no password is set")
+
+
+async def _sentinel_connected(connection: Any) -> None:
+    """A new connection to a sentinel: set up with the password (redis-py's
+    ``on_connect``), or, when this sentinel has none of its own and refuses the AUTH,
+    without it. The connection remembers: it reconnects without AUTH."""
+    try:
+        await connection.on_connect()
+    except AuthenticationError as error:
+        if connection.credential_provider is None or not any(
+            words in str(error) for words in _NO_PASSWORD_SET
+        ):
+            raise
+        connection.credential_provider = None
+        await connection.on_connect()
 
 
 def _host_port(address: str) -> tuple[str, int]:

@@ -24,8 +24,11 @@ TIMEOUT = 0.1  # redis.timeout in these configs
 LATENCY_BOUND = 2 * TIMEOUT + 0.25
 
 
-@pytest.fixture(params=["sentinel", "cluster"])
+@pytest.fixture(params=["sentinel", "sentinel_with_password", "cluster"])
 def redis_set(request):
+    """``sentinel_with_password``: sentinels with ``requirepass`` (the data nodes'
+    password, as Helm charts set them up); the proxy sends them the password. Plain
+    ``sentinel`` refuses the AUTH, and the proxy asks again without."""
     return request.getfixturevalue(f"redis_{request.param}")
 
 

@@ -7,7 +7,8 @@
   ``redis-sentinel`` processes watching it as ``SentinelSet.MASTER`` with a short
   ``down-after-milliseconds``, so killing the master promotes the replica in a few
   seconds. The data nodes require ``.password`` (``requirepass``, ``masterauth``); the
-  sentinels require none.
+  sentinels require none. ``redis_sentinel_with_password`` is the same set whose
+  sentinels require ``.password`` too (as Helm charts set them up).
 - ``redis_cluster`` yields a ``ClusterSet``: three masters and three replicas made into
   one cluster by ``redis-cli --cluster create``, with a short ``cluster-node-timeout``
   so a killed master's replica takes over in a few seconds; every node requires
@@ -174,8 +175,17 @@ class SentinelSet:
     DOWN_AFTER_MS = 500
     FAILOVER_TIMEOUT_MS = 2000
 
-    def __init__(self, server_binary: str, sentinel_binary: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        server_binary: str,
+        sentinel_binary: str,
+        workdir: Path,
+        *,
+        sentinels_need_password: bool = False,
+    ) -> None:
         self.password = "pw-" + secrets.token_hex(8)
+        # The sentinels' own requirepass (None: they take commands without AUTH).
+        self.sentinel_password = self.password if sentinels_need_password else None
         self.workdir = workdir
         # In the temp dir: a replica writes the RDB it syncs from its master to disk.
         self.master = RedisServer(
@@ -213,6 +223,8 @@ class SentinelSet:
                 f"sentinel auth-pass {self.MASTER} {self.password}\n"
                 f"sentinel down-after-milliseconds {self.MASTER} {self.DOWN_AFTER_MS}\n"
                 f"sentinel failover-timeout {self.MASTER} {self.FAILOVER_TIMEOUT_MS}\n"
+                # Also what each sentinel says to the others.
+                + (f"requirepass {self.sentinel_password}\n" if self.sentinel_password else "")
             )
             self._sentinels.append(
                 subprocess.Popen(
@@ -227,7 +239,7 @@ class SentinelSet:
 
     def _sentinels_ready(self) -> bool:
         for port in self.sentinel_ports:
-            with redis.Redis(port=port, socket_timeout=1, decode_responses=True) as client:
+            with self._sentinel_client(port) as client:
                 state = client.sentinel_master(self.MASTER)
                 if state["num-other-sentinels"] < 2 or state["num-slaves"] < 1:
                     return False
@@ -235,10 +247,13 @@ class SentinelSet:
 
     def master_port(self) -> int:
         """The port of the master as the first sentinel sees it now."""
-        with redis.Redis(
-            port=self.sentinel_ports[0], socket_timeout=1, decode_responses=True
-        ) as client:
+        with self._sentinel_client(self.sentinel_ports[0]) as client:
             return int(client.sentinel_get_master_addr_by_name(self.MASTER)[1])
+
+    def _sentinel_client(self, port: int) -> redis.Redis:
+        return redis.Redis(
+            port=port, password=self.sentinel_password, socket_timeout=1, decode_responses=True
+        )
 
     def kill_master(self, *, freeze: bool = False) -> int:
         """SIGKILL (or ``freeze``: SIGSTOP) the current master; returns its port."""
@@ -258,9 +273,7 @@ class SentinelSet:
         def promoted() -> bool:
             named = set()
             for sentinel_port in self.sentinel_ports:
-                with redis.Redis(
-                    port=sentinel_port, socket_timeout=1, decode_responses=True
-                ) as client:
+                with self._sentinel_client(sentinel_port) as client:
                     named.add(int(client.sentinel_get_master_addr_by_name(self.MASTER)[1]))
             if len(named) != 1 or old_port in named:
                 return False
@@ -448,6 +461,18 @@ def redis_sentinel() -> Iterator[SentinelSet]:
     sentinel = _need("redis-sentinel")
     with _running("sg-sentinel-", lambda workdir: SentinelSet(server, sentinel, workdir)) as s:
         yield s
+
+
+@pytest.fixture
+def redis_sentinel_with_password() -> Iterator[SentinelSet]:
+    server = _need("redis-server")
+    sentinel = _need("redis-sentinel")
+
+    def make(workdir: Path) -> SentinelSet:
+        return SentinelSet(server, sentinel, workdir, sentinels_need_password=True)
+
+    with _running("sg-sentinel-pw-", make) as sentinel_set:
+        yield sentinel_set
 
 
 @pytest.fixture
