@@ -134,19 +134,15 @@ def connect(
     ``decode_responses``, ``max_connections``).
     """
     connect_timeout = config.timeout if connect_timeout is None else connect_timeout
-    options: dict[str, Any] = {
-        "socket_connect_timeout": connect_timeout,
-        "socket_timeout": socket_timeout,
-        "retry": Retry(NoBackoff(), 0),
-        **client_options,
-    }
+    password: dict[str, Any] = {}
     if config.password_env:
-        options["credential_provider"] = EnvPassword(config.password_env)
+        password["credential_provider"] = EnvPassword(config.password_env)
         if not os.environ.get(config.password_env):
             log.warning(
                 "redis.password_env: %s is not set; connecting without a password",
                 config.password_env,
             )
+    options = _bounded(connect_timeout, socket_timeout) | password | client_options
     if config.mode == "single":
         assert config.url is not None
         client = redis.asyncio.Redis.from_url(config.url, retry_on_error=[], **options)
@@ -155,14 +151,9 @@ def connect(
     listed = ",".join(config.nodes)
     if config.mode == "sentinel":
         assert config.master is not None
-        sentinel_options: dict[str, Any] = {
-            "socket_connect_timeout": connect_timeout,
-            # Sentinel queries happen inside a connect; bound each of them alike.
-            "socket_timeout": connect_timeout,
-            "retry": Retry(NoBackoff(), 0),
-        }
-        if config.password_env:
-            sentinel_options["credential_provider"] = EnvPassword(config.password_env)
+        # Sentinel queries happen inside a connect: each is bounded as the connect is.
+        sentinel_options = _bounded(connect_timeout, connect_timeout) | password
+        if password:
             sentinel_options["redis_connect_func"] = _sentinel_connected
         sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options)
         client = sentinel.master_for(config.master, db=config.db, **options)
@@ -174,6 +165,16 @@ def connect(
         )
         return SharedRedis("cluster", client, f"cluster via {listed}")
     raise ValueError(f"unknown redis mode {config.mode!r}")
+
+
+def _bounded(connect_timeout: float, socket_timeout: float | None) -> dict[str, Any]:
+    """The timeouts of a client's connections, and no retries inside redis-py (a fresh
+    ``Retry`` each: redis-py may adjust a client's own)."""
+    return {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
 
 
 # What a server without a password says to AUTH (Redis 6 and later; before).
