@@ -717,13 +717,22 @@ def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
 _RESERVED_KEYS = {Config: {"source"}, UpstreamConfig: {"name"}}
 
 
-def load_config(path: str) -> Config:
-    """Read and validate a YAML config file; raises ConfigError listing every problem."""
+def read_config_file(path: str) -> bytes:
+    """The config file's bytes; raises ConfigError when it cannot be read."""
     try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
+        with open(path, "rb") as file:
+            return file.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+
+
+def load_config(path: str, content: bytes | None = None) -> Config:
+    """Read and validate a YAML config file (``content``: its bytes, when already read);
+    raises ConfigError listing every problem."""
+    if content is None:
+        content = read_config_file(path)
+    try:
+        text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: cannot read config file: not UTF-8 ({exc.reason})"]) from None
     try:

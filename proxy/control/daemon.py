@@ -32,10 +32,10 @@ import time
 from typing import Any
 
 from proxy import __version__
-from proxy.config import Config, load_config
+from proxy.config import Config
 from proxy.control.lifecycle import Lifecycle, Phase
 from proxy.control.runtime import Refusal, Runtime
-from proxy.control.watch import reload_on_change
+from proxy.control.watch import ConfigFile, reload_on_change
 from proxy.dataplane.client import ClientConnection
 from proxy.dataplane.timers import sweeper_for
 from proxy.errors import ConfigError, StartupError
@@ -235,8 +235,12 @@ class ProxyProcess:
         admin_sock: str | None = None,
         count_reloads: bool = True,
         watch: bool = False,
+        config_file: ConfigFile | None = None,
     ) -> None:
         self.path = os.path.abspath(path)
+        # Every reload reads the file through it: ``config_file`` when the caller has
+        # loaded ``config`` through one, so that the watch's baseline is what runs.
+        self.config_file = config_file or ConfigFile(self.path)
         self.watch = watch  # reload when the file's content changes (``run --watch``)
         # Under a supervisor, the supervisor counts each reload once for all workers.
         self.count_reloads = count_reloads
@@ -309,7 +313,7 @@ class ProxyProcess:
             self._flush_metrics_later(loop)
         self._lag_sampler.start(loop)
         if self.watch:
-            self._keep(loop.create_task(reload_on_change(self.path, self.reload)))
+            self._keep(loop.create_task(reload_on_change(self.config_file, self.reload)))
         # Long-lived objects built so far never need the cycle collector again.
         gc.collect()
         gc.freeze()
@@ -362,7 +366,7 @@ class ProxyProcess:
 
     async def reload(self) -> tuple[bool, str]:
         try:
-            config = load_config(self.path)
+            config = self.config_file.load()
             old = self.runtime
             if config.redis != old.config.redis:
                 limiter = self._new_limiter(config)

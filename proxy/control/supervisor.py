@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 from proxy import __version__
-from proxy.config import Config, load_config
-from proxy.control.watch import reload_on_change
+from proxy.config import Config
+from proxy.control.watch import ConfigFile, reload_on_change
 from proxy.errors import ConfigError, StartupError
 
 log = logging.getLogger("sluicegate")
@@ -76,9 +76,16 @@ class Worker:
 
 class Supervisor:
     def __init__(
-        self, path: str, config: Config, workers: int, run_dir: str, *, watch: bool = False
+        self,
+        config_file: ConfigFile,
+        config: Config,
+        workers: int,
+        run_dir: str,
+        *,
+        watch: bool = False,
     ) -> None:
-        self.path = os.path.abspath(path)
+        self.config_file = config_file  # what ``config`` was loaded through
+        self.path = os.path.abspath(config_file.path)
         self.watch = watch
         self.config = config
         self.run_dir = run_dir
@@ -154,7 +161,7 @@ class Supervisor:
         from proxy.observability import metrics  # multiprocess mode: see supervise()
 
         try:
-            config = load_config(self.path)
+            config = self.config_file.load()
         except ConfigError as error:
             message = "; ".join(error.errors)
             log.error("reload failed, keeping the running config: %s", message)
@@ -217,7 +224,7 @@ class Supervisor:
         )
         watchers = [loop.create_task(self._watch())]
         if self.watch:
-            watchers.append(loop.create_task(reload_on_change(self.path, self.reload)))
+            watchers.append(loop.create_task(reload_on_change(self.config_file, self.reload)))
         await self._stopped.wait()
         for watcher in watchers:
             watcher.cancel()
@@ -424,16 +431,17 @@ def _merge_rates(into: dict[str, Any], server: dict[str, Any]) -> None:
 def run_daemon(path: str, *, watch: bool = False) -> int:
     """``sluicegate run``: one process, or a supervisor of N workers. Raises ConfigError and
     StartupError for the CLI to report. ``watch``: reload when the file changes."""
-    config = load_config(path)
+    config_file = ConfigFile(path)
+    config = config_file.load()
     workers = config.workers or os.cpu_count() or 1
     if workers > 1:
-        return supervise(path, config, workers, watch=watch)
+        return supervise(config_file, config, workers, watch=watch)
     from proxy.control.daemon import serve
 
-    return serve(path, config, watch=watch)
+    return serve(path, config, watch=watch, config_file=config_file)
 
 
-def supervise(path: str, config: Config, workers: int, *, watch: bool = False) -> int:
+def supervise(config_file: ConfigFile, config: Config, workers: int, *, watch: bool = False) -> int:
     run_dir = tempfile.mkdtemp(prefix="sluicegate-")
     # Before anything here imports prometheus_client: it picks its value store at import,
     # and the supervisor counts reloads into the same multiprocess store as its workers.
@@ -444,6 +452,6 @@ def supervise(path: str, config: Config, workers: int, *, watch: bool = False) -
     install_event_loop_policy()
     setup_logging(config)
     try:
-        return asyncio.run(Supervisor(path, config, workers, run_dir, watch=watch).run())
+        return asyncio.run(Supervisor(config_file, config, workers, run_dir, watch=watch).run())
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,10 +1,16 @@
-"""``sluicegate run --watch``: reload when the config file's content changes.
+"""The config file as the daemon reads it, and ``sluicegate run --watch``: reload when its
+content changes.
 
-The file is looked at about once a second. A ``stat`` (which follows symlinks) is cheap and
-answers most looks: while device, inode, size, mtime and ctime of the file it leads to stay
-the same, the content is taken as unchanged. When they move, the content is read and hashed,
-and only a different hash is a change: a ``touch`` or a rewrite with the same bytes
-reloads nothing.
+Every load of the file (at start, on SIGHUP, on ``POST /reload``, on a change seen here) goes
+through ``ConfigFile.load``, and what a look compares with is the content last loaded or
+looked at. So a SIGHUP sent after an edit applies the edit once: the watch then finds the
+content it was given, not a change.
+
+With ``--watch`` the file is looked at about once a second. A ``stat`` (which follows
+symlinks) is cheap and answers most looks: while device, inode, size, mtime and ctime of
+the file it leads to stay the same, the content is taken as unchanged. When they move, the
+content is read and hashed, and only a different hash is a change: a ``touch`` or a
+rewrite with the same bytes reloads nothing.
 
 What counts as a change covers how files really get replaced: an edit in place (same
 inode, new size or mtime), a rename over the file (new inode), and a Kubernetes ConfigMap
@@ -25,20 +31,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy.config import Config, ConfigError, load_config, read_config_file
+
 log = logging.getLogger("sluicegate")
 
 WATCH_SECONDS = 1.0
 RACY_SECONDS = 2.0
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
-
-
-class ConfigFileWatch:
-    """Has the content of ``path`` changed since the last look? The first look (at
-    construction) sets the baseline."""
+class ConfigFile:
+    """``path``, loaded through ``load``; ``changed`` says whether its content differs from
+    what was last loaded or looked at. The first look (at construction) sets the baseline."""
 
     def __init__(
         self,
@@ -46,7 +49,7 @@ class ConfigFileWatch:
         *,
         clock: Callable[[], float] = time.time,  # wall clock: compared with st_mtime
         stat: Callable[[str], os.stat_result] = os.stat,
-        read: Callable[[str], bytes] = _read,
+        read: Callable[[str], bytes] = read_config_file,
     ) -> None:
         self.path = path
         self._clock = clock
@@ -56,6 +59,13 @@ class ConfigFileWatch:
         self._digest: bytes | None = None
         self._racy = True
         self.changed()
+
+    def load(self) -> Config:
+        """The file's config; raises ConfigError. Its content, valid or not, is the new
+        baseline: the watch does not try it again."""
+        content = self._read(self.path)
+        self._digest = hashlib.sha256(content).digest()
+        return load_config(self.path, content)
 
     def changed(self) -> bool:
         try:
@@ -70,7 +80,7 @@ class ConfigFileWatch:
             return False
         try:
             digest = hashlib.sha256(self._read(self.path)).digest()
-        except OSError:
+        except ConfigError:  # unreadable: as if missing
             return False
         self._signature = signature
         self._racy = self._clock() - st.st_mtime < RACY_SECONDS
@@ -80,17 +90,18 @@ class ConfigFileWatch:
 
 
 async def reload_on_change(
-    path: str,
+    config_file: ConfigFile,
     reload: Callable[[], Awaitable[Any]],
     *,
     interval: float = WATCH_SECONDS,
 ) -> None:
-    """Run ``reload()`` (what SIGHUP runs) each time the file's content changes. An invalid
-    file is reload's business (logged, counted, nothing changes); a later fix is another
-    change, so it applies."""
-    watch = ConfigFileWatch(path)
+    """Run ``reload()`` (what SIGHUP runs, loading through ``config_file``) each time the
+    file's content changes. An invalid file is reload's business (logged, counted, nothing
+    changes); a later fix is another change, so it applies."""
     while True:
         await asyncio.sleep(interval)
-        if watch.changed():
-            log.info("config file %s changed: reloading", path, extra={"event": "reload"})
+        if config_file.changed():
+            log.info(
+                "config file %s changed: reloading", config_file.path, extra={"event": "reload"}
+            )
             await reload()

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from proxy.cli import exit_code
-from proxy.config import load_config
+from proxy.control.watch import ConfigFile
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,9 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.control.daemon import serve
 
     def work() -> int:
-        config = load_config(args.config)
+        config_file = ConfigFile(args.config)
+        config = config_file.load()
         return serve(
-            args.config, config, reuse_port=True, admin_sock=args.admin_sock, count_reloads=False
+            args.config,
+            config,
+            reuse_port=True,
+            admin_sock=args.admin_sock,
+            count_reloads=False,
+            config_file=config_file,
         )
 
     return exit_code(work, who=f"sluicegate worker {args.index}")

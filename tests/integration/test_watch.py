@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.support.daemon import start_daemon, wait_for
@@ -91,6 +92,28 @@ def test_an_invalid_file_changes_nothing_once_counted_and_a_fix_applies(
 
     daemon.config_path.write_text(_text(_with_route(daemon, "/b/")))
     _applied(daemon, "/b/")
+    assert (_reloads(daemon, "success"), _reloads(daemon, "failure")) == (1, 1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_after_an_edit_reloads_once_with_the_watch_on(
+    start_sluicegate, spawn_backend, workers
+):
+    """The edit and the signal are one change: the watch's next look finds the content
+    the signal's reload loaded, and does not reload it again."""
+    _, backend = spawn_backend("b")
+    daemon = start_sluicegate(_config(backend, "/a/", workers=workers), args=("--watch",))
+    wait_for(lambda: daemon.admin("GET", "/readyz")[0] == 200, message="ready")
+    daemon.write_config(_with_route(daemon, "/b/"))
+    daemon.reload()  # SIGHUP
+    _applied(daemon, "/b/")
+    time.sleep(2.2)  # two looks of the watch
+    assert (_reloads(daemon, "success"), _reloads(daemon, "failure")) == (1, 0)
+
+    daemon.config_path.write_text(_text(daemon.config).replace("upstream: app", "upstream: no"))
+    daemon.reload()  # SIGHUP
+    wait_for(lambda: _reloads(daemon, "failure") == 1, timeout=APPLIES_WITHIN, message="failure")
+    time.sleep(2.2)
     assert (_reloads(daemon, "success"), _reloads(daemon, "failure")) == (1, 1)
 
 

@@ -1,12 +1,15 @@
-"""``ConfigFileWatch``: which file replacements count as a change (real files in tmp_path,
-an injected wall clock for the "racily clean" rule)."""
+"""``ConfigFile``: which file replacements count as a change (real files in tmp_path,
+an injected wall clock for the "racily clean" rule), and a load as the new baseline."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from proxy.control.watch import RACY_SECONDS, ConfigFileWatch, _read
+import pytest
+
+from proxy.config import ConfigError, read_config_file
+from proxy.control.watch import RACY_SECONDS, ConfigFile
 
 LONG_AGO = 1_000_000_000  # mtimes in the tests: far older than RACY_SECONDS from "now"
 
@@ -17,7 +20,7 @@ class CountingRead:
 
     def __call__(self, path: str) -> bytes:
         self.calls += 1
-        return _read(path)
+        return read_config_file(path)
 
 
 def _write(path: Path, text: str, mtime: int = LONG_AGO) -> None:
@@ -25,8 +28,8 @@ def _write(path: Path, text: str, mtime: int = LONG_AGO) -> None:
     os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
 
 
-def _watch(path: Path, now: float = LONG_AGO + 3600, read=_read) -> ConfigFileWatch:
-    return ConfigFileWatch(str(path), clock=lambda: now, read=read)
+def _watch(path: Path, now: float = LONG_AGO + 3600, read=read_config_file) -> ConfigFile:
+    return ConfigFile(str(path), clock=lambda: now, read=read)
 
 
 def test_an_edit_in_place_is_a_change_and_only_once(tmp_path):
@@ -118,7 +121,7 @@ def test_a_write_within_the_timestamp_granularity_is_caught_while_the_file_is_re
     now = [written_at + 0.5]  # looked at half a second after it was written: "racily clean"
     read = CountingRead()
     # A coarse filesystem clock: the rewrite below leaves every stat field as it was.
-    watch = ConfigFileWatch(str(config), clock=lambda: now[0], stat=lambda p: frozen, read=read)
+    watch = ConfigFile(str(config), clock=lambda: now[0], stat=lambda p: frozen, read=read)
     _write(config, "a: 2\n")
     now[0] = written_at + 1.0
     assert watch.changed()
@@ -129,3 +132,45 @@ def test_a_write_within_the_timestamp_granularity_is_caught_while_the_file_is_re
     assert not watch.changed()
     assert not watch.changed()
     assert read.calls == reads
+
+
+VALID = (
+    "upstreams: {app: {servers: [{url: http://127.0.0.1:9}]}}\nroutes: [{name: r, upstream: app}]\n"
+)
+
+
+def test_content_loaded_after_an_edit_is_no_change_to_a_later_look(tmp_path):
+    """SIGHUP after an edit: the reload loads the new content, and the watch's next look
+    finds what was loaded, not a change to reload a second time."""
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, VALID)
+    watch = _watch(config)
+    watch.load()
+    _write(config, VALID.replace(":9}", ":10}"), mtime=LONG_AGO + 1)
+    assert watch.load().upstreams["app"].servers[0].url == "http://127.0.0.1:10"
+    assert not watch.changed()
+    _write(config, VALID.replace(":9}", ":11}"), mtime=LONG_AGO + 2)
+    assert watch.changed()  # an edit after the load still is one
+
+
+def test_an_invalid_file_once_loaded_is_not_tried_again_and_its_fix_is_a_change(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, VALID)
+    watch = _watch(config)
+    _write(config, "routes: [\n", mtime=LONG_AGO + 1)
+    with pytest.raises(ConfigError):
+        watch.load()
+    assert not watch.changed()
+    _write(config, VALID, mtime=LONG_AGO + 2)
+    assert watch.changed()
+
+
+def test_an_unreadable_file_is_no_change_and_its_load_says_why(tmp_path):
+    config = tmp_path / "sluicegate.yaml"
+    _write(config, VALID)
+    watch = _watch(config)
+    config.unlink()
+    config.mkdir()  # exists, cannot be read as a file
+    assert not watch.changed()
+    with pytest.raises(ConfigError, match="cannot read config file: Is a directory"):
+        watch.load()
