@@ -77,9 +77,10 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         return super().call_at(math.ceil(when / GRID) * GRID, callback, *args, context=context)
 
     def jump_to_next_timer(self, timeout: float) -> None:
-        """Idle: time moves to the earliest timer, which the loop then runs."""
-        scheduled = self._scheduled  # type: ignore[attr-defined]
-        self._now = max(self._now, scheduled[0].when()) if scheduled else self._now + timeout
+        """Idle: time moves to the earliest timer, which the loop then runs. ``timeout``
+        is what the loop computed for the selector: that timer's ``when`` less ``time()``,
+        both on the grid, so the sum lands on the timer exactly."""
+        self._now += timeout
         self._check_limit()
 
     def advance(self, seconds: float) -> None:
