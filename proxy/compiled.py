@@ -33,6 +33,9 @@ NO_EXTENSIONS_ENV = "SLUICEGATE_NO_EXTENSIONS"
 #: One name a line, as here: the Makefile reads them to rebuild when one is edited.
 HOT_MODULES: tuple[str, ...] = (
     "proxy.balancing.breaker",
+    "proxy.balancing.policies",
+    "proxy.balancing.retry",
+    "proxy.balancing.servers",
     "proxy.cache.hit",
     "proxy.cache.key",
     "proxy.dataplane.client",
@@ -45,6 +48,7 @@ HOT_MODULES: tuple[str, ...] = (
     "proxy.pipeline.attempt",
     "proxy.pipeline.exchange",
     "proxy.pipeline.framing",
+    "proxy.pipeline.routing",
     "proxy.pipeline.state",
     "proxy.ratelimit.bucket",
 )

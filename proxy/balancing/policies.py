@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """Server selection policies: pure objects, no I/O, registered by name in `POLICIES`.
 
 A policy is built once per tier (primaries, backups) when a config generation is loaded,

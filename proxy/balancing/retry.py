@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """Failure kinds, the pure retry decision, and the per-upstream retry budget.
 
 A failed attempt is named by a word, as in nginx's `proxy_next_upstream`: `error`,

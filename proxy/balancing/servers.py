@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """Runtime state of upstream servers and the one eligibility rule that selection obeys.
 
 A ``Server`` outlives config generations: on reload, a server with the same upstream name,

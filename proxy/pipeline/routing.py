@@ -1,3 +1,4 @@
+# cython: annotation_typing=False
 """Ordered routes compiled at config load into cheap byte-level matchers.
 
 The first route whose every condition holds wins. Everything that can be computed from
