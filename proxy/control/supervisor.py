@@ -40,9 +40,12 @@ RAPID_DEATH_SECONDS = 3.0
 
 
 class Worker:
-    def __init__(self, index: int, path: str, run_dir: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, index: int, path: str, snapshot: str, run_dir: str, env: dict[str, str]
+    ) -> None:
         self.index = index
         self.path = path
+        self.snapshot = snapshot
         self.admin_sock = os.path.join(run_dir, f"worker-{index}.sock")
         self.env = env
         self.proc: subprocess.Popen | None = None
@@ -59,6 +62,8 @@ class Worker:
                 "proxy.control.worker",
                 "--config",
                 self.path,
+                "--snapshot",
+                self.snapshot,
                 "--admin-sock",
                 self.admin_sock,
                 "--index",
@@ -95,11 +100,23 @@ class Supervisor:
         self._signals = 0
         env = dict(os.environ)  # carries PROMETHEUS_MULTIPROC_DIR (see supervise)
         self.metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
-        self.workers = [Worker(i, self.path, run_dir, env) for i in range(workers)]
+        # The bytes the supervisor validated, which every worker loads (at start, on a
+        # restart, on a reload) instead of reading the file again: a write landing between
+        # two workers' reads cannot leave them on different configs.
+        self.snapshot = os.path.join(run_dir, "config.yaml")
+        self._write_snapshot()
+        self.workers = [Worker(i, self.path, self.snapshot, run_dir, env) for i in range(workers)]
         self._session: Any = None
         self._stopped: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._exit_code = 0
+
+    def _write_snapshot(self) -> None:
+        """What the config file held at its last load, for the workers (atomically)."""
+        staged = self.snapshot + ".new"
+        with open(staged, "wb") as file:
+            file.write(self.config_file.loaded)
+        os.replace(staged, self.snapshot)
 
     # -- talking to workers --------------------------------------------------------------
 
@@ -167,6 +184,7 @@ class Supervisor:
             log.error("reload failed, keeping the running config: %s", message)
             metrics.config_reload(False)
             return False, message
+        self._write_snapshot()
         replies = await self._ask_all("POST", "/reload")
         failures = [body.get("error", "") for status, body in replies if status != 200]
         metrics.config_reload(not failures)

@@ -58,6 +58,7 @@ class ConfigFile:
         self._signature: tuple[int, ...] | None = None
         self._digest: bytes | None = None
         self._racy = True
+        self.loaded = b""  # the bytes of the last load
         self.changed()
 
     def load(self) -> Config:
@@ -65,6 +66,7 @@ class ConfigFile:
         baseline: the watch does not try it again."""
         content = self._read(self.path)
         self._digest = hashlib.sha256(content).digest()
+        self.loaded = content
         return load_config(self.path, content)
 
     def changed(self) -> bool:

@@ -9,19 +9,21 @@ import argparse
 import sys
 
 from proxy.cli import exit_code
+from proxy.config import read_config_file
 from proxy.control.watch import ConfigFile
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sluicegate-worker")
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True)  # named in logs and errors
+    parser.add_argument("--snapshot", required=True)  # what is loaded: see Supervisor
     parser.add_argument("--admin-sock", required=True)
     parser.add_argument("--index", type=int, default=0)
     args = parser.parse_args(argv)
     from proxy.control.daemon import serve
 
     def work() -> int:
-        config_file = ConfigFile(args.config)
+        config_file = ConfigFile(args.config, read=lambda _: read_config_file(args.snapshot))
         config = config_file.load()
         return serve(
             args.config,

@@ -260,6 +260,32 @@ def test_supervisor_restarts_a_dead_worker_and_stops_cleanly(start_sluicegate, s
     assert daemon.stop(signal.SIGTERM) == 0
 
 
+def test_a_restarted_worker_loads_what_its_siblings_run_not_an_edit_never_reloaded(
+    start_sluicegate, spawn_backend
+):
+    """Workers load the bytes the supervisor last validated, not the file as it is now:
+    an edit nobody reloaded must not reach the one worker that happened to restart."""
+    _, port = spawn_backend("w")
+    daemon = start_sluicegate(_config(port, workers=2), timeout=30)
+    edited = dict(daemon.config)
+    edited["routes"] = [{"name": "other", "match": {"path_prefix": "/other/"}, "upstream": "app"}]
+    daemon.write_config(edited)  # not reloaded
+    victim = sorted(_worker_pids(daemon))[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(_worker_pids(daemon)) == 2 and victim not in _worker_pids(daemon),
+        timeout=15,
+        message="a replacement worker",
+    )
+    wait_for(lambda: daemon.admin("GET", "/readyz")[0] == 200, timeout=15, message="ready again")
+    # Each request a new connection: the kernel spreads them over both workers.
+    assert [daemon.get("/")[0] for _ in range(16)] == [200] * 16
+
+    daemon.reload()  # SIGHUP: now the edit applies, in every worker
+    wait_for(lambda: daemon.get("/")[0] == 404, message="the edit applied")
+    assert [daemon.get("/")[0] for _ in range(16)] == [404] * 16
+
+
 def test_drain_through_the_supervisor_reaches_every_worker(start_sluicegate, spawn_backend):
     _, first = spawn_backend("first")
     _, second = spawn_backend("second")
