@@ -231,6 +231,17 @@ def _worker_pids(daemon) -> set[int]:
     return {int(pid) for pid in out.stdout.split()}
 
 
+def _kill_a_worker_and_wait_for_its_replacement(daemon) -> None:
+    victim = sorted(_worker_pids(daemon))[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(
+        lambda: len(_worker_pids(daemon)) == 2 and victim not in _worker_pids(daemon),
+        timeout=15,
+        message="a replacement worker",
+    )
+    wait_for(lambda: daemon.admin("GET", "/readyz")[0] == 200, timeout=15, message="ready again")
+
+
 def test_two_workers_share_the_port_and_metrics_aggregate(start_sluicegate, spawn_backend):
     _, port = spawn_backend("w")
     daemon = start_sluicegate(_config(port, workers=2), timeout=30)
@@ -248,14 +259,7 @@ def test_two_workers_share_the_port_and_metrics_aggregate(start_sluicegate, spaw
 def test_supervisor_restarts_a_dead_worker_and_stops_cleanly(start_sluicegate, spawn_backend):
     _, port = spawn_backend("w")
     daemon = start_sluicegate(_config(port, workers=2), timeout=30)
-    victim = sorted(_worker_pids(daemon))[0]
-    os.kill(victim, signal.SIGKILL)
-    wait_for(
-        lambda: len(_worker_pids(daemon)) == 2 and victim not in _worker_pids(daemon),
-        timeout=15,
-        message="a replacement worker",
-    )
-    wait_for(lambda: daemon.admin("GET", "/readyz")[0] == 200, timeout=15, message="ready again")
+    _kill_a_worker_and_wait_for_its_replacement(daemon)
     assert daemon.get("/")[0] == 200
     assert daemon.stop(signal.SIGTERM) == 0
 
@@ -270,14 +274,7 @@ def test_a_restarted_worker_loads_what_its_siblings_run_not_an_edit_never_reload
     edited = dict(daemon.config)
     edited["routes"] = [{"name": "other", "match": {"path_prefix": "/other/"}, "upstream": "app"}]
     daemon.write_config(edited)  # not reloaded
-    victim = sorted(_worker_pids(daemon))[0]
-    os.kill(victim, signal.SIGKILL)
-    wait_for(
-        lambda: len(_worker_pids(daemon)) == 2 and victim not in _worker_pids(daemon),
-        timeout=15,
-        message="a replacement worker",
-    )
-    wait_for(lambda: daemon.admin("GET", "/readyz")[0] == 200, timeout=15, message="ready again")
+    _kill_a_worker_and_wait_for_its_replacement(daemon)
     # Each request a new connection: the kernel spreads them over both workers.
     assert [daemon.get("/")[0] for _ in range(16)] == [200] * 16
 
