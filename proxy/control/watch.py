@@ -41,17 +41,23 @@ RACY_SECONDS = 2.0
 
 class ConfigFile:
     """``path``, loaded through ``load``; ``changed`` says whether its content differs from
-    what was last loaded or looked at. The first look (at construction) sets the baseline."""
+    what was last loaded or looked at. The first look (at construction) sets the baseline.
+
+    ``source``: the file actually read, when it is not ``path`` (a worker reads the copy its
+    supervisor validated); ``path`` is still the name in errors and ``Config.source``.
+    """
 
     def __init__(
         self,
         path: str,
         *,
+        source: str | None = None,
         clock: Callable[[], float] = time.time,  # wall clock: compared with st_mtime
         stat: Callable[[str], os.stat_result] = os.stat,
         read: Callable[[str], bytes] = read_config_file,
     ) -> None:
         self.path = path
+        self._source = path if source is None else source
         self._clock = clock
         self._stat = stat
         self._read = read
@@ -64,14 +70,14 @@ class ConfigFile:
     def load(self) -> Config:
         """The file's config; raises ConfigError. Its content, valid or not, is the new
         baseline: the watch does not try it again."""
-        content = self._read(self.path)
+        content = self._read(self._source)
         self._digest = hashlib.sha256(content).digest()
         self.loaded = content
         return load_config(self.path, content)
 
     def changed(self) -> bool:
         try:
-            st = self._stat(self.path)
+            st = self._stat(self._source)
         except OSError:
             # Missing for a moment (an editor's delete-and-write) or for good: nothing to
             # apply either way; look again next time.
@@ -81,7 +87,7 @@ class ConfigFile:
         if signature == self._signature and not self._racy:
             return False
         try:
-            digest = hashlib.sha256(self._read(self.path)).digest()
+            digest = hashlib.sha256(self._read(self._source)).digest()
         except ConfigError:  # unreadable: as if missing
             return False
         self._signature = signature

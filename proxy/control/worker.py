@@ -9,7 +9,6 @@ import argparse
 import sys
 
 from proxy.cli import exit_code
-from proxy.config import read_config_file
 from proxy.control.watch import ConfigFile
 
 
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.control.daemon import serve
 
     def work() -> int:
-        config_file = ConfigFile(args.config, read=lambda _: read_config_file(args.snapshot))
+        config_file = ConfigFile(args.config, source=args.snapshot)
         config = config_file.load()
         return serve(
             args.config,

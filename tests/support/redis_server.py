@@ -455,24 +455,27 @@ def _running(prefix: str, make: Callable[[Path], Any]) -> Iterator[Any]:
             group.stop()
 
 
-@pytest.fixture
-def redis_sentinel() -> Iterator[SentinelSet]:
-    server = _need("redis-server")
-    sentinel = _need("redis-sentinel")
-    with _running("sg-sentinel-", lambda workdir: SentinelSet(server, sentinel, workdir)) as s:
-        yield s
-
-
-@pytest.fixture
-def redis_sentinel_with_password() -> Iterator[SentinelSet]:
+def _sentinel_set(prefix: str, *, sentinels_need_password: bool) -> Iterator[SentinelSet]:
     server = _need("redis-server")
     sentinel = _need("redis-sentinel")
 
     def make(workdir: Path) -> SentinelSet:
-        return SentinelSet(server, sentinel, workdir, sentinels_need_password=True)
+        return SentinelSet(
+            server, sentinel, workdir, sentinels_need_password=sentinels_need_password
+        )
 
-    with _running("sg-sentinel-pw-", make) as sentinel_set:
+    with _running(prefix, make) as sentinel_set:
         yield sentinel_set
+
+
+@pytest.fixture
+def redis_sentinel() -> Iterator[SentinelSet]:
+    yield from _sentinel_set("sg-sentinel-", sentinels_need_password=False)
+
+
+@pytest.fixture
+def redis_sentinel_with_password() -> Iterator[SentinelSet]:
+    yield from _sentinel_set("sg-sentinel-pw-", sentinels_need_password=True)
 
 
 @pytest.fixture

@@ -174,3 +174,17 @@ def test_an_unreadable_file_is_no_change_and_its_load_says_why(tmp_path):
     assert not watch.changed()
     with pytest.raises(ConfigError, match="cannot read config file: Is a directory"):
         watch.load()
+
+
+def test_a_source_is_what_is_read_and_watched_and_the_path_what_is_named(tmp_path):
+    """A worker reads its supervisor's copy (``source``) and names the real file."""
+    named, copy = tmp_path / "sluicegate.yaml", tmp_path / "copy.yaml"
+    _write(named, "not: [read\n")
+    _write(copy, VALID)
+    watch = ConfigFile(str(named), source=str(copy), clock=lambda: LONG_AGO + 3600)
+    assert watch.load().source == str(named)
+    _write(copy, "routes: [\n", mtime=LONG_AGO + 1)
+    assert watch.changed()
+    with pytest.raises(ConfigError) as raised:
+        watch.load()
+    assert raised.value.errors[0].startswith(f"{named}: ")
